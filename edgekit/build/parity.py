@@ -1,0 +1,152 @@
+"""Check an exported graph against the PyTorch reference on a built-in prompt set.
+
+The reference (transformers, fp32) decodes each prompt greedily; the export is then teacher-forced
+along the same tokens through the runtime's own decode loop, and every position's next-token
+distribution is compared: top-1 agreement and KL(reference || export). Along the reference's greedy
+path, 100% top-1 agreement is the same as reproducing its greedy tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgekit.errors import EdgekitError
+from edgekit.profiles import Quality
+from edgekit.runtime.engine import Engine
+from edgekit.runtime.tokenizer import ChatTokenizer
+
+# Short and multilingual, chat-formatted as users send them; thinking on and off.
+PROMPTS: tuple[tuple[str, bool], ...] = (
+    ("What is the capital of France?", False),
+    ("Write a haiku about a Raspberry Pi in the rain.", True),
+    ("Erkläre kurz, was ein Transistor ist.", False),
+    ("用一句话解释什么是机器学习。", False),
+    ("def fibonacci(n):\n    # complete this function", True),
+    ("The sensor reads 23.5 °C and 61 % humidity. Is that comfortable?", False),
+)
+NEW_TOKENS = 12
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    """How closely the export follows the reference, and whether it passed the gate."""
+
+    prompts: int
+    positions: int
+    top1_agreement: float
+    mean_kl: float
+    max_kl: float
+    greedy_match: bool
+    passed: bool
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def reference_runs(checkpoint: Path, prompts: list[list[int]], new_tokens: int) -> list[tuple[list[int], np.ndarray]]:
+    """Greedy tokens and their step logits from transformers in fp32, one (tokens, [n, vocab]) per prompt."""
+    import torch
+    from transformers import AutoConfig, Qwen3_5ForCausalLM
+
+    config = AutoConfig.from_pretrained(checkpoint).text_config
+    # The text model alone: the vision tower and MTP head stay on disk.
+    model = Qwen3_5ForCausalLM.from_pretrained(checkpoint, config=config, dtype=torch.float32)
+    model.eval()
+    runs = []
+    with torch.inference_mode():
+        for ids in prompts:
+            out = model.generate(
+                torch.tensor([ids]),
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+            tokens = out.sequences[0, len(ids):].tolist()
+            logits = torch.cat(out.logits, dim=0).float().numpy()
+            runs.append((tokens, logits))
+    del model
+    return runs
+
+
+def compare(engine: Engine, prompts: list[list[int]], runs: list[tuple[list[int], np.ndarray]]) -> tuple[float, float, float]:
+    """Teacher-force the export along the reference tokens: (top-1 agreement, mean KL, max KL)."""
+    agree, kls = [], []
+    for ids, (tokens, ref_logits) in zip(prompts, runs):
+        state = engine.new_state()
+        logits = engine.forward(state, ids)
+        for step, token in enumerate(tokens):
+            agree.append(int(np.argmax(logits)) == int(np.argmax(ref_logits[step])))
+            kls.append(_kl(ref_logits[step], logits))
+            if step + 1 < len(tokens):
+                logits = engine.forward(state, [token])
+    return float(np.mean(agree)), float(np.mean(kls)), float(np.max(kls))
+
+
+def _kl(reference: np.ndarray, candidate: np.ndarray) -> float:
+    p = _log_softmax(reference.astype(np.float64))
+    q = _log_softmax(candidate.astype(np.float64))
+    return float(np.sum(np.exp(p) * (p - q)))
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    shifted = x - x.max()
+    return shifted - np.log(np.exp(shifted).sum())
+
+
+def check(
+    bundle: Path,
+    checkpoint: Path,
+    precision: str,
+    quality: Quality,
+    threads: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> ParityReport:
+    """Compare the graph in ``bundle`` with ``checkpoint``'s reference and apply the quality gate.
+
+    fp32 exports must reproduce the reference's greedy tokens; quantized ones must meet the
+    profile's top-1 agreement and mean-KL thresholds.
+    """
+    tokenizer = ChatTokenizer(bundle)
+    prompts = [
+        tokenizer.encode(tokenizer.render([{"role": "user", "content": text}], thinking=thinking))
+        for text, thinking in PROMPTS
+    ]
+    if progress:
+        progress("running the PyTorch reference")
+    runs = reference_runs(checkpoint, prompts, NEW_TOKENS)
+    if progress:
+        progress("running the exported graph")
+    try:
+        engine = Engine(bundle, threads=threads)
+    except EdgekitError as exc:
+        raise EdgekitError(f"parity check cannot load the export: {exc}") from exc
+    top1, mean_kl, max_kl = compare(engine, prompts, runs)
+    if precision == "fp32":
+        passed = top1 == 1.0
+        reason = "greedy tokens match the reference" if passed else f"fp32 export diverges from the reference greedy tokens (top-1 agreement {top1:.3f})"
+    else:
+        failures = []
+        if top1 < quality.min_top1_agreement:
+            failures.append(f"top-1 agreement {top1:.3f} < {quality.min_top1_agreement}")
+        if mean_kl > quality.max_mean_kl:
+            failures.append(f"mean KL {mean_kl:.4f} > {quality.max_mean_kl}")
+        passed = not failures
+        reason = "; ".join(failures) or f"top-1 agreement {top1:.3f}, mean KL {mean_kl:.4f} within the profile's gate"
+    return ParityReport(
+        prompts=len(prompts),
+        positions=len(prompts) * NEW_TOKENS,
+        top1_agreement=top1,
+        mean_kl=mean_kl,
+        max_kl=max_kl,
+        greedy_match=top1 == 1.0,
+        passed=passed,
+        reason=reason,
+    )

@@ -1,0 +1,207 @@
+"""The build stage end to end: checkpoint to a verified, self-describing bundle for one device profile.
+
+Everything is written into a hidden staging folder beside the destination and renamed into place
+only once export, parity check and manifest are complete, so an interrupted or failed build never
+leaves something that looks like a bundle.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Protocol
+
+from edgekit import __version__, bundle
+from edgekit.build import export, parity
+from edgekit.checkpoint import Checkpoint, inspect, resolve
+from edgekit.errors import EdgekitError
+from edgekit.memory import MIB, MemoryEstimate, check_fits, estimate
+from edgekit.profiles import DeviceProfile, Quality
+
+TOOLS = ("onnxruntime", "onnxruntime-genai", "transformers", "torch", "tokenizers")
+
+
+class Reporter(Protocol):
+    """Receives progress: a new step, progress within it, and one-line notes."""
+
+    def step(self, name: str) -> None: ...
+    def progress(self, description: str, done: int, total: int) -> None: ...
+    def note(self, message: str) -> None: ...
+
+
+class SilentReporter:
+    """A reporter that reports nothing, for library callers."""
+
+    def step(self, name: str) -> None:
+        pass
+
+    def progress(self, description: str, done: int, total: int) -> None:
+        pass
+
+    def note(self, message: str) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """What to build, for which device, and where."""
+
+    profile: DeviceProfile
+    model: str
+    output: Path
+    revision: str | None = None
+    name: str | None = None
+    overwrite: bool = False
+    force: bool = False
+    include_mtp: bool = False
+    context_length: int | None = None
+    quality: Quality | None = None
+
+
+@dataclass
+class BuildResult:
+    """The finished bundle and how the build went."""
+
+    path: Path
+    manifest: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def bundle_name(model_id: str, profile: DeviceProfile) -> str:
+    """A default folder name, e.g. ``qwen3.5-0.8b-raspberry-pi-5-int4``."""
+    base = Path(model_id.rstrip("/")).name.lower()
+    slug = re.sub(r"[^a-z0-9._-]+", "-", base).strip("-") or "model"
+    return f"{slug}-{profile.name}-{profile.quantization.precision}"
+
+
+def build(request: BuildRequest, reporter: Reporter | None = None) -> BuildResult:
+    """Build a bundle as ``request`` says; raise :class:`EdgekitError` with the reason on bad input."""
+    report = reporter or SilentReporter()
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    profile = request.profile
+    context = request.context_length or profile.context_length
+    if request.quality:
+        profile = replace(profile, quality=request.quality)
+
+    report.step("resolving model")
+    folder, model_id, revision = resolve(request.model, request.revision)
+    checkpoint = inspect(folder, model_id, revision)
+    if request.force:
+        memory = estimate(checkpoint.shape, profile, context)
+        if not memory.fits:
+            report.note(f"--force: building although the estimate exceeds the device budget: {memory.describe()}")
+    else:
+        memory = check_fits(checkpoint.shape, profile, model_id, context)
+
+    name = request.name or bundle_name(model_id, profile)
+    if "/" in name or name.startswith("."):
+        raise EdgekitError(f"bundle name {name!r}: must be a plain folder name")
+    final = request.output / name
+    if final.exists() and not request.overwrite:
+        raise EdgekitError(f"{final} already exists; pass --overwrite to replace it or --name for another name")
+    request.output.mkdir(parents=True, exist_ok=True)
+    _check_disk(request.output, memory)
+
+    staging = request.output / f".{name}.partial-{os.getpid()}"
+    work = request.output / f".{name}.work-{os.getpid()}"
+    try:
+        staging.mkdir()
+        work.mkdir()
+        timings["resolve"] = time.perf_counter() - started
+
+        report.step(f"exporting {profile.quantization.precision} for {profile.execution_provider}")
+        t = time.perf_counter()
+        options = export.ExportOptions(include_mtp=request.include_mtp, context_length=context)
+        extra = export.builder_options(profile, checkpoint, options)
+        source = export.prepare_input(checkpoint, work / "input", context)
+        export.run_builder(source, staging, profile, extra, work / "cache", work / "builder.log",
+                           report.progress, checkpoint.shape.layers)
+        export.tune_genai_config(staging, profile, context)
+        timings["export"] = time.perf_counter() - t
+
+        report.step("checking quality against the PyTorch reference")
+        t = time.perf_counter()
+        quality = parity.check(staging, checkpoint.path, profile.quantization.precision, profile.quality,
+                               progress=report.note)
+        timings["parity"] = time.perf_counter() - t
+        if not quality.passed:
+            raise EdgekitError(f"quality gate failed for profile {profile.name}: {quality.reason}; no bundle written")
+
+        report.step("writing manifest")
+        manifest = bundle.write_manifest(staging, _manifest_fields(request, profile, checkpoint, context, memory,
+                                                                    extra, quality, timings, started))
+        if final.exists():
+            old = request.output / f".{name}.old-{os.getpid()}"
+            final.rename(old)
+            staging.rename(final)
+            shutil.rmtree(old)
+        else:
+            staging.rename(final)
+    except BaseException:
+        # KeyboardInterrupt too: nothing half-built stays behind.
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    timings["total"] = time.perf_counter() - started
+    return BuildResult(final, manifest, timings)
+
+
+def _check_disk(output: Path, memory: MemoryEstimate) -> None:
+    # The builder writes the weights once; tokenizer and graph add ~50 MiB. Keep a 20% margin.
+    needed = int(memory.weights * 1.2) + 100 * MIB
+    free = shutil.disk_usage(output).free
+    if free < needed:
+        raise EdgekitError(f"not enough disk in {output}: {free / MIB:.0f} MiB free, the bundle needs about {needed / MIB:.0f} MiB")
+
+
+def _manifest_fields(
+    request: BuildRequest,
+    profile: DeviceProfile,
+    checkpoint: Checkpoint,
+    context: int,
+    memory: MemoryEstimate,
+    extra: dict[str, str],
+    quality: parity.ParityReport,
+    timings: dict[str, float],
+    started: float,
+) -> dict[str, Any]:
+    versions = {"edgekit": __version__}
+    for tool in TOOLS:
+        try:
+            versions[tool] = metadata.version(tool)
+        except metadata.PackageNotFoundError:
+            versions[tool] = None
+    return {
+        "name": request.name or bundle_name(checkpoint.model_id, profile),
+        "model": {
+            "id": checkpoint.model_id,
+            "revision": checkpoint.revision,
+            "architecture": "Qwen3_5ForConditionalGeneration",
+            "hidden_size": checkpoint.shape.hidden,
+            "layers": checkpoint.shape.layers,
+            "text_only": True,
+            "mtp_included": request.include_mtp,
+        },
+        "profile": profile.to_dict(),
+        "recipe": {
+            "precision": profile.quantization.precision,
+            "execution_provider": profile.execution_provider,
+            "context_length": context,
+            "threads": profile.threads,
+            "builder_options": extra,
+        },
+        "estimated_ram": memory.to_dict(),
+        "quality": quality.to_dict(),
+        "tools": versions,
+        "built_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "build_seconds": round(time.perf_counter() - started, 1),
+        "timings": {k: round(v, 2) for k, v in timings.items()},
+    }

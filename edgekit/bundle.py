@@ -1,0 +1,75 @@
+"""Bundle manifests: what a bundle is, what built it, and every file's size and sha256.
+
+Device-side code verifies bundles with this module too, so it imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from edgekit.errors import EdgekitError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_CHUNK = 4 * 1024**2
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks so multi-GB weights don't fill memory."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_entries(folder: Path) -> list[dict[str, Any]]:
+    """Size and sha256 of every file under ``folder`` except the manifest, sorted by path."""
+    entries = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+        entries.append({"path": path.relative_to(folder).as_posix(), "size": path.stat().st_size, "sha256": sha256_file(path)})
+    return entries
+
+
+def write_manifest(folder: Path, fields: dict[str, Any]) -> dict[str, Any]:
+    """Write ``manifest.json`` with ``fields`` plus the format version and the file list."""
+    manifest = {"format_version": FORMAT_VERSION, **fields, "files": file_entries(folder)}
+    manifest["size_bytes"] = sum(f["size"] for f in manifest["files"])
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The bundle's manifest, checked for a format this version understands."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise EdgekitError(f"{folder}: not a bundle (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise EdgekitError(f"{path}: not valid JSON ({exc})") from exc
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise EdgekitError(f"{path}: bundle format version {version!r}; this edgekit reads version {FORMAT_VERSION}")
+    return manifest
+
+
+def verify(folder: Path) -> dict[str, Any]:
+    """Check every file listed in the manifest (size, then sha256); refuse missing or extra files."""
+    manifest = read_manifest(folder)
+    listed = {entry["path"]: entry for entry in manifest["files"]}
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST}
+    if missing := sorted(set(listed) - present):
+        raise EdgekitError(f"{folder}: incomplete bundle, missing {', '.join(missing)}")
+    if extra := sorted(present - set(listed)):
+        raise EdgekitError(f"{folder}: files not in the manifest: {', '.join(extra)}")
+    for name, entry in listed.items():
+        path = folder / name
+        if path.stat().st_size != entry["size"]:
+            raise EdgekitError(f"{path}: size {path.stat().st_size} differs from the manifest's {entry['size']} (truncated or tampered)")
+        if sha256_file(path) != entry["sha256"]:
+            raise EdgekitError(f"{path}: sha256 differs from the manifest (corrupted or tampered)")
+    return manifest

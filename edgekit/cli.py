@@ -1,0 +1,267 @@
+"""The ``edgekit`` command: parses arguments, calls a module, formats the result."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from edgekit import __version__
+from edgekit.errors import EdgekitError
+
+err = Console(stderr=True)
+out = Console()
+
+
+def _friendly(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn an EdgekitError into one line on stderr and exit status 1."""
+
+    @wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except EdgekitError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            err.print("[bold red]interrupted[/]")
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(__version__, prog_name="edgekit")
+def main() -> None:
+    """Put small Qwen3.5 language models on edge and IoT devices.
+
+    \b
+    Example:
+      edgekit profiles
+      edgekit build --profile raspberry-pi-5 --model Qwen/Qwen3.5-0.8B
+      edgekit generate dist/qwen3.5-0.8b-raspberry-pi-5-int4 "Hello!"
+    """
+
+
+@main.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.pass_context
+@_friendly
+def profiles(ctx: click.Context, as_json: bool) -> None:
+    """List device profiles (or `show NAME` for one).
+
+    \b
+    Example:
+      edgekit profiles
+      edgekit profiles show raspberry-pi-5
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from edgekit.profiles import known_profiles, load_profile
+
+    loaded = [load_profile(name) for name in known_profiles()]
+    if as_json:
+        out.print_json(json.dumps([p.to_dict() for p in loaded]))
+        return
+    table = Table(title="device profiles (host: this machine, measured)")
+    for column in ("name", "arch", "provider", "RAM", "threads", "model", "precision", "block", "context"):
+        table.add_column(column)
+    for p in loaded:
+        table.add_row(p.name, p.arch, p.execution_provider, f"{p.ram_gb:g} GB", str(p.threads), p.default_model,
+                      p.quantization.precision, str(p.quantization.block_size), str(p.context_length))
+    out.print(table)
+
+
+@profiles.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@_friendly
+def profiles_show(name: str, as_json: bool) -> None:
+    """Show one profile: NAME, `host`, or a path to a YAML file.
+
+    \b
+    Example:
+      edgekit profiles show jetson-orin-nano --json
+    """
+    from edgekit.profiles import load_profile
+
+    profile = load_profile(name)
+    data = profile.to_dict()
+    if as_json:
+        out.print_json(json.dumps(data))
+        return
+    table = Table(show_header=False, title=f"profile {profile.name}")
+    for key, value in data.items():
+        table.add_row(key, json.dumps(value) if isinstance(value, dict | list) else str(value))
+    out.print(table)
+
+
+class _RichReporter:
+    """Shows each build step with a spinner or bar and the elapsed time, on stderr."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.bar = progress
+        self.task: Any = None
+
+    def step(self, name: str) -> None:
+        if self.task is not None:
+            self.bar.update(self.task, completed=self.bar.tasks[self.task].total or 1, total=self.bar.tasks[self.task].total or 1)
+            self.bar.stop_task(self.task)
+        self.task = self.bar.add_task(name, total=None)
+
+    def progress(self, description: str, done: int, total: int) -> None:
+        self.bar.update(self.task, description=description, completed=done, total=total or None)
+
+    def note(self, message: str) -> None:
+        self.bar.update(self.task, description=message)
+
+
+@main.command()
+@click.option("--profile", "profile_name", required=True,
+              help="Device profile: a name from `edgekit profiles`, `host`, or a YAML file.")
+@click.option("--model", default=None, help="Hugging Face id or local checkpoint folder [default: the profile's].")
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit) for a Hugging Face id.")
+@click.option("--output", "-o", type=click.Path(file_okay=False, path_type=Path), default=Path("dist"),
+              show_default=True, help="Folder that receives the bundle folder.")
+@click.option("--name", default=None, help="Bundle folder name [default: MODEL-PROFILE-PRECISION].")
+@click.option("--context", "context_length", type=click.IntRange(256, 262144), default=None,
+              help="Context length in tokens [default: the profile's].")
+@click.option("--ram-gb", type=click.FloatRange(0.25, 4096), default=None,
+              help="The device's RAM, for variants of the profile's board (e.g. a 2 GB Pi 4).")
+@click.option("--min-top1", type=click.FloatRange(0, 1), default=None,
+              help="Override the profile's minimum top-1 agreement with the reference.")
+@click.option("--max-kl", type=click.FloatRange(0), default=None,
+              help="Override the profile's maximum mean KL divergence from the reference.")
+@click.option("--include-mtp", is_flag=True,
+              help="Also export the checkpoint's MTP head (speculative decoding; does not load on CPU with genai 0.18).")
+@click.option("--force", is_flag=True, help="Build even if the memory estimate exceeds the device's budget.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle of the same name.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
+@_friendly
+def build(profile_name: str, model: str | None, revision: str | None, output: Path, name: str | None,
+          context_length: int | None, ram_gb: float | None, min_top1: float | None, max_kl: float | None,
+          include_mtp: bool, force: bool, overwrite: bool, as_json: bool) -> None:
+    """Export and quantize a Qwen3.5 checkpoint into a bundle for a device profile.
+
+    \b
+    Example:
+      edgekit build --profile raspberry-pi-5 --model Qwen/Qwen3.5-0.8B
+      edgekit build --profile raspberry-pi-4 --ram-gb 2 --model ./my-checkpoint -o dist --json
+    """
+    from dataclasses import replace
+
+    from edgekit.build.pipeline import BuildRequest
+    from edgekit.build.pipeline import build as run_build
+    from edgekit.profiles import Quality, load_profile
+
+    profile = load_profile(profile_name)
+    if ram_gb is not None:
+        profile = replace(profile, ram_gb=ram_gb)
+    quality = None
+    if min_top1 is not None or max_kl is not None:
+        quality = Quality(
+            min_top1_agreement=profile.quality.min_top1_agreement if min_top1 is None else min_top1,
+            max_mean_kl=profile.quality.max_mean_kl if max_kl is None else max_kl,
+        )
+    request = BuildRequest(profile=profile, model=model or profile.default_model, output=output, revision=revision,
+                           name=name, overwrite=overwrite, force=force, include_mtp=include_mtp,
+                           context_length=context_length, quality=quality)
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=as_json) as bar:
+        result = run_build(request, _RichReporter(bar))
+    manifest = result.manifest
+    if as_json:
+        click.echo(json.dumps({"bundle": str(result.path), "size_bytes": manifest["size_bytes"],
+                               "quality": manifest["quality"], "estimated_ram": manifest["estimated_ram"],
+                               "timings": result.timings, "profile": profile.name, "model": manifest["model"]}, indent=2))
+        return
+    q = manifest["quality"]
+    out.print(f"[green]built[/] {result.path} ({manifest['size_bytes'] / 1024**2:.0f} MiB) in {result.timings['total']:.0f} s")
+    out.print(f"quality: top-1 agreement {q['top1_agreement']:.3f}, mean KL {q['mean_kl']:.4f} ({q['reason']})")
+    out.print(f"estimated RAM on {profile.name}: {manifest['estimated_ram']['total'] / 1024**2:.0f} MiB")
+
+
+@main.command()
+@click.argument("bundle_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@_friendly
+def verify(bundle_dir: Path, as_json: bool) -> None:
+    """Check a bundle's files against its manifest (sizes and sha256).
+
+    \b
+    Example:
+      edgekit verify dist/qwen3.5-0.8b-raspberry-pi-5-int4
+    """
+    from edgekit.bundle import verify as verify_bundle
+
+    manifest = verify_bundle(bundle_dir)
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2))
+    else:
+        out.print(f"[green]ok[/] {bundle_dir}: {len(manifest['files'])} files match the manifest")
+
+
+@main.command()
+@click.argument("bundle_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("prompt")
+@click.option("--max-tokens", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-p", type=click.FloatRange(0, 1), default=1.0, show_default=True)
+@click.option("--top-k", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--think/--no-think", default=False, show_default=True, help="Qwen3.5 thinking mode.")
+@click.option("--raw", is_flag=True, help="Send PROMPT as is, without the chat template.")
+@click.option("--threads", type=click.IntRange(1), default=None, help="Override the bundle's thread count.")
+@click.option("--json", "as_json", is_flag=True, help="Print text, usage and timings as JSON at the end.")
+@_friendly
+def generate(bundle_dir: Path, prompt: str, max_tokens: int, temperature: float, top_p: float, top_k: int,
+             seed: int | None, think: bool, raw: bool, threads: int | None, as_json: bool) -> None:
+    """Generate a reply from a bundle on this machine, streaming it to the terminal.
+
+    \b
+    Example:
+      edgekit generate dist/qwen3.5-0.8b-host-int4 "Why is the sky blue?" --max-tokens 64
+    """
+    from edgekit.bundle import verify as verify_bundle
+    from edgekit.runtime.engine import Engine, GenerationStats
+    from edgekit.runtime.sampling import Sampling
+    from edgekit.runtime.tokenizer import ChatTokenizer
+
+    verify_bundle(bundle_dir)
+    started = time.perf_counter()
+    engine = Engine(bundle_dir, threads=threads)
+    tokenizer = ChatTokenizer(bundle_dir)
+    load_s = time.perf_counter() - started
+    text = prompt if raw else tokenizer.render([{"role": "user", "content": prompt}], thinking=think)
+    stats = GenerationStats()
+    stream = tokenizer.stream()
+    pieces = []
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    for token in engine.generate(tokenizer.encode(text), max_tokens, sampling, stats=stats):
+        if token in engine.eos_ids:
+            continue
+        piece = stream.step(tokenizer.tokenizer, token)
+        if piece:
+            pieces.append(piece)
+            if not as_json:
+                click.echo(piece, nl=False)
+    if as_json:
+        click.echo(json.dumps({"text": "".join(pieces), "finish_reason": stats.finish_reason,
+                               "usage": {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens},
+                               "timings": {"load_s": round(load_s, 3), "prefill_s": round(stats.prefill_s, 3),
+                                           "decode_s": round(stats.decode_s, 3),
+                                           "prefill_tokens_per_s": round(stats.prefill_tps, 1),
+                                           "decode_tokens_per_s": round(stats.decode_tps, 1)}}, indent=2))
+        return
+    click.echo()
+    err.print(f"[dim]{stats.prompt_tokens} prompt tokens at {stats.prefill_tps:.0f} tok/s, "
+              f"{stats.completion_tokens} generated at {stats.decode_tps:.1f} tok/s ({stats.finish_reason})[/]")

@@ -1,0 +1,88 @@
+"""Estimate the RAM a bundle needs on a device, before anything heavy is built.
+
+weights (quantized as the profile says) + KV cache for the profile's whole context (the runtime
+preallocates it) + the linear-attention layers' fixed recurrent state + runtime overhead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from edgekit.checkpoint import ModelShape
+from edgekit.errors import EdgekitError
+from edgekit.profiles import DeviceProfile
+
+MIB = 1024**2
+# ONNX Runtime's arenas, the Python interpreter and our runtime modules: measured ~150 MiB RSS before
+# the model's weights on x86-64; rounded up for other platforms' allocators.
+RUNTIME_OVERHEAD = 200 * MIB
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes by component; ``total`` is what must fit in the profile's model budget."""
+
+    weights: int
+    kv_cache: int
+    state: int
+    activations: int
+    overhead: int
+    budget: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.state + self.activations + self.overhead
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.budget
+
+    def to_dict(self) -> dict[str, int]:
+        return {**asdict(self), "total": self.total}
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{k} {v / MIB:.0f} MiB" for k, v in asdict(self).items() if k != "budget")
+        return f"{self.total / MIB:.0f} MiB ({parts}) against a budget of {self.budget / MIB:.0f} MiB"
+
+
+def weight_bytes(shape: ModelShape, precision: str, block_size: int, io_bytes: int) -> int:
+    """Bytes of the exported weights.
+
+    Quantized exports store tied embeddings once, block-quantized and shared by the embedding gather
+    and the LM head; each block carries one scale in the graph's I/O precision.
+    """
+    params = shape.matmul_params() + shape.embedding_params()
+    if precision in ("int4", "int8"):
+        bits = 4 if precision == "int4" else 8
+        return int(params * (bits / 8 + io_bytes / block_size))
+    dense = {"fp32": 4, "fp16": 2}[precision]
+    embeddings = shape.embedding_params() * (1 if shape.tied_embeddings else 2)
+    return (shape.matmul_params() + embeddings) * dense
+
+
+def estimate(shape: ModelShape, profile: DeviceProfile, context_length: int | None = None) -> MemoryEstimate:
+    """Estimate the memory of ``shape`` built and served with ``profile``."""
+    context = context_length or profile.context_length
+    q = profile.quantization
+    # CPU graphs compute in fp32; CUDA int4/fp16 graphs in fp16.
+    io_bytes = 4 if profile.execution_provider == "cpu" or q.precision == "fp32" else 2
+    return MemoryEstimate(
+        weights=weight_bytes(shape, q.precision, q.block_size, io_bytes),
+        kv_cache=shape.kv_bytes_per_token(io_bytes) * context,
+        state=shape.state_bytes(io_bytes),
+        # One step's logits over the vocabulary plus a prefill chunk's hidden activations.
+        activations=shape.vocab * 4 * 2 + 512 * shape.intermediate * 4 * 4,
+        overhead=RUNTIME_OVERHEAD,
+        budget=profile.model_budget_bytes,
+    )
+
+
+def check_fits(shape: ModelShape, profile: DeviceProfile, model: str, context_length: int | None = None) -> MemoryEstimate:
+    """Return the estimate, or raise with the numbers when the model does not fit the device."""
+    found = estimate(shape, profile, context_length)
+    if not found.fits:
+        raise EdgekitError(
+            f"{model} does not fit profile {profile.name} ({profile.ram_gb:g} GB RAM, {profile.ram_share:.0%} for the model): "
+            f"needs {found.describe()}; choose a smaller model, a shorter context, a device with more RAM, or pass --force"
+        )
+    return found

@@ -1,0 +1,247 @@
+"""Device profiles: what a target device is, and the recipe a bundle for it is built with.
+
+Profiles are YAML files (``device_profiles/*.yaml``, or a user's own file given by path). Loading
+validates every field and names the file, the field and what is allowed when something is off.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
+
+from edgekit.errors import EdgekitError
+
+ARCHES = ("aarch64", "x86_64")
+PROVIDERS = ("cpu", "cuda")
+PRECISIONS = ("int4", "int8", "fp16", "fp32")
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+ALGORITHMS = ("default", "rtn", "k_quant")
+MODELS = ("Qwen/Qwen3.5-0.8B", "Qwen/Qwen3.5-2B")
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How weights are stored: onnxruntime-genai model builder's precision and MatMulNBits knobs."""
+
+    precision: str
+    block_size: int
+    accuracy_level: int
+    algorithm: str = "default"
+    mixed_precision: str | None = None
+
+
+@dataclass(frozen=True)
+class Quality:
+    """The parity gate a quantized export must pass against the PyTorch reference."""
+
+    min_top1_agreement: float
+    max_mean_kl: float
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """One target device class and the build recipe for it."""
+
+    name: str
+    description: str
+    estimated: bool
+    source: str
+    arch: str
+    cpu_features: tuple[str, ...]
+    cores: int
+    ram_gb: float
+    ram_share: float
+    execution_provider: str
+    default_model: str
+    context_length: int
+    threads: int
+    quantization: Quantization
+    quality: Quality
+    path: str = ""
+
+    @property
+    def model_budget_bytes(self) -> int:
+        """RAM the model may use on this device."""
+        return int(self.ram_gb * self.ram_share * 1024**3)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict in the YAML's shape, for manifests and ``--json``."""
+        data = asdict(self)
+        data["cpu"] = {"arch": data.pop("arch"), "features": list(data.pop("cpu_features")), "cores": data.pop("cores")}
+        return data
+
+
+def profiles_dir() -> Path:
+    """Where the bundled profiles live: inside the installed package, or at the top of a source checkout."""
+    packaged = Path(__file__).parent / "device_profiles"
+    return packaged if packaged.is_dir() else Path(__file__).parent.parent / "device_profiles"
+
+
+def known_profiles() -> list[str]:
+    """Names of the bundled profiles, sorted."""
+    return sorted(p.stem for p in profiles_dir().glob("*.yaml"))
+
+
+def load_profile(name_or_path: str) -> DeviceProfile:
+    """Load a bundled profile by name, ``host`` for this machine, or a user's YAML file by path."""
+    if name_or_path == "host":
+        return host_profile()
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or os.sep in name_or_path:
+        if not path.is_file():
+            raise EdgekitError(f"profile file {path} does not exist")
+    else:
+        path = profiles_dir() / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise EdgekitError(
+                f"unknown profile {name_or_path!r}; known profiles: {', '.join(known_profiles())}, host, or a path to a YAML file"
+            )
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise EdgekitError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from exc
+    return parse_profile(data, str(path))
+
+
+class _Fields:
+    """Reads typed fields out of a mapping, raising errors that name the file and the field path."""
+
+    def __init__(self, data: Any, where: str, prefix: str = "") -> None:
+        if not isinstance(data, dict):
+            raise EdgekitError(f"{where}: {prefix or 'the profile'} must be a mapping, got {type(data).__name__}")
+        self.data, self.where, self.prefix = data, where, prefix
+        self.used: set[str] = set()
+
+    def _fail(self, key: str, expected: str, value: Any = ...) -> EdgekitError:
+        got = "missing" if value is ... else f"got {value!r}"
+        return EdgekitError(f"{self.where}: field '{self.prefix}{key}' must be {expected} ({got})")
+
+    def get(self, key: str, kind: type | tuple[type, ...], expected: str, default: Any = ...) -> Any:
+        self.used.add(key)
+        if key not in self.data:
+            if default is ...:
+                raise self._fail(key, expected)
+            return default
+        value = self.data[key]
+        # bool is an int subclass; a YAML `yes` must not pass for a count.
+        if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _as_tuple(kind)):
+            raise self._fail(key, expected, value)
+        return value
+
+    def choice(self, key: str, allowed: tuple, default: Any = ...) -> Any:
+        value = self.get(key, object, f"one of {', '.join(map(str, allowed))}", default)
+        if value not in allowed:
+            raise self._fail(key, f"one of {', '.join(map(str, allowed))}", value)
+        return value
+
+    def number(self, key: str, low: float, high: float, integer: bool = False) -> Any:
+        kind = int if integer else (int, float)
+        expected = f"{'an integer' if integer else 'a number'} from {low} to {high}"
+        value = self.get(key, kind, expected)
+        if not low <= value <= high:
+            raise self._fail(key, expected, value)
+        return value
+
+    def nested(self, key: str) -> _Fields:
+        self.used.add(key)
+        if key not in self.data:
+            raise self._fail(key, "a mapping")
+        return _Fields(self.data[key], self.where, f"{self.prefix}{key}.")
+
+    def check_unknown(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise EdgekitError(
+                f"{self.where}: unknown field '{self.prefix}{unknown[0]}'; allowed: {', '.join(sorted(self.used))}"
+            )
+
+
+def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def parse_profile(data: Any, where: str) -> DeviceProfile:
+    """Validate a profile mapping; ``where`` names its origin in error messages."""
+    top = _Fields(data, where)
+    cpu = top.nested("cpu")
+    quant = top.nested("quantization")
+    quality = top.nested("quality")
+    features = cpu.get("features", list, "a list of CPU feature names", [])
+    if not all(isinstance(f, str) for f in features):
+        raise EdgekitError(f"{where}: field 'cpu.features' must be a list of strings (got {features!r})")
+    provider = top.choice("execution_provider", PROVIDERS)
+    precision = quant.choice("precision", PRECISIONS)
+    profile = DeviceProfile(
+        name=top.get("name", str, "a string"),
+        description=top.get("description", str, "a string", ""),
+        estimated=top.get("estimated", bool, "true or false", True),
+        source=top.get("source", str, "a string", ""),
+        arch=cpu.choice("arch", ARCHES),
+        cpu_features=tuple(features),
+        cores=cpu.number("cores", 1, 256, integer=True),
+        ram_gb=top.number("ram_gb", 0.25, 4096),
+        ram_share=top.number("ram_share", 0.05, 1.0),
+        execution_provider=provider,
+        default_model=top.get("default_model", str, "a Hugging Face id or a local folder"),
+        context_length=top.number("context_length", 256, 262144, integer=True),
+        threads=top.number("threads", 1, 256, integer=True),
+        quantization=Quantization(
+            precision=precision,
+            block_size=quant.choice("block_size", BLOCK_SIZES, 32),
+            accuracy_level=quant.choice("accuracy_level", (0, 1, 2, 3, 4), 4 if provider == "cpu" else 0),
+            algorithm=quant.choice("algorithm", ALGORITHMS, "default"),
+            mixed_precision=quant.get("mixed_precision", str, "a builder matmul_mixed_precision spec", None),
+        ),
+        quality=Quality(
+            min_top1_agreement=quality.number("min_top1_agreement", 0.0, 1.0),
+            max_mean_kl=quality.number("max_mean_kl", 0.0, 100.0),
+        ),
+        path=where,
+    )
+    for fields in (top, cpu, quant, quality):
+        fields.check_unknown()
+    if precision == "fp16" and provider == "cpu":
+        raise EdgekitError(f"{where}: field 'quantization.precision' fp16 needs execution_provider cuda (CPU has no fp16 kernels)")
+    return profile
+
+
+def host_profile() -> DeviceProfile:
+    """A profile for the machine this runs on: the closest bundled one, with this host's cores and RAM."""
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64"):
+        base = "x86-64"
+    elif machine in ("aarch64", "arm64"):
+        base = _arm_board()
+    else:
+        raise EdgekitError(f"no profile for this machine's architecture {machine!r}; pass --profile with a YAML file")
+    profile = load_profile(base)
+    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    ram_gb = round(psutil.virtual_memory().total / 1024**3, 1)
+    return replace(
+        profile,
+        name="host",
+        description=f"this machine ({machine}, {cores} cores, {ram_gb} GB), based on {base}",
+        estimated=False,
+        source=f"measured on this host; recipe from {base}",
+        cores=cores,
+        threads=min(cores, profile.threads),
+        ram_gb=ram_gb,
+    )
+
+
+def _arm_board() -> str:
+    try:
+        model = Path("/proc/device-tree/model").read_text(errors="replace")
+    except OSError:
+        return "arm64-generic"
+    if "Raspberry Pi 5" in model:
+        return "raspberry-pi-5"
+    if "Raspberry Pi 4" in model:
+        return "raspberry-pi-4"
+    return "arm64-generic"

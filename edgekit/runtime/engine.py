@@ -1,0 +1,197 @@
+"""Decode loop over a bundle's exported graph with a plain ``onnxruntime.InferenceSession``.
+
+We run the graph ourselves rather than through onnxruntime-genai's Generator: continued turns,
+snapshots and chunked prefill are exact here (the recurrent and KV state is just the ``present.*``
+outputs fed back as ``past.*``), while genai's continuation after a generated token is not.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from edgekit.errors import EdgekitError
+from edgekit.runtime.sampling import Sampler, Sampling
+
+PREFILL_CHUNK = 512  # bounds prefill activations; chunked prefill is exact
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+@dataclass
+class State:
+    """One sequence's model state: the ``past.*`` tensors and how many positions they cover."""
+
+    past: dict[str, np.ndarray]
+    length: int = 0
+
+    def copy(self) -> State:
+        # ORT returns fresh arrays each step and never writes into inputs: sharing them is safe.
+        return State(dict(self.past), self.length)
+
+
+@dataclass
+class GenerationStats:
+    """Token counts and timings of one generation."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    finish_reason: str = ""
+    token_times: list[float] = field(default_factory=list)
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        # The first new token comes out of prefill; decode steps make the rest.
+        steps = max(self.completion_tokens - 1, 0)
+        return steps / self.decode_s if self.decode_s else 0.0
+
+
+class Engine:
+    """A loaded bundle graph that runs prefill and decode steps for any number of sequences."""
+
+    def __init__(self, folder: Path, threads: int | None = None) -> None:
+        config_path = folder / "genai_config.json"
+        try:
+            config = json.loads(config_path.read_text())
+            model = config["model"]
+            decoder = model["decoder"]
+        except (OSError, json.JSONDecodeError, KeyError) as exc:
+            raise EdgekitError(f"{config_path}: cannot read the bundle's genai_config ({exc})") from exc
+        self.context_length: int = int(model.get("context_length") or config["search"]["max_length"])
+        eos = model.get("eos_token_id", [])
+        self.eos_ids: frozenset[int] = frozenset(eos if isinstance(eos, list) else [eos])
+        session_options = decoder.get("session_options", {})
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or int(session_options.get("intra_op_num_threads", 0))
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        provider_names = [next(iter(p)) for p in session_options.get("provider_options", [])] or ["cpu"]
+        providers = [_PROVIDERS.get(name, name) for name in provider_names]
+        if "CPUExecutionProvider" not in providers:
+            providers.append("CPUExecutionProvider")
+        missing = [p for p in providers if p not in ort.get_available_providers()]
+        if missing:
+            raise EdgekitError(
+                f"{folder}: this bundle needs {', '.join(missing)}, which this onnxruntime build lacks "
+                f"(available: {', '.join(ort.get_available_providers())})"
+            )
+        try:
+            self.session = ort.InferenceSession(str(folder / decoder["filename"]), options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types per failure
+            raise EdgekitError(f"{folder / decoder['filename']}: cannot load the graph ({exc})") from exc
+        self._head_size = int(decoder["head_size"])
+        self._past_specs = {
+            i.name: (self._zero_shape(i.shape), _ORT_TYPES[i.type])
+            for i in self.session.get_inputs()
+            if i.name.startswith("past")
+        }
+        self._outputs = [o.name for o in self.session.get_outputs()]
+        # present.3.key -> past_key_values.3.key, present.0.conv -> past.0.conv
+        self._present_to_past = {
+            name: _past_name(name) for name in self._outputs if name.startswith("present")
+        }
+
+    def _zero_shape(self, shape: list) -> tuple[int, ...]:
+        sizes = {"batch_size": 1, "past_sequence_length": 0, "kv_cache_dim": self._head_size}
+        try:
+            return tuple(d if isinstance(d, int) else sizes[d] for d in shape)
+        except KeyError as exc:
+            raise EdgekitError(f"unexpected symbolic dimension {exc} in the graph's state inputs") from exc
+
+    def new_state(self) -> State:
+        """An empty sequence: zero recurrent and conv state, no KV entries."""
+        return State({name: np.zeros(shape, dtype) for name, (shape, dtype) in self._past_specs.items()})
+
+    def forward(self, state: State, ids: list[int]) -> np.ndarray:
+        """Run ``ids`` after ``state`` (updated in place); return the logits for the last position."""
+        if state.length + len(ids) > self.context_length:
+            raise EdgekitError(
+                f"sequence of {state.length + len(ids)} tokens exceeds the bundle's context of {self.context_length}"
+            )
+        logits = None
+        for start in range(0, len(ids), PREFILL_CHUNK):
+            chunk = ids[start : start + PREFILL_CHUNK]
+            logits = self._run(state, chunk)
+        assert logits is not None, "forward needs at least one token"
+        return logits
+
+    def _run(self, state: State, ids: list[int]) -> np.ndarray:
+        n = len(ids)
+        positions = np.arange(state.length, state.length + n, dtype=np.int64)
+        feeds = {
+            "input_ids": np.asarray([ids], dtype=np.int64),
+            "attention_mask": np.ones((1, state.length + n), dtype=np.int64),
+            # Text-only M-RoPE: the same position on the temporal, height and width rows.
+            "position_ids": np.broadcast_to(positions, (3, 1, n)).copy(),
+            **state.past,
+        }
+        outputs = self.session.run(self._outputs, feeds)
+        for name, value in zip(self._outputs, outputs):
+            if name in self._present_to_past:
+                state.past[self._present_to_past[name]] = value
+        state.length += n
+        return outputs[0][0, -1]
+
+    def generate(
+        self,
+        prompt: list[int],
+        max_new_tokens: int,
+        sampling: Sampling = Sampling(),
+        state: State | None = None,
+        stats: GenerationStats | None = None,
+    ) -> Iterator[int]:
+        """Yield up to ``max_new_tokens`` tokens after ``prompt``; stop at an end-of-sequence token.
+
+        ``state`` continues an earlier sequence. The last token yielded is not yet in the state: it
+        is fed on the next step, or by the caller's next ``forward``.
+        """
+        state = state if state is not None else self.new_state()
+        stats = stats if stats is not None else GenerationStats()
+        if not prompt:
+            raise EdgekitError("empty prompt: nothing to generate from")
+        if state.length + len(prompt) >= self.context_length:
+            raise EdgekitError(
+                f"prompt of {len(prompt)} tokens (after {state.length} already in this sequence) does not fit "
+                f"the bundle's context of {self.context_length} tokens"
+            )
+        sampler = Sampler(sampling)
+        stats.prompt_tokens = len(prompt)
+        started = time.perf_counter()
+        logits = self.forward(state, prompt)
+        stats.prefill_s = time.perf_counter() - started
+        stats.finish_reason = "length"
+        decode_started = time.perf_counter()
+        for produced in range(max_new_tokens):
+            token = sampler(logits)
+            stats.completion_tokens += 1
+            stats.token_times.append(time.perf_counter())
+            if token in self.eos_ids:
+                stats.finish_reason = "stop"
+                yield token
+                break
+            yield token
+            if produced + 1 == max_new_tokens:
+                break
+            if state.length + 1 >= self.context_length:
+                stats.finish_reason = "context"
+                break
+            logits = self.forward(state, [token])
+        stats.decode_s = time.perf_counter() - decode_started
+
+
+def _past_name(present: str) -> str:
+    if present.endswith((".key", ".value")):
+        return present.replace("present.", "past_key_values.", 1)
+    return present.replace("present.", "past.", 1)

@@ -1,0 +1,63 @@
+"""Tokenization with the reference ``tokenizers`` encoding, and the bundle's own chat template.
+
+onnxruntime-genai's tokenizer rejects Qwen3.5's tokenizer class and, renamed, still differs from the
+reference on some Unicode-normalisation input, so ids are produced here and fed to the graph.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jinja2.sandbox
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
+
+from edgekit.errors import EdgekitError
+
+
+class ChatTokenizer:
+    """Encodes text and chat messages, and decodes ids back to text without splitting characters."""
+
+    def __init__(self, folder: Path) -> None:
+        try:
+            self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as exc:  # tokenizers raises plain Exception for unreadable files
+            raise EdgekitError(f"{folder / 'tokenizer.json'}: cannot load tokenizer ({exc})") from exc
+        template_path = folder / "chat_template.jinja"
+        template = template_path.read_text() if template_path.is_file() else None
+        if template is None:
+            config = json.loads((folder / "tokenizer_config.json").read_text())
+            template = config.get("chat_template")
+        if not template:
+            raise EdgekitError(f"{folder}: no chat_template.jinja or tokenizer_config chat_template")
+        # The sandbox keeps a bundle's template from reaching Python internals.
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise_template_error
+        self.template = env.from_string(template)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; special-token markup such as ``<|im_start|>`` is recognised."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def render(self, messages: Sequence[dict[str, Any]], *, thinking: bool = True, add_generation_prompt: bool = True) -> str:
+        """The prompt text for ``messages`` through the bundle's chat template."""
+        return self.template.render(
+            messages=list(messages), add_generation_prompt=add_generation_prompt, enable_thinking=thinking
+        )
+
+    def token_id(self, text: str) -> int | None:
+        return self.tokenizer.token_to_id(text)
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special)
+
+    def stream(self, skip_special: bool = False) -> DecodeStream:
+        """An incremental decoder: ``step(tokenizer, id)`` yields text only once its UTF-8 is complete."""
+        return DecodeStream(skip_special_tokens=skip_special)
+
+
+def _raise_template_error(message: str) -> None:
+    raise EdgekitError(f"chat template: {message}")
