@@ -8,6 +8,7 @@ path, 100% top-1 agreement is the same as reproducing its greedy tokens.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ import numpy as np
 
 from edgekit.errors import EdgekitError
 from edgekit.profiles import Quality
-from edgekit.runtime.engine import Engine
+from edgekit.runtime.engine import Engine, configured_provider, provider_available
 from edgekit.runtime.tokenizer import ChatTokenizer
 
 # Short and multilingual, chat-formatted as users send them; thinking on and off.
@@ -41,6 +42,7 @@ class ParityReport:
     mean_kl: float
     max_kl: float
     greedy_match: bool
+    checked_on: str
     passed: bool
     reason: str
 
@@ -52,6 +54,10 @@ def reference_runs(checkpoint: Path, prompts: list[list[int]], new_tokens: int) 
     """Greedy tokens and their step logits from transformers in fp32, one (tokens, [n, vocab]) per prompt."""
     import torch
     from transformers import AutoConfig, Qwen3_5ForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    # Its notes about optional fused kernels would scribble over the progress display.
+    hf_logging.set_verbosity_error()
 
     config = AutoConfig.from_pretrained(checkpoint).text_config
     # The text model alone: the vision tower and MTP head stay on disk.
@@ -124,14 +130,21 @@ def check(
     runs = reference_runs(checkpoint, prompts, NEW_TOKENS)
     if progress:
         progress("running the exported graph")
+    # A CUDA bundle built on a machine without CUDA is checked on the CPU: same graph, other kernels.
+    wanted = configured_provider(json.loads((bundle / "genai_config.json").read_text()))
+    checked_on = wanted if provider_available(wanted) else "cpu"
     try:
-        engine = Engine(bundle, threads=threads)
+        engine = Engine(bundle, threads=threads, provider=checked_on)
     except EdgekitError as exc:
         raise EdgekitError(f"parity check cannot load the export: {exc}") from exc
     top1, mean_kl, max_kl = compare(engine, prompts, runs)
     if precision == "fp32":
         passed = top1 == 1.0
-        reason = "greedy tokens match the reference" if passed else f"fp32 export diverges from the reference greedy tokens (top-1 agreement {top1:.3f})"
+        reason = (
+            "greedy tokens match the reference"
+            if passed
+            else f"fp32 export diverges from the reference greedy tokens (top-1 agreement {top1:.3f})"
+        )
     else:
         failures = []
         if top1 < quality.min_top1_agreement:
@@ -147,6 +160,7 @@ def check(
         mean_kl=mean_kl,
         max_kl=max_kl,
         greedy_match=top1 == 1.0,
+        checked_on=checked_on,
         passed=passed,
         reason=reason,
     )

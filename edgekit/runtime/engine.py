@@ -21,7 +21,7 @@ from edgekit.runtime.sampling import Sampler, Sampling
 
 PREFILL_CHUNK = 512  # bounds prefill activations; chunked prefill is exact
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
 @dataclass
@@ -61,7 +61,8 @@ class GenerationStats:
 class Engine:
     """A loaded bundle graph that runs prefill and decode steps for any number of sequences."""
 
-    def __init__(self, folder: Path, threads: int | None = None) -> None:
+    def __init__(self, folder: Path, threads: int | None = None, provider: str | None = None) -> None:
+        """Load ``folder``'s graph; ``threads`` and ``provider`` (cpu, cuda) override the bundle's settings."""
         config_path = folder / "genai_config.json"
         try:
             config = json.loads(config_path.read_text())
@@ -77,8 +78,8 @@ class Engine:
         options.intra_op_num_threads = threads or int(session_options.get("intra_op_num_threads", 0))
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
-        provider_names = [next(iter(p)) for p in session_options.get("provider_options", [])] or ["cpu"]
-        providers = [_PROVIDERS.get(name, name) for name in provider_names]
+        self.provider = provider or configured_provider(config)
+        providers = [ORT_PROVIDERS.get(self.provider, self.provider)]
         if "CPUExecutionProvider" not in providers:
             providers.append("CPUExecutionProvider")
         missing = [p for p in providers if p not in ort.get_available_providers()]
@@ -148,7 +149,7 @@ class Engine:
         self,
         prompt: list[int],
         max_new_tokens: int,
-        sampling: Sampling = Sampling(),
+        sampling: Sampling | None = None,
         state: State | None = None,
         stats: GenerationStats | None = None,
     ) -> Iterator[int]:
@@ -166,7 +167,7 @@ class Engine:
                 f"prompt of {len(prompt)} tokens (after {state.length} already in this sequence) does not fit "
                 f"the bundle's context of {self.context_length} tokens"
             )
-        sampler = Sampler(sampling)
+        sampler = Sampler(sampling or Sampling())
         stats.prompt_tokens = len(prompt)
         started = time.perf_counter()
         logits = self.forward(state, prompt)
@@ -189,6 +190,17 @@ class Engine:
                 break
             logits = self.forward(state, [token])
         stats.decode_s = time.perf_counter() - decode_started
+
+
+def configured_provider(genai_config: dict) -> str:
+    """The execution provider a bundle's genai_config asks for (``cpu`` when it names none)."""
+    options = genai_config["model"]["decoder"].get("session_options", {}).get("provider_options") or [{"cpu": {}}]
+    return next(iter(options[0]), "cpu")
+
+
+def provider_available(name: str) -> bool:
+    """Whether this onnxruntime build has the execution provider ``name`` (cpu, cuda)."""
+    return ORT_PROVIDERS.get(name, name) in ort.get_available_providers()
 
 
 def _past_name(present: str) -> str:
