@@ -265,3 +265,7 @@ def generate(bundle_dir: Path, prompt: str, max_tokens: int, temperature: float,
     click.echo()
     err.print(f"[dim]{stats.prompt_tokens} prompt tokens at {stats.prefill_tps:.0f} tok/s, "
               f"{stats.completion_tokens} generated at {stats.decode_tps:.1f} tok/s ({stats.finish_reason})[/]")
+
+
+if __name__ == "__main__":
+    main()

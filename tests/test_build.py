@@ -1,0 +1,255 @@
+"""End-to-end builds of the tiny checkpoint: bundles per profile, quality gate, atomicity, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime_genai as og
+import pytest
+from click.testing import CliRunner
+
+from edgekit import bundle
+from edgekit.build import parity
+from edgekit.build.pipeline import BuildRequest, build
+from edgekit.cli import main
+from edgekit.errors import EdgekitError
+from edgekit.profiles import Quality, load_profile
+from edgekit.runtime.engine import Engine
+
+from .conftest import RANDOM_WEIGHT_GATE, write_profile
+
+GATE_FLAGS = ["--min-top1", "0", "--max-kl", "0.2"]
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_host_bundle_is_complete_and_self_describing(host_bundle: Path, tiny_checkpoint: Path) -> None:
+    manifest = bundle.verify(host_bundle)
+    files = {f["path"] for f in manifest["files"]}
+    assert {"model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json", "chat_template.jinja"} <= files
+    assert manifest["model"]["id"] == str(tiny_checkpoint) and manifest["model"]["mtp_included"] is False
+    assert manifest["profile"]["name"] == "host"
+    assert manifest["recipe"]["precision"] == "int4" and manifest["recipe"]["builder_options"]["exclude_mtp"] == "true"
+    assert manifest["quality"]["passed"] and manifest["quality"]["positions"] == 72
+    assert manifest["estimated_ram"]["total"] > manifest["estimated_ram"]["weights"] > 0
+    assert manifest["tools"]["onnxruntime-genai"] and manifest["tools"]["transformers"]
+    genai = json.loads((host_bundle / "genai_config.json").read_text())
+    context = load_profile("host").context_length
+    assert genai["search"]["max_length"] == context and genai["model"]["context_length"] == context
+    assert genai["model"]["decoder"]["session_options"]["intra_op_num_threads"] == load_profile("host").threads
+    # Rotary caches are sized to the context, not to 262,144 positions (64 MiB on the 0.8B).
+    import onnx
+
+    graph = onnx.load(str(host_bundle / "model.onnx"), load_external_data=False).graph
+    cos = next(i for i in graph.initializer if i.name == "cos_cache")
+    assert cos.dims[0] == context
+
+
+def test_fp32_export_reproduces_reference_greedy_tokens(fp32_bundle: Path) -> None:
+    quality = bundle.verify(fp32_bundle)["quality"]
+    assert quality["greedy_match"] and quality["top1_agreement"] == 1.0 and quality["mean_kl"] < 1e-5
+
+
+def test_bundle_stays_loadable_by_onnxruntime_genai(host_bundle: Path) -> None:
+    """Users may run bundles with genai directly; its greedy tokens match our engine's."""
+    from edgekit.runtime.tokenizer import ChatTokenizer
+
+    tokenizer = ChatTokenizer(host_bundle)
+    ids = tokenizer.encode(tokenizer.render([{"role": "user", "content": "Hi there"}]))
+    ours = list(Engine(host_bundle).generate(ids, 8))
+    model = og.Model(str(host_bundle))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 8, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.array(ids, dtype=np.int32))
+    theirs = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        theirs.append(int(generator.get_next_tokens()[0]))
+    assert theirs == ours
+    assert og.Tokenizer(model).encode("plain ascii text").tolist() == tokenizer.encode("plain ascii text")
+
+
+@pytest.mark.parametrize("profile_name", ["raspberry-pi-5", "jetson-orin-nano"])
+def test_build_for_device_profiles(profile_name: str, tiny_checkpoint_no_mtp: Path, tmp_path: Path) -> None:
+    """Device profiles build (a checkpoint without MTP head too); a CUDA bundle is checked on the CPU here."""
+    result = CliRunner().invoke(main, ["build", "--profile", profile_name, "--model", str(tiny_checkpoint_no_mtp),
+                                       "-o", str(tmp_path), "--json", *GATE_FLAGS])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    folder = Path(summary["bundle"])
+    manifest = bundle.verify(folder)
+    profile = load_profile(profile_name)
+    genai = json.loads((folder / "genai_config.json").read_text())
+    assert genai["search"]["max_length"] == profile.context_length
+    assert "exclude_mtp" not in manifest["recipe"]["builder_options"]
+    if profile.execution_provider == "cuda":
+        assert genai["model"]["decoder"]["session_options"]["provider_options"][0].keys() == {"cuda"}
+        assert manifest["quality"]["checked_on"] == "cpu"  # no CUDA here: the graph ran on the CPU EP
+        assert summary["estimated_ram"]["kv_cache"] < summary["estimated_ram"]["weights"]
+    else:
+        assert manifest["quality"]["checked_on"] == "cpu"
+        tokens = list(Engine(folder).generate([248045, 846, 198], 4))
+        assert len(tokens) == 4
+
+
+def test_gate_fails_damaged_export(bundle_copy: Path, tiny_checkpoint: Path) -> None:
+    sound = parity.check(bundle_copy, tiny_checkpoint, "int4", RANDOM_WEIGHT_GATE)
+    assert sound.passed
+    # Scramble a slice of the quantized weights: the graph still runs, but computes something else.
+    data = bundle_copy / "model.onnx.data"
+    raw = bytearray(data.read_bytes())
+    rng = np.random.default_rng(0)
+    start = len(raw) // 3
+    raw[start : start + len(raw) // 3] = rng.integers(0, 256, len(raw) // 3, dtype=np.uint8).tobytes()
+    data.write_bytes(bytes(raw))
+    damaged = parity.check(bundle_copy, tiny_checkpoint, "int4", RANDOM_WEIGHT_GATE)
+    assert not damaged.passed and damaged.mean_kl > 3 * sound.mean_kl
+    assert "mean KL" in damaged.reason
+
+
+def test_failed_gate_leaves_nothing(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    impossible = Quality(min_top1_agreement=1.0, max_mean_kl=0.0)
+    request = BuildRequest(profile=load_profile("host"), model=str(tiny_checkpoint), output=tmp_path, quality=impossible)
+    with pytest.raises(EdgekitError, match="quality gate failed for profile host"):
+        build(request)
+    assert _leftovers(tmp_path) == []
+
+
+def test_existing_output_needs_overwrite(host_bundle: Path, tiny_checkpoint: Path) -> None:
+    runner = CliRunner()
+    args = ["build", "--profile", "host", "--model", str(tiny_checkpoint), "-o", str(host_bundle.parent), *GATE_FLAGS]
+    before = bundle.verify(host_bundle)["built_at"]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 1 and "already exists; pass --overwrite" in result.output
+    assert bundle.verify(host_bundle)["built_at"] == before
+
+
+def test_overwrite_replaces_bundle(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    args = ["build", "--profile", "host", "--model", str(tiny_checkpoint), "-o", str(tmp_path), "--name", "b", *GATE_FLAGS]
+    runner = CliRunner()
+    assert runner.invoke(main, args).exit_code == 0
+    (tmp_path / "b" / "stale-file").write_text("x")
+    assert runner.invoke(main, [*args, "--overwrite"]).exit_code == 0
+    assert _leftovers(tmp_path) == ["b"]
+    bundle.verify(tmp_path / "b")  # the stale file went with the old bundle
+
+
+def test_include_mtp_needs_mtp_weights(tiny_checkpoint_no_mtp: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["build", "--profile", "host", "--model", str(tiny_checkpoint_no_mtp),
+                                       "-o", str(tmp_path), "--include-mtp"])
+    assert result.exit_code == 1 and "has no mtp.* weights" in result.output
+    assert _leftovers(tmp_path) == []
+
+
+def _config_only_2b(folder: Path) -> Path:
+    """A Qwen3.5-2B checkpoint's config and tokenizer with a stub weights file: enough to be refused early."""
+    from safetensors.numpy import save_file
+
+    from edgekit.fixtures.checkpoint import SIZES, make_config
+    from edgekit.fixtures.tokenizer import build_tokenizer, write_tokenizer_files
+
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(make_config(SIZES["2b"])))
+    write_tokenizer_files(build_tokenizer(), folder)
+    save_file({"model.language_model.embed_tokens.weight": np.zeros((2, 2), np.float32)}, str(folder / "model.safetensors"))
+    return folder
+
+
+def test_model_that_does_not_fit_is_refused_with_numbers(tmp_path: Path) -> None:
+    model = _config_only_2b(tmp_path / "qwen3.5-2b")
+    result = CliRunner().invoke(main, ["build", "--profile", "raspberry-pi-4", "--ram-gb", "2", "--model", str(model),
+                                       "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert "does not fit profile raspberry-pi-4 (2 GB RAM, 60% for the model)" in result.output
+    assert "weights 1121 MiB" in result.output and "budget of 1229 MiB" in result.output
+    assert _leftovers(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize(
+    ("model_kind", "message"),
+    [
+        ("missing", "no such folder"),
+        ("llama", "not a Qwen3.5 checkpoint"),
+        ("truncated", "corrupt or truncated safetensors"),
+    ],
+)
+def test_bad_models_exit_nonzero_with_one_line(model_kind: str, message: str, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    if model_kind != "missing":
+        shutil.copytree(tiny_checkpoint, model)
+    if model_kind == "llama":
+        config = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**config, "model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    if model_kind == "truncated":
+        weights = model / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-1000])
+    result = CliRunner().invoke(main, ["build", "--profile", "host", "--model", str(model), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1 and message in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0]
+
+
+def test_unknown_and_malformed_profile(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(main, ["build", "--profile", "pi-zero", "--model", str(tiny_checkpoint)])
+    assert result.exit_code == 1 and "known profiles: arm64-generic" in result.output
+    broken = write_profile(tmp_path, "broken", block_size=33)
+    result = runner.invoke(main, ["build", "--profile", str(broken), "--model", str(tiny_checkpoint)])
+    assert result.exit_code == 1 and "'quantization.block_size' must be one of 16, 32" in result.output
+
+
+def test_not_enough_disk(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """A real small filesystem (tmpfs) that cannot hold the bundle."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        result = CliRunner().invoke(main, ["build", "--profile", "host", "--model", str(tiny_checkpoint), "-o", str(mount)])
+        assert result.exit_code == 1 and f"not enough disk in {mount}" in result.output
+        assert _leftovers(mount) == []
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_interrupted_build_leaves_nothing(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    child = subprocess.Popen([sys.executable, "-m", "edgekit.cli", "build", "--profile", "host", "--model",
+                              str(tiny_checkpoint), "-o", str(out), *GATE_FLAGS],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 60
+    # Interrupt once the staging folder exists, i.e. mid-export.
+    while not any(p.name.endswith(f"partial-{child.pid}") for p in (out.iterdir() if out.exists() else [])):
+        assert time.monotonic() < deadline and child.poll() is None, "build never started staging"
+        time.sleep(0.05)
+    time.sleep(1.0)
+    os.killpg(child.pid, signal.SIGINT)
+    child.wait(timeout=60)
+    assert child.returncode != 0
+    assert _leftovers(out) == []
+
+
+def test_hub_id_build_offline(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """`--model Qwen/Qwen3.5-0.8B` through huggingface_hub's cache, offline, records the commit."""
+    from .test_checkpoint import _hub_cache
+
+    commit = _hub_cache(tmp_path / "hf", "Qwen/Qwen3.5-0.8B", tiny_checkpoint)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "edgekit.cli", "build", "--profile", "raspberry-pi-5", "--model",
+                           "Qwen/Qwen3.5-0.8B", "-o", str(tmp_path / "out"), "--json", *GATE_FLAGS],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert Path(summary["bundle"]).name == "qwen3.5-0.8b-raspberry-pi-5-int4"
+    assert summary["model"]["id"] == "Qwen/Qwen3.5-0.8B" and summary["model"]["revision"] == commit
