@@ -1,0 +1,119 @@
+"""The decode loop: exact continuation and chunking, sampling, streaming text, context limits, bundle integrity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgekit import bundle
+from edgekit.errors import EdgekitError
+from edgekit.runtime import engine as engine_module
+from edgekit.runtime.engine import Engine
+from edgekit.runtime.sampling import Sampler, Sampling
+from edgekit.runtime.tokenizer import ChatTokenizer
+
+
+@pytest.fixture(scope="module")
+def engine(host_bundle: Path) -> Engine:
+    return Engine(host_bundle)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(host_bundle: Path) -> ChatTokenizer:
+    return ChatTokenizer(host_bundle)
+
+
+def test_continued_sequence_matches_fresh_replay(engine: Engine, tokenizer: ChatTokenizer) -> None:
+    first = tokenizer.encode(tokenizer.render([{"role": "user", "content": "Tell me about owls."}]))
+    state = engine.new_state()
+    reply = list(engine.generate(first, 6, state=state))
+    follow = tokenizer.encode("<|im_end|>\n<|im_start|>user\nAnd bats?<|im_end|>\n<|im_start|>assistant\n")
+    # The last generated token is not yet in the state: it leads the next turn's input.
+    continued = engine.forward(state, [reply[-1], *follow])
+    fresh = engine.forward(engine.new_state(), first + reply + follow)
+    assert state.length == len(first) + len(reply) + len(follow)
+    np.testing.assert_array_equal(continued, fresh)
+
+
+def test_chunked_prefill_is_exact(engine: Engine, tokenizer: ChatTokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    ids = tokenizer.encode("A long prompt " * 40)
+    whole = engine.forward(engine.new_state(), ids)
+    monkeypatch.setattr(engine_module, "PREFILL_CHUNK", 7)
+    np.testing.assert_array_equal(engine.forward(engine.new_state(), ids), whole)
+
+
+def test_snapshot_restores_state(engine: Engine) -> None:
+    state = engine.new_state()
+    engine.forward(state, [248045, 846, 198, 9419])
+    snapshot = state.copy()
+    a = engine.forward(state, [11, 12, 13])
+    b = engine.forward(snapshot, [11, 12, 13])
+    np.testing.assert_array_equal(a, b)
+
+
+def test_sampling() -> None:
+    logits = np.random.default_rng(1).normal(size=1000).astype(np.float32)
+    assert Sampler(Sampling())(logits) == int(np.argmax(logits))
+    assert Sampler(Sampling(temperature=1.0, top_k=1))(logits) == int(np.argmax(logits))
+    draws = [Sampler(Sampling(temperature=0.8, top_p=0.9, seed=42))(logits) for _ in range(3)]
+    assert len(set(draws)) == 1  # a seed repeats
+    many = Sampler(Sampling(temperature=1.0, top_k=5, seed=1))
+    top5 = set(np.argsort(logits)[-5:].tolist())
+    assert {many(logits) for _ in range(200)} <= top5
+
+
+def test_greedy_generation_stops_at_max_tokens(engine: Engine) -> None:
+    tokens = list(engine.generate([248045, 846, 198], 5))
+    assert len(tokens) == 5
+
+
+def test_prompt_longer_than_context_is_refused(engine: Engine) -> None:
+    with pytest.raises(EdgekitError, match=f"does not fit the bundle's context of {engine.context_length} tokens"):
+        list(engine.generate([11] * engine.context_length, 4))
+
+
+def test_stream_never_splits_utf8(tokenizer: ChatTokenizer) -> None:
+    text = "Grüße 😀👍🏽 日本語 ok"
+    ids = tokenizer.encode(text)
+    stream = tokenizer.stream()
+    pieces = [stream.step(tokenizer.tokenizer, i) for i in ids]
+    emitted = [p for p in pieces if p]
+    assert "".join(emitted) == text
+    assert all("\ufffd" not in p for p in emitted)
+    assert None in pieces  # some emoji span several tokens and were held back until complete
+
+
+def test_chat_template_thinking_switch(tokenizer: ChatTokenizer) -> None:
+    messages = [{"role": "user", "content": "hi"}]
+    assert tokenizer.render(messages).endswith("<|im_start|>assistant\n<think>\n")
+    assert tokenizer.render(messages, thinking=False).endswith("<think>\n\n</think>\n\n")
+
+
+def test_verify_catches_tampering(bundle_copy: Path) -> None:
+    bundle.verify(bundle_copy)
+    config = bundle_copy / "genai_config.json"
+    config.write_text(config.read_text().replace('"intra_op_num_threads": ', '"intra_op_num_threads": 1'))
+    with pytest.raises(EdgekitError, match="genai_config.json: (size|sha256)"):
+        bundle.verify(bundle_copy)
+
+
+def test_verify_catches_missing_and_extra_files(bundle_copy: Path) -> None:
+    (bundle_copy / "chat_template.jinja").unlink()
+    with pytest.raises(EdgekitError, match="incomplete bundle, missing chat_template.jinja"):
+        bundle.verify(bundle_copy)
+
+
+def test_generate_cli(host_bundle: Path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from edgekit.cli import main
+
+    result = CliRunner().invoke(main, ["generate", str(host_bundle), "Hello", "--max-tokens", "5", "--json"])
+    assert result.exit_code == 0, result.output
+    reply = json.loads(result.stdout)
+    assert reply["usage"]["completion_tokens"] == 5 and reply["finish_reason"] == "length"
+    assert reply["text"]
