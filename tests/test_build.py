@@ -80,6 +80,19 @@ def test_bundle_stays_loadable_by_onnxruntime_genai(host_bundle: Path) -> None:
     assert og.Tokenizer(model).encode("plain ascii text").tolist() == tokenizer.encode("plain ascii text")
 
 
+def test_bundle_tokenizer_encodes_like_the_checkpoint(host_bundle: Path, tiny_checkpoint: Path) -> None:
+    """The compacted tokenizer.json is the same tokenizer, and much smaller."""
+    from tokenizers import Tokenizer
+
+    from .test_fixtures import CORPUS
+
+    original = Tokenizer.from_file(str(tiny_checkpoint / "tokenizer.json"))
+    compact = Tokenizer.from_file(str(host_bundle / "tokenizer.json"))
+    for text in CORPUS:
+        assert compact.encode(text).ids == original.encode(text).ids, text
+    assert (host_bundle / "tokenizer.json").stat().st_size < 0.5 * (tiny_checkpoint / "tokenizer.json").stat().st_size
+
+
 @pytest.mark.parametrize("profile_name", ["raspberry-pi-5", "jetson-orin-nano"])
 def test_build_for_device_profiles(profile_name: str, tiny_checkpoint_no_mtp: Path, tmp_path: Path) -> None:
     """Device profiles build (a checkpoint without MTP head too); a CUDA bundle is checked on the CPU here."""

@@ -58,6 +58,7 @@ def reference_runs(checkpoint: Path, prompts: list[list[int]], new_tokens: int) 
 
     # Its notes about optional fused kernels would scribble over the progress display.
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
     config = AutoConfig.from_pretrained(checkpoint).text_config
     # The text model alone: the vision tower and MTP head stay on disk.

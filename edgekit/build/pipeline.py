@@ -124,6 +124,7 @@ def build(request: BuildRequest, reporter: Reporter | None = None) -> BuildResul
         export.run_builder(source, staging, profile, extra, work / "cache", work / "builder.log",
                            report.progress, checkpoint.shape.layers)
         export.tune_genai_config(staging, profile, context)
+        export.compact_tokenizer_files(staging)
         timings["export"] = time.perf_counter() - t
 
         report.step("checking quality against the PyTorch reference")
