@@ -11,7 +11,7 @@ PROFILE ?= host
 PROMPT ?= Explain in two sentences what an edge device is.
 # Random-weight fixtures cannot meet real-model quality thresholds; `make run` on a fixture passes
 # a gate suited to random weights (the KL bound still catches a broken export).
-GATE ?= $(if $(findstring fixtures/,$(MODEL)),--min-top1 0 --max-kl 0.2,)
+GATE ?= $(if $(findstring fixtures/,$(MODEL)),--min-top1 0 --max-kl 1.0,)
 # torch from the CPU build: an unpinned torch pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 

@@ -266,3 +266,28 @@ def test_hub_id_build_offline(tiny_checkpoint: Path, tmp_path: Path) -> None:
     summary = json.loads(done.stdout)
     assert Path(summary["bundle"]).name == "qwen3.5-0.8b-raspberry-pi-5-int4"
     assert summary["model"]["id"] == "Qwen/Qwen3.5-0.8B" and summary["model"]["revision"] == commit
+
+
+def test_lowmem_quantization_matches_the_builders_own_pass(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """Our tensor-by-tensor int4 pass writes the same graph and the same bytes as the builder's."""
+    import onnx
+    from onnx import numpy_helper
+
+    args = ["-i", str(tiny_checkpoint), "-p", "int4", "-e", "cpu", "-c", str(tmp_path / "cache"),
+            "--extra_options", "exclude_mtp=true", "prune_lm_head=true"]
+    for module, out in (("edgekit.build.lowmem_quant", "ours"), ("onnxruntime_genai.models.builder", "theirs")):
+        subprocess.run([sys.executable, "-m", module, *args, "-o", str(tmp_path / out)], check=True, capture_output=True)
+    ours, theirs = (onnx.load(str(tmp_path / name / "model.onnx")) for name in ("ours", "theirs"))
+
+    def nodes(model: onnx.ModelProto) -> dict:
+        return {n.name: (n.op_type, list(n.input), list(n.output), [(a.name, onnx.helper.get_attribute_value(a))
+                                                                    for a in n.attribute]) for n in model.graph.node}
+
+    assert nodes(ours) == nodes(theirs)
+    assert "MatMulNBits" in {n.op_type for n in ours.graph.node}
+    mine = {i.name: numpy_helper.to_array(i) for i in ours.graph.initializer}
+    reference = {i.name: numpy_helper.to_array(i) for i in theirs.graph.initializer}
+    assert mine.keys() == reference.keys()
+    for name, array in reference.items():
+        assert mine[name].dtype == array.dtype and np.array_equal(mine[name], array), name
+    assert [o.name for o in ours.graph.output] == [o.name for o in theirs.graph.output]

@@ -1,6 +1,7 @@
 """Export and quantize a Qwen3.5 checkpoint with onnxruntime-genai's model builder.
 
-The builder runs in a child process: its peak memory (the 2B model in fp32) is returned to the OS
+The builder runs in a child process, with its quantization pass made tensor-by-tensor
+(:mod:`edgekit.build.lowmem_quant`) so the 2B model builds on a 16 GB laptop. Its peak memory is returned to the OS
 before the parity check loads the reference, and its chatty output goes to a log we can show on
 failure instead of the user's terminal.
 """
@@ -91,7 +92,7 @@ def run_builder(
 ) -> None:
     """Run the model builder from ``source`` into ``output``; raise with the log's tail if it fails."""
     command = [
-        sys.executable, "-m", "onnxruntime_genai.models.builder",
+        sys.executable, "-m", "edgekit.build.lowmem_quant",
         "-i", str(source), "-o", str(output),
         "-p", profile.quantization.precision, "-e", profile.execution_provider,
         "-c", str(cache_dir),
