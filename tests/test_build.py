@@ -291,3 +291,22 @@ def test_lowmem_quantization_matches_the_builders_own_pass(tiny_checkpoint: Path
     for name, array in reference.items():
         assert mine[name].dtype == array.dtype and np.array_equal(mine[name], array), name
     assert [o.name for o in ours.graph.output] == [o.name for o in theirs.graph.output]
+
+
+def test_include_mtp_exports_the_draft_head(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """With --include-mtp the head is exported beside the main graph, which our engine still runs."""
+    import onnxruntime as ort
+
+    result = CliRunner().invoke(main, ["build", "--profile", "host", "--model", str(tiny_checkpoint), "-o", str(tmp_path),
+                                       "--include-mtp", "--json", *GATE_FLAGS])
+    assert result.exit_code == 0, result.output
+    folder = Path(json.loads(result.stdout)["bundle"])
+    manifest = bundle.verify(folder)
+    assert manifest["model"]["mtp_included"] and "mtp.onnx" in {f["path"] for f in manifest["files"]}
+    assert "prune_lm_head" not in manifest["recipe"]["builder_options"]  # MTP verification needs every position
+    assert json.loads((folder / "genai_config.json").read_text())["model"]["mtp"]["enabled"]
+    assert len(list(Engine(folder).generate([248045, 846, 198], 3))) == 3
+    ort.InferenceSession(str(folder / "mtp.onnx"))  # the draft graph itself loads in ONNX Runtime
+    # DESIGN.md: onnxruntime-genai 0.18 cannot load such a bundle on the CPU; if that changes, say so.
+    with pytest.raises(Exception, match="GetMemoryInfo for CPU"):
+        og.Model(str(folder))

@@ -99,6 +99,8 @@ class Engine:
             if i.name.startswith("past")
         }
         self._outputs = [o.name for o in self.session.get_outputs()]
+        # Bundles with an MTP head also output hidden states; find the logits by name.
+        self._logits_index = self._outputs.index("logits")
         # present.3.key -> past_key_values.3.key, present.0.conv -> past.0.conv
         self._present_to_past = {
             name: _past_name(name) for name in self._outputs if name.startswith("present")
@@ -143,7 +145,7 @@ class Engine:
             if name in self._present_to_past:
                 state.past[self._present_to_past[name]] = value
         state.length += n
-        return outputs[0][0, -1]
+        return outputs[self._logits_index][0, -1]
 
     def generate(
         self,
