@@ -12,7 +12,6 @@ Run as ``python -m edgekit.build.lowmem_quant <model builder arguments>``.
 
 from __future__ import annotations
 
-import gc
 import runpy
 from typing import Any
 
@@ -88,8 +87,6 @@ def quantize_in_place(model: Any) -> ir.Model:
             graph.initializers.pop(weight.name)
             model.values.pop(weight.name, None)
             weight.const_value = None
-        # IR nodes and values reference each other: only the cycle collector frees the old ones.
-        gc.collect()
     return model.model
 
 
