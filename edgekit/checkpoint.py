@@ -83,10 +83,12 @@ class Checkpoint:
     config: dict
 
 
-def resolve(model: str, revision: str | None = None) -> tuple[Path, str, str | None]:
+def resolve(model: str, revision: str | None = None, config_only: bool = False) -> tuple[Path, str, str | None]:
     """Return (folder, model id, revision) for a local folder or a Hugging Face id.
 
-    A hub download needs the ``build`` extra's huggingface_hub; offline mode serves from its cache.
+    ``config_only`` fetches just ``config.json`` from the hub, so a model that cannot fit the device
+    is refused before gigabytes are downloaded. A hub download needs the ``build`` extra's
+    huggingface_hub; offline mode serves from its cache.
     """
     local = Path(model).expanduser()
     if local.exists():
@@ -99,7 +101,8 @@ def resolve(model: str, revision: str | None = None) -> tuple[Path, str, str | N
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
     try:
-        folder = snapshot_download(repo_id=model, revision=revision, allow_patterns=HUB_PATTERNS)
+        folder = snapshot_download(repo_id=model, revision=revision,
+                                   allow_patterns=["config.json"] if config_only else HUB_PATTERNS)
     except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
         raise EdgekitError(f"model {model}: not found on the Hugging Face Hub ({type(exc).__name__})") from exc
     except LocalEntryNotFoundError as exc:
@@ -114,8 +117,8 @@ def resolve(model: str, revision: str | None = None) -> tuple[Path, str, str | N
     return folder_path, model, folder_path.name
 
 
-def inspect(folder: Path, model_id: str | None = None, revision: str | None = None) -> Checkpoint:
-    """Check that ``folder`` holds a readable Qwen3.5 checkpoint and describe it."""
+def read_config(folder: Path) -> tuple[dict, ModelShape]:
+    """Read and check ``folder/config.json`` as a Qwen3.5 config; return it and the text model's shape."""
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise EdgekitError(f"model {folder}: no config.json; not a Hugging Face checkpoint folder")
@@ -133,7 +136,13 @@ def inspect(folder: Path, model_id: str | None = None, revision: str | None = No
     text = config.get("text_config")
     if not isinstance(text, dict):
         raise EdgekitError(f"{config_path}: field 'text_config' missing; a Qwen3.5 config nests the text model there")
-    shape = _shape(text, config, config_path)
+    return config, _shape(text, config, config_path)
+
+
+def inspect(folder: Path, model_id: str | None = None, revision: str | None = None) -> Checkpoint:
+    """Check that ``folder`` holds a readable Qwen3.5 checkpoint (config, tokenizer, weights) and describe it."""
+    config, shape = read_config(folder)
+    text = config["text_config"]
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if not (folder / name).is_file():
             raise EdgekitError(f"model {folder}: {name} missing; the bundle needs the checkpoint's tokenizer")

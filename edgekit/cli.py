@@ -68,11 +68,12 @@ def profiles(ctx: click.Context, as_json: bool) -> None:
         return
     from edgekit.profiles import known_profiles, load_profile
 
-    loaded = [load_profile(name) for name in known_profiles()]
+    loaded = [load_profile(name) for name in [*known_profiles(), "host"]]
     if as_json:
         out.print_json(json.dumps([p.to_dict() for p in loaded]))
         return
     table = Table(title="device profiles (host: this machine, measured)")
+    table.caption = "Values for devices we could not measure are estimates; see `edgekit profiles show NAME`."
     for column in ("name", "arch", "provider", "RAM", "threads", "model", "precision", "block", "context"):
         table.add_column(column)
     for p in loaded:

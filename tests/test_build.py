@@ -179,6 +179,21 @@ def _config_only_2b(folder: Path) -> Path:
     return folder
 
 
+def test_hub_model_that_does_not_fit_is_refused_before_download(tmp_path: Path) -> None:
+    """Only config.json is in the (offline) cache: the refusal must come from it, before any weights."""
+    from .test_checkpoint import _hub_cache
+
+    config_only = _config_only_2b(tmp_path / "src")
+    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (config_only / name).unlink()
+    _hub_cache(tmp_path / "hf", "Qwen/Qwen3.5-2B", config_only)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "edgekit.cli", "build", "--profile", "raspberry-pi-4", "--ram-gb", "2",
+                           "--model", "Qwen/Qwen3.5-2B", "-o", str(tmp_path / "out")], env=env, capture_output=True, text=True)
+    assert done.returncode == 1
+    assert "Qwen/Qwen3.5-2B does not fit profile raspberry-pi-4" in done.stderr
+
+
 def test_model_that_does_not_fit_is_refused_with_numbers(tmp_path: Path) -> None:
     model = _config_only_2b(tmp_path / "qwen3.5-2b")
     result = CliRunner().invoke(main, ["build", "--profile", "raspberry-pi-4", "--ram-gb", "2", "--model", str(model),

@@ -94,7 +94,7 @@ def test_profiles_cli_table_and_json(tmp_path: Path, monkeypatch: pytest.MonkeyP
     for name in REQUIRED:
         assert name in table.output
     listed = json.loads(runner.invoke(main, ["profiles", "--json"]).output)
-    assert {p["name"] for p in listed} == set(known_profiles())
+    assert {p["name"] for p in listed} == {*known_profiles(), "host"}
     shown = json.loads(runner.invoke(main, ["profiles", "show", "raspberry-pi-4", "--json"]).output)
     assert shown["cpu"]["arch"] == "aarch64" and shown["quantization"]["block_size"] == 32
     own = _write(tmp_path, lambda d: d.update(name="my-board", threads=3))

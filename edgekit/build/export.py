@@ -14,7 +14,6 @@ import re
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from edgekit.checkpoint import Checkpoint
@@ -29,16 +28,8 @@ _QUANTIZED = re.compile(r"complete quantization of ")
 _SAVING = re.compile(r"^Saving .*\|\s*(\d+)/(\d+)")
 
 
-@dataclass(frozen=True)
-class ExportOptions:
-    """What the profile's recipe leaves open: MTP head, context override, builder extras."""
-
-    include_mtp: bool = False
-    context_length: int | None = None
-
-
-def builder_options(profile: DeviceProfile, checkpoint: Checkpoint, options: ExportOptions) -> dict[str, str]:
-    """The builder's ``--extra_options`` for this profile's recipe."""
+def builder_options(profile: DeviceProfile, checkpoint: Checkpoint, include_mtp: bool = False) -> dict[str, str]:
+    """The builder's ``--extra_options`` for this profile's recipe; ``include_mtp`` exports the MTP head too."""
     q = profile.quantization
     extra = {
         # Prefill then computes logits for the last position only, not [S, 248320].
@@ -50,9 +41,9 @@ def builder_options(profile: DeviceProfile, checkpoint: Checkpoint, options: Exp
             extra["algo_config"] = q.algorithm
         if q.mixed_precision:
             extra["matmul_mixed_precision"] = q.mixed_precision
-    if checkpoint.has_mtp and not options.include_mtp:
+    if checkpoint.has_mtp and not include_mtp:
         extra["exclude_mtp"] = "true"
-    if options.include_mtp:
+    if include_mtp:
         if not checkpoint.has_mtp:
             raise EdgekitError(f"model {checkpoint.model_id}: --include-mtp asked, but the checkpoint has no mtp.* weights")
         # The MTP workflow verifies drafts with per-token logits from the main head.

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from edgekit import __version__, bundle
 from edgekit.build import export, parity
-from edgekit.checkpoint import Checkpoint, inspect, resolve
+from edgekit.checkpoint import Checkpoint, inspect, read_config, resolve
 from edgekit.errors import EdgekitError
 from edgekit.memory import MIB, MemoryEstimate, check_fits, estimate
 from edgekit.profiles import DeviceProfile, Quality
@@ -91,14 +91,15 @@ def build(request: BuildRequest, reporter: Reporter | None = None) -> BuildResul
         profile = replace(profile, quality=request.quality)
 
     report.step("resolving model")
-    folder, model_id, revision = resolve(request.model, request.revision)
-    checkpoint = inspect(folder, model_id, revision)
+    # The config alone decides whether the model fits: check that before downloading the weights.
+    config_folder, model_id, _ = resolve(request.model, request.revision, config_only=True)
+    _, shape = read_config(config_folder)
     if request.force:
-        memory = estimate(checkpoint.shape, profile, context)
+        memory = estimate(shape, profile, context)
         if not memory.fits:
             report.note(f"--force: building although the estimate exceeds the device budget: {memory.describe()}")
     else:
-        memory = check_fits(checkpoint.shape, profile, model_id, context)
+        memory = check_fits(shape, profile, model_id, context)
 
     name = request.name or bundle_name(model_id, profile)
     if "/" in name or name.startswith("."):
@@ -109,6 +110,10 @@ def build(request: BuildRequest, reporter: Reporter | None = None) -> BuildResul
     request.output.mkdir(parents=True, exist_ok=True)
     _check_disk(request.output, memory)
 
+    report.step("fetching model")
+    folder, model_id, revision = resolve(request.model, request.revision)
+    checkpoint = inspect(folder, model_id, revision)
+
     staging = request.output / f".{name}.partial-{os.getpid()}"
     work = request.output / f".{name}.work-{os.getpid()}"
     try:
@@ -118,8 +123,7 @@ def build(request: BuildRequest, reporter: Reporter | None = None) -> BuildResul
 
         report.step(f"exporting {profile.quantization.precision} for {profile.execution_provider}")
         t = time.perf_counter()
-        options = export.ExportOptions(include_mtp=request.include_mtp, context_length=context)
-        extra = export.builder_options(profile, checkpoint, options)
+        extra = export.builder_options(profile, checkpoint, request.include_mtp)
         source = export.prepare_input(checkpoint, work / "input", context)
         export.run_builder(source, staging, profile, extra, work / "cache", work / "builder.log",
                            report.progress, checkpoint.shape.layers)
@@ -136,7 +140,7 @@ def build(request: BuildRequest, reporter: Reporter | None = None) -> BuildResul
             raise EdgekitError(f"quality gate failed for profile {profile.name}: {quality.reason}; no bundle written")
 
         report.step("writing manifest")
-        manifest = bundle.write_manifest(staging, _manifest_fields(request, profile, checkpoint, context, memory,
+        manifest = bundle.write_manifest(staging, _manifest_fields(name, request, profile, checkpoint, context, memory,
                                                                     extra, quality, timings, started))
         if final.exists():
             old = request.output / f".{name}.old-{os.getpid()}"
@@ -164,6 +168,7 @@ def _check_disk(output: Path, memory: MemoryEstimate) -> None:
 
 
 def _manifest_fields(
+    name: str,
     request: BuildRequest,
     profile: DeviceProfile,
     checkpoint: Checkpoint,
@@ -181,7 +186,7 @@ def _manifest_fields(
         except metadata.PackageNotFoundError:
             versions[tool] = None
     return {
-        "name": request.name or bundle_name(checkpoint.model_id, profile),
+        "name": name,
         "model": {
             "id": checkpoint.model_id,
             "revision": checkpoint.revision,
