@@ -14,7 +14,7 @@ RANDOM := $(if $(findstring fixtures/,$(MODEL)),--random-weights,)
 # torch from the CPU build: an unpinned torch pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install run test bench fixtures lint clean
+.PHONY: install system-deps run test bench fixtures lint clean
 
 $(BIN)/edgekit: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,12 @@ fixtures: fixtures/qwen3.5-tiny/config.json fixtures/qwen3.5-0.8b/config.json
 run: install
 	$(BIN)/python -m edgekit.demo --model "$(MODEL)" --profile $(PROFILE) --prompt "$(PROMPT)" $(RANDOM)
 
-test: install
+# The serve tests start their own Mosquitto brokers; install the broker where it is missing.
+system-deps:
+	@test -x /usr/sbin/mosquitto || command -v mosquitto >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto)
+
+test: install system-deps
 	$(BIN)/python -m pytest -q
 
 bench: install fixtures/qwen3.5-0.8b/config.json fixtures/qwen3.5-2b/config.json

@@ -268,5 +268,105 @@ def generate(bundle_dir: Path, prompt: str, max_tokens: int, temperature: float,
               f"{stats.completion_tokens} generated at {stats.decode_tps:.1f} tok/s ({stats.finish_reason})[/]")
 
 
+@main.command()
+@click.argument("bundle_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--device-id", default=None, help="Device id in topics [default: the hostname].")
+@click.option("--host", default="127.0.0.1", show_default=True, help="MQTT broker host.")
+@click.option("--port", type=int, default=1883, show_default=True, help="MQTT broker port.")
+@click.option("--prefix", default="edgekit", show_default=True, help="Topic prefix.")
+@click.option("--mqtt", "mqtt_version", type=click.Choice(["5", "3.1.1"]), default="5", show_default=True)
+@click.option("--queue-size", type=click.IntRange(1), default=4, show_default=True)
+@click.option("--threads", type=click.IntRange(1), default=None, help="Override the bundle's thread count.")
+@click.option("-v", "--verbose", is_flag=True, help="Log every request.")
+@_friendly
+def serve(bundle_dir: Path, device_id: str | None, host: str, port: int, prefix: str, mqtt_version: str,
+          queue_size: int, threads: int | None, verbose: bool) -> None:
+    """Serve a bundle over MQTT until SIGTERM.
+
+    \b
+    Example:
+      edgekit serve dist/qwen3.5-0.8b-raspberry-pi-5-int4 --device-id kitchen --host broker.local
+    """
+    import logging
+
+    from edgekit.serve.daemon import Daemon, DaemonConfig
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    config = DaemonConfig(bundle=bundle_dir, host=host, port=port, prefix=prefix, protocol=mqtt_version,
+                          queue_size=queue_size, threads=threads)
+    if device_id:
+        config.device_id = device_id
+    daemon = Daemon(config)
+    err.print(f"serving {bundle_dir} as {config.device_id} on {host}:{port} (Ctrl-C to stop)")
+    daemon.serve()
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--device", "device_id", required=True, help="Device id to ask.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=1883, show_default=True)
+@click.option("--prefix", default="edgekit", show_default=True)
+@click.option("--mqtt", "mqtt_version", type=click.Choice(["5", "3.1.1"]), default="5", show_default=True)
+@click.option("--session", default=None, help="Keep the conversation on the device under this id.")
+@click.option("--max-tokens", type=click.IntRange(1), default=256, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True)
+@click.option("--think/--no-think", default=False, show_default=True)
+@click.option("--timeout", type=click.FloatRange(1), default=300.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the final message as JSON.")
+@_friendly
+def ask(prompt: str, device_id: str, host: str, port: int, prefix: str, mqtt_version: str, session: str | None,
+        max_tokens: int, temperature: float, think: bool, timeout: float, as_json: bool) -> None:
+    """Ask a device over MQTT and stream its answer.
+
+    \b
+    Example:
+      edgekit ask --device kitchen "Is the oven on?" --session dinner
+    """
+    from edgekit.client import DeviceClient
+
+    request = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+               "temperature": temperature, "thinking": think}
+    if session:
+        request["session"] = session
+    pieces: list[str] = []
+    with DeviceClient(host, port, prefix, mqtt_version) as client:
+        final = client.ask(device_id, request, on_text=pieces.append if as_json else
+                           (lambda text: click.echo(text, nl=False)), timeout=timeout)
+    if as_json:
+        click.echo(json.dumps({**final, "text": "".join(pieces)}, indent=2))
+    else:
+        click.echo()
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=1883, show_default=True)
+@click.option("--prefix", default="edgekit", show_default=True)
+@click.option("--wait", type=click.FloatRange(0.1), default=1.0, show_default=True, help="Seconds to collect statuses.")
+@click.option("--json", "as_json", is_flag=True)
+@_friendly
+def status(host: str, port: int, prefix: str, wait: float, as_json: bool) -> None:
+    """List devices from their retained status messages.
+
+    \b
+    Example:
+      edgekit status --host broker.local
+    """
+    from edgekit.client import DeviceClient
+
+    with DeviceClient(host, port, prefix) as client:
+        found = client.statuses(wait)
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    table = Table(title=f"devices on {host}:{port}")
+    for column in ("device", "state", "bundle", "profile", "version"):
+        table.add_column(column)
+    for device, info in sorted(found.items()):
+        table.add_row(device, info.get("state", "?"), info.get("bundle", ""), info.get("profile", ""), info.get("version", ""))
+    out.print(table)
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,137 @@
+"""A small MQTT client for edgekit devices, used by ``edgekit ask`` / ``edgekit status`` and by programs."""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edgekit.errors import EdgekitError
+from edgekit.serve import protocol
+
+
+class DeviceClient:
+    """Connects to a broker; sends requests to devices and collects their streamed replies."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 1883, prefix: str = "edgekit", mqtt_version: str = "5",
+                 timeout: float = 10.0) -> None:
+        self.prefix, self.v5 = prefix, mqtt_version == "5"
+        self.client_id = f"edgekit-client-{uuid.uuid4().hex[:12]}"
+        self.reply_base = f"{prefix}/{protocol.VERSION}/replies/{self.client_id}"
+        self._inbox: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        self._held: dict[str, list[dict[str, Any]]] = {}  # replies read while waiting for another request
+        self._connected = threading.Event()
+        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                                   protocol=mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311)
+        self._client.on_connect = lambda c, u, f, reason, p: self._connected.set() if not reason.is_failure else None
+        self._client.on_message = lambda c, u, message: self._inbox.put(message)
+        try:
+            self._client.connect(host, port, keepalive=30)
+        except OSError as exc:
+            raise EdgekitError(f"cannot reach the MQTT broker at {host}:{port} ({exc})") from exc
+        self._client.loop_start()
+        if not self._connected.wait(timeout):
+            self.close()
+            raise EdgekitError(f"the MQTT broker at {host}:{port} did not accept the connection within {timeout:g} s")
+        self._subscribe(f"{self.reply_base}/#")
+
+    def _subscribe(self, topic: str) -> None:
+        done = threading.Event()
+        self._client.on_subscribe = lambda *args: done.set()
+        self._client.subscribe(topic, qos=1)
+        done.wait(5)
+
+    def close(self) -> None:
+        self._client.loop_stop()
+        self._client.disconnect()
+
+    def __enter__(self) -> DeviceClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send(self, device_id: str, request: dict[str, Any], expiry_s: int | None = None) -> str:
+        """Publish a request (QoS 1); return the topic its replies arrive on."""
+        request = {"id": uuid.uuid4().hex, **request}
+        reply_topic = f"{self.reply_base}/{request['id']}"
+        properties = None
+        if self.v5:
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.ResponseTopic = reply_topic
+            properties.CorrelationData = request["id"].encode()
+            if expiry_s is not None:
+                properties.MessageExpiryInterval = expiry_s
+        else:
+            request["reply_to"] = reply_topic
+        topic = protocol.topics(self.prefix, device_id)["request"]
+        self._client.publish(topic, json.dumps(request), qos=1, properties=properties).wait_for_publish(5)
+        return request["id"]
+
+    def cancel(self, device_id: str, request_id: str) -> None:
+        topic = protocol.topics(self.prefix, device_id)["cancel"]
+        self._client.publish(topic, json.dumps({"id": request_id}), qos=1).wait_for_publish(5)
+
+    def replies(self, request_id: str, timeout: float = 120.0) -> Any:
+        """Yield reply messages (dicts) for ``request_id`` until its final or error message."""
+        deadline = time.monotonic() + timeout
+        held = self._held.pop(request_id, [])
+        while True:
+            if held:
+                reply = held.pop(0)
+            else:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise EdgekitError(f"no final reply to request {request_id} within {timeout:g} s")
+                try:
+                    message = self._inbox.get(timeout=remaining)
+                except queue.Empty:
+                    continue
+                if message.topic.endswith("/status"):
+                    continue
+                reply = json.loads(message.payload)
+                if reply.get("id") != request_id:
+                    self._held.setdefault(reply.get("id"), []).append(reply)
+                    continue
+            yield reply
+            if reply.get("type") in ("final", "error"):
+                return
+
+    def ask(self, device_id: str, request: dict[str, Any], on_text: Callable[[str], None] | None = None,
+            timeout: float = 120.0) -> dict[str, Any]:
+        """Send a request and wait for its final message; raise on an error reply."""
+        request_id = self.send(device_id, request)
+        for reply in self.replies(request_id, timeout):
+            if reply["type"] == "chunk" and on_text:
+                on_text(reply["text"])
+            elif reply["type"] == "error":
+                raise EdgekitError(f"device {device_id}: {reply['code']}: {reply['message']}")
+            elif reply["type"] == "final":
+                return reply
+        raise AssertionError("unreachable")
+
+    def statuses(self, wait_s: float = 1.0) -> dict[str, dict[str, Any]]:
+        """The retained status of every device under the prefix (and their latest telemetry)."""
+        self._subscribe(f"{self.prefix}/{protocol.VERSION}/+/status")
+        found: dict[str, dict[str, Any]] = {}
+        deadline = time.monotonic() + wait_s
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                message = self._inbox.get(timeout=remaining)
+            except queue.Empty:
+                break
+            if message.topic.endswith("/status"):
+                try:
+                    status = json.loads(message.payload)
+                except json.JSONDecodeError:
+                    continue
+                found[status.get("device_id", message.topic.split("/")[-2])] = status
+        return found

@@ -1,0 +1,301 @@
+"""The on-device daemon: answers prompts arriving on MQTT, streaming tokens back.
+
+One generation at a time from a bounded queue; a full queue answers ``busy`` at once. Replies go
+to the MQTT 5 ResponseTopic (with its CorrelationData) or to the payload's ``reply_to``, and only
+under the allowed reply prefix. Status is retained, with a Last Will that marks the device offline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import signal
+import socket
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import psutil
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from edgekit import __version__
+from edgekit.bundle import verify
+from edgekit.errors import EdgekitError
+from edgekit.runtime.conversation import SessionEvicted, Turn, run_turn
+from edgekit.runtime.engine import Engine
+from edgekit.runtime.sessions import SessionStore
+from edgekit.runtime.tokenizer import ChatTokenizer
+from edgekit.serve import protocol
+from edgekit.serve.protocol import ProtocolError, Request
+
+log = logging.getLogger("edgekit.serve")
+
+
+@dataclass
+class DaemonConfig:
+    """Everything the daemon needs to know; see docs/daemon.md for the YAML form."""
+
+    bundle: Path
+    device_id: str = field(default_factory=socket.gethostname)
+    host: str = "127.0.0.1"
+    port: int = 1883
+    prefix: str = "edgekit"
+    reply_prefix: str = "edgekit/v1/replies/"
+    protocol: str = "5"  # "5" or "3.1.1"
+    queue_size: int = 4
+    telemetry_interval: float = 10.0
+    session_memory_mb: int = 256
+    session_idle_s: float = 900.0
+    min_available_mb: int = 150
+    threads: int | None = None
+
+
+@dataclass
+class _Job:
+    request: Request
+    reply_topic: str
+    correlation: bytes | None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    shutdown: bool = False
+
+
+class Daemon:
+    """Loads a verified bundle and serves it over MQTT until stopped."""
+
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.manifest = verify(config.bundle)
+        self.engine = Engine(config.bundle, threads=config.threads)
+        self.tokenizer = ChatTokenizer(config.bundle)
+        self.sessions = SessionStore(config.session_memory_mb * 1024**2, config.session_idle_s)
+        self.topics = protocol.topics(config.prefix, config.device_id)
+        self.jobs: queue.Queue[_Job] = queue.Queue(maxsize=config.queue_size)
+        self.active: _Job | None = None
+        self.accepting = True
+        self.seen: OrderedDict[str, float] = OrderedDict()  # request ids already taken: redelivery is harmless
+        self.metrics = {"requests": 0, "completed": 0, "errors": 0, "tokens": 0}
+        self.started = time.time()
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        v5 = config.protocol == "5"
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgekit-{config.device_id}",
+                                  protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311, clean_session=None if v5 else False)
+        self.client.will_set(self.topics["status"], self._status("offline"), qos=1, retain=True)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+
+    # --- MQTT plumbing -------------------------------------------------------------------------
+
+    def _status(self, state: str) -> bytes:
+        return json.dumps({
+            "device_id": self.config.device_id, "state": state, "version": __version__,
+            "bundle": self.manifest["name"], "model": self.manifest["model"]["id"],
+            "profile": self.manifest["profile"]["name"], "context_length": self.engine.context_length,
+            "capabilities": {"sessions": True, "thinking": True, "mqtt5": self.config.protocol == "5"},
+            "since": self.started,
+        }).encode()
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if reason.is_failure:
+            log.error("broker refused the connection: %s", reason)
+            return
+        client.subscribe([(self.topics["request"], 1), (self.topics["cancel"], 1)])
+        client.publish(self.topics["status"], self._status("online"), qos=1, retain=True)
+        log.info("connected to %s:%s as %s", self.config.host, self.config.port, self.config.device_id)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        try:
+            if message.topic == self.topics["cancel"]:
+                self._cancel(message.payload)
+            else:
+                self._accept(message)
+        except Exception:  # a bad message must never stop the daemon
+            log.exception("failed to handle a message on %s", message.topic)
+
+    def _publish(self, topic: str, payload: bytes, correlation: bytes | None, qos: int = 0) -> None:
+        properties = None
+        if self.config.protocol == "5" and correlation is not None:
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.CorrelationData = correlation
+        self.client.publish(topic, payload, qos=qos, properties=properties)
+
+    # --- requests ------------------------------------------------------------------------------
+
+    def _accept(self, message: mqtt.MQTTMessage) -> None:
+        props = getattr(message, "properties", None)
+        response_topic = getattr(props, "ResponseTopic", None) if props else None
+        correlation = getattr(props, "CorrelationData", None) if props else None
+        expiry = getattr(props, "MessageExpiryInterval", None) if props else None
+        try:
+            request = protocol.parse_request(message.payload)
+        except ProtocolError as exc:
+            # An oversized payload is not parsed at all: only an MQTT 5 response topic can be answered.
+            topic = response_topic or (None if exc.code == "too_large" else _reply_to_of(message.payload))
+            log.warning("rejected request %s: %s", exc.request_id, exc.message)
+            if topic and topic.startswith(self.config.reply_prefix):
+                self._publish(topic, protocol.error(exc.request_id, exc.code, exc.message), correlation, qos=1)
+            return
+        reply_topic = response_topic or request.reply_to
+        if not reply_topic:
+            log.warning("request %s has no reply topic (MQTT 5 ResponseTopic or 'reply_to'); dropped", request.id)
+            return
+        if not reply_topic.startswith(self.config.reply_prefix):
+            log.warning("request %s names reply topic %s outside %s; dropped", request.id, reply_topic,
+                        self.config.reply_prefix)
+            return
+        with self._lock:
+            if request.id in self.seen:
+                log.info("request %s already taken; ignoring the redelivery", request.id)
+                return
+            self.seen[request.id] = time.time()
+            while len(self.seen) > 4096:
+                self.seen.popitem(last=False)
+            self.metrics["requests"] += 1
+
+        def refuse(code: str, text: str) -> None:
+            self.metrics["errors"] += 1
+            self._publish(reply_topic, protocol.error(request.id, code, text), correlation, qos=1)
+
+        if expiry is not None and request.deadline is None:
+            request.deadline = time.time() + expiry
+        if not self.accepting:
+            return refuse("shutting_down", "the daemon is stopping")
+        available = psutil.virtual_memory().available
+        if available < self.config.min_available_mb * 1024**2:
+            return refuse("resources", f"only {available // 1024**2} MiB available (guard: {self.config.min_available_mb} MiB)")
+        job = _Job(request, reply_topic, correlation)
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            return refuse("busy", f"queue full ({self.config.queue_size} waiting); retry later")
+        position = self.jobs.qsize() + (1 if self.active else 0)
+        self._publish(reply_topic, json.dumps({"id": request.id, "type": "queued", "position": position}).encode(),
+                      correlation)
+
+    def _cancel(self, payload: bytes) -> None:
+        try:
+            request_id = json.loads(payload)["id"]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+            log.warning("cancel needs a JSON object with 'id'; got %r", payload[:100])
+            return
+        active = self.active
+        if active and active.request.id == request_id:
+            active.cancelled.set()
+            return
+        with self.jobs.mutex:
+            for job in self.jobs.queue:
+                if job.request.id == request_id:
+                    job.cancelled.set()
+
+    def _run(self, job: _Job) -> None:
+        request, topic, correlation = job.request, job.reply_topic, job.correlation
+        if job.cancelled.is_set():
+            self._publish(topic, protocol.error(request.id, "cancelled", "cancelled while queued"), correlation, qos=1)
+            return
+        if request.deadline is not None and time.time() > request.deadline:
+            self._publish(topic, protocol.error(request.id, "expired", "deadline passed before the request ran"),
+                          correlation, qos=1)
+            return
+        queue_wait = time.time() - request.received_at
+        seq = 0
+
+        def on_text(text: str) -> None:
+            nonlocal seq
+            self._publish(topic, protocol.chunk(request.id, seq, text), correlation)
+            seq += 1
+
+        turn = Turn(messages=request.messages, prompt=request.prompt, max_tokens=request.max_tokens,
+                    sampling=request.sampling, stop=request.stop, thinking=request.thinking,
+                    session=request.session, new_session=request.new_session)
+        try:
+            result = run_turn(self.engine, self.tokenizer, turn, on_text, job.cancelled.is_set, self.sessions)
+        except SessionEvicted as exc:
+            self._publish(topic, protocol.error(request.id, "session_evicted", str(exc)), correlation, qos=1)
+            return
+        except EdgekitError as exc:
+            code = "context_exceeded" if "context" in str(exc) else "internal"
+            self._publish(topic, protocol.error(request.id, code, str(exc)), correlation, qos=1)
+            return
+        stats = result.stats
+        finish = "shutdown" if job.shutdown else result.finish_reason
+        self.metrics["completed"] += 1
+        self.metrics["tokens"] += stats.completion_tokens
+        self._publish(topic, protocol.final(
+            request.id, seq, finish,
+            usage={"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
+                   "session_tokens": result.session_tokens},
+            timings={"queue_s": round(queue_wait, 4), "time_to_first_token_s": round(stats.prefill_s, 4),
+                     "prefill_tokens_per_s": round(stats.prefill_tps, 1),
+                     "decode_tokens_per_s": round(stats.decode_tps, 1)},
+            session=request.session), correlation, qos=1)
+
+    def _work(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                job = self.jobs.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            self.active = job
+            try:
+                self._run(job)
+            except Exception:
+                log.exception("request %s failed", job.request.id)
+                self._publish(job.reply_topic, protocol.error(job.request.id, "internal", "unexpected error"),
+                              job.correlation, qos=1)
+            finally:
+                self.active = None
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def serve(self, handle_signals: bool = True) -> None:
+        """Connect and serve until :meth:`stop` (SIGTERM/SIGINT when ``handle_signals``); then end
+        in-flight work with a final message, answer queued requests, publish offline and return."""
+        if handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.stop())
+        worker = threading.Thread(target=self._work, name="edgekit-worker", daemon=True)
+        worker.start()
+        connect_props = None
+        if self.config.protocol == "5":
+            # A persistent session: requests published while we are away wait on the broker.
+            connect_props = Properties(PacketTypes.CONNECT)
+            connect_props.SessionExpiryInterval = 24 * 3600
+        self.client.connect_async(self.config.host, self.config.port, keepalive=30,
+                                  clean_start=False if self.config.protocol == "5" else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+                                  properties=connect_props)
+        self.client.loop_start()
+        self._stopped.wait()
+        self.accepting = False
+        if self.active:
+            self.active.shutdown = True
+            self.active.cancelled.set()
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            self._publish(job.reply_topic, protocol.error(job.request.id, "shutting_down", "the daemon is stopping"),
+                          job.correlation, qos=1)
+        worker.join(timeout=30)
+        info = self.client.publish(self.topics["status"], self._status("offline"), qos=1, retain=True)
+        info.wait_for_publish(timeout=5)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+
+def _reply_to_of(payload: bytes) -> str | None:
+    try:
+        value = json.loads(payload).get("reply_to")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None

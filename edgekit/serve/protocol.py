@@ -1,0 +1,171 @@
+"""The MQTT wire protocol: topics, request validation, and the messages a device sends back.
+
+Version 1 of the contract, documented in docs/protocol.md. Every reply carries the request ``id``;
+a stream is chunks numbered from 0, then exactly one ``final`` or one ``error``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgekit.runtime.sampling import Sampling
+
+VERSION = "v1"
+MAX_PAYLOAD = 256 * 1024  # bytes; a 4k-token conversation is far below this
+
+# Error codes: the complete list a client may receive.
+ERROR_CODES = {
+    "bad_request": "payload is not valid JSON, or a field is missing, unknown or of the wrong type",
+    "too_large": "payload exceeds the size limit",
+    "context_exceeded": "prompt plus history does not fit the bundle's context length",
+    "busy": "the request queue is full; retry later",
+    "expired": "the request's deadline or message expiry passed before it could run",
+    "cancelled": "a cancel message stopped the request",
+    "session_evicted": "the named session is no longer held on the device; resend the history",
+    "forbidden_reply_topic": "the reply topic is outside the allowed reply prefix",
+    "resources": "the device is short of memory; new work is refused until it recovers",
+    "shutting_down": "the daemon is stopping and takes no new work",
+    "internal": "an unexpected error on the device",
+}
+
+_REQUEST_FIELDS = {
+    "id", "messages", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "session",
+    "thinking", "reply_to", "deadline", "new_session",
+}
+
+
+class ProtocolError(Exception):
+    """A request the device refuses; ``code`` is one of :data:`ERROR_CODES`."""
+
+    def __init__(self, code: str, message: str, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.request_id = code, message, request_id
+
+
+def topics(prefix: str, device_id: str) -> dict[str, str]:
+    """The device's topics under ``prefix`` (default ``edgekit``)."""
+    base = f"{prefix}/{VERSION}/{device_id}"
+    return {name: f"{base}/{name}" for name in ("request", "cancel", "status", "telemetry")}
+
+
+@dataclass
+class Request:
+    """A validated generation request."""
+
+    id: str
+    messages: list[dict[str, str]] | None = None
+    prompt: str | None = None
+    max_tokens: int = 256
+    sampling: Sampling = field(default_factory=Sampling)
+    stop: list[str] = field(default_factory=list)
+    session: str | None = None
+    new_session: bool = False
+    thinking: bool = False
+    reply_to: str | None = None
+    deadline: float | None = None
+    received_at: float = field(default_factory=time.time)
+
+
+def _check(condition: bool, message: str, request_id: str | None) -> None:
+    if not condition:
+        raise ProtocolError("bad_request", message, request_id)
+
+
+def parse_request(payload: bytes) -> Request:
+    """Validate a request payload; raise :class:`ProtocolError` naming the offending field."""
+    if len(payload) > MAX_PAYLOAD:
+        raise ProtocolError("too_large", f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    try:
+        data = json.loads(payload)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ProtocolError("bad_request", f"payload is not valid JSON: {exc}") from exc
+    _check(isinstance(data, dict), "payload must be a JSON object", None)
+    request_id = data.get("id")
+    _check(isinstance(request_id, str) and 0 < len(request_id) <= 128, "field 'id' must be a string of 1-128 characters",
+           request_id if isinstance(request_id, str) else None)
+    rid: str = request_id
+    unknown = sorted(set(data) - _REQUEST_FIELDS)
+    _check(not unknown, f"unknown field '{unknown[0] if unknown else ''}'", rid)
+    messages, prompt = data.get("messages"), data.get("prompt")
+    _check((messages is None) != (prompt is None), "give exactly one of 'messages' or 'prompt'", rid)
+    if messages is not None:
+        _check(isinstance(messages, list) and len(messages) > 0, "field 'messages' must be a non-empty list", rid)
+        for i, message in enumerate(messages):
+            _check(isinstance(message, dict) and isinstance(message.get("role"), str)
+                   and isinstance(message.get("content"), str),
+                   f"field 'messages[{i}]' must be an object with string 'role' and 'content'", rid)
+            _check(message["role"] in ("system", "user", "assistant", "tool"),
+                   f"field 'messages[{i}].role' must be system, user, assistant or tool", rid)
+    if prompt is not None:
+        _check(isinstance(prompt, str) and prompt != "", "field 'prompt' must be a non-empty string", rid)
+
+    def number(name: str, kind: type, low: float, high: float, default: Any) -> Any:
+        value = data.get(name, default)
+        ok = isinstance(value, kind) and not isinstance(value, bool) and low <= value <= high
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            ok, value = low <= value <= high, float(value)
+        _check(ok, f"field '{name}' must be {'an integer' if kind is int else 'a number'} from {low} to {high}", rid)
+        return value
+
+    stop = data.get("stop", [])
+    if isinstance(stop, str):
+        stop = [stop]
+    _check(isinstance(stop, list) and all(isinstance(s, str) and s for s in stop) and len(stop) <= 8,
+           "field 'stop' must be a string or a list of up to 8 non-empty strings", rid)
+    session = data.get("session")
+    _check(session is None or (isinstance(session, str) and 0 < len(session) <= 128),
+           "field 'session' must be a string of 1-128 characters", rid)
+    for flag in ("thinking", "new_session"):
+        _check(isinstance(data.get(flag, False), bool), f"field '{flag}' must be true or false", rid)
+    reply_to = data.get("reply_to")
+    _check(reply_to is None or (isinstance(reply_to, str) and reply_to and not set(reply_to) & set("#+")),
+           "field 'reply_to' must be a topic without wildcards", rid)
+    deadline = data.get("deadline")
+    _check(deadline is None or (isinstance(deadline, int | float) and not isinstance(deadline, bool)),
+           "field 'deadline' must be a Unix time in seconds", rid)
+    seed = data.get("seed")
+    _check(seed is None or (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63),
+           "field 'seed' must be a non-negative integer", rid)
+    return Request(
+        id=rid,
+        messages=messages,
+        prompt=prompt,
+        max_tokens=number("max_tokens", int, 1, 32768, 256),
+        sampling=Sampling(
+            temperature=number("temperature", float, 0.0, 5.0, 0.0),
+            top_p=number("top_p", float, 0.0, 1.0, 1.0),
+            top_k=number("top_k", int, 0, 1000, 0),
+            seed=seed,
+        ),
+        stop=stop,
+        session=session,
+        new_session=data.get("new_session", False),
+        thinking=data.get("thinking", False),
+        reply_to=reply_to,
+        deadline=float(deadline) if deadline is not None else None,
+    )
+
+
+def chunk(request_id: str, seq: int, text: str) -> bytes:
+    return _dump({"id": request_id, "type": "chunk", "seq": seq, "text": text})
+
+
+def final(request_id: str, seq: int, finish_reason: str, usage: dict[str, int], timings: dict[str, float],
+          session: str | None = None) -> bytes:
+    return _dump({"id": request_id, "type": "final", "seq": seq, "finish_reason": finish_reason, "usage": usage,
+                  "timings": timings, "session": session})
+
+
+def error(request_id: str | None, code: str, message: str, seq: int | None = None) -> bytes:
+    assert code in ERROR_CODES, code
+    body: dict[str, Any] = {"id": request_id, "type": "error", "code": code, "message": message}
+    if seq is not None:
+        body["seq"] = seq
+    return _dump(body)
+
+
+def _dump(data: dict[str, Any]) -> bytes:
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()

@@ -1,0 +1,253 @@
+"""The MQTT daemon against a real Mosquitto broker started by the test on a free port."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from edgekit.client import DeviceClient
+from edgekit.errors import EdgekitError
+from edgekit.runtime.engine import Engine
+from edgekit.runtime.tokenizer import ChatTokenizer
+from edgekit.serve.daemon import Daemon, DaemonConfig
+
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """A private Mosquitto with persistence, on a free loopback port."""
+    if not os.path.exists(MOSQUITTO):
+        pytest.fail("mosquitto is not installed (make test installs it)")
+    folder = tmp_path_factory.mktemp("mosquitto")
+    port = _free_port()
+    (folder / "mosquitto.conf").write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {folder}/\n"
+        "max_queued_messages 1000\n"
+    )
+    process = subprocess.Popen([MOSQUITTO, "-c", str(folder / "mosquitto.conf")], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline and process.poll() is None, "mosquitto did not start"
+            time.sleep(0.05)
+    yield port
+    process.terminate()
+    process.wait(timeout=10)
+
+
+@pytest.fixture
+def daemon(host_bundle: Path, broker: int) -> Iterator[Daemon]:
+    """A daemon serving the host bundle, in a thread of this process, with a unique device id."""
+    config = DaemonConfig(bundle=host_bundle, port=broker, device_id=f"dev-{uuid.uuid4().hex[:8]}", queue_size=1)
+    instance = Daemon(config)
+    thread = threading.Thread(target=instance.serve, kwargs={"handle_signals": False}, daemon=True)
+    thread.start()
+    with DeviceClient(port=broker) as probe:
+        deadline = time.monotonic() + 10
+        while probe.statuses(0.3).get(config.device_id, {}).get("state") != "online":
+            assert time.monotonic() < deadline, "daemon never published online"
+    yield instance
+    instance.stop()
+    thread.join(timeout=30)
+
+
+def _greedy_text(bundle: Path, content: str, max_tokens: int) -> str:
+    tokenizer = ChatTokenizer(bundle)
+    engine = Engine(bundle)
+    ids = tokenizer.encode(tokenizer.render([{"role": "user", "content": content}], thinking=False))
+    tokens = [t for t in engine.generate(ids, max_tokens) if t not in engine.eos_ids]
+    return tokenizer.decode(tokens)
+
+
+@pytest.mark.parametrize("version", ["5", "3.1.1"])
+def test_streams_chunks_then_final(daemon: Daemon, broker: int, host_bundle: Path, version: str) -> None:
+    with DeviceClient(port=broker, mqtt_version=version) as client:
+        request_id = client.send(daemon.config.device_id, {"messages": [{"role": "user", "content": "Hello"}],
+                                                          "max_tokens": 12})
+        replies = list(client.replies(request_id, timeout=60))
+    chunks = [r for r in replies if r["type"] == "chunk"]
+    final = replies[-1]
+    assert final["type"] == "final" and final["usage"]["completion_tokens"] == 12
+    assert [c["seq"] for c in chunks] == list(range(len(chunks))) and final["seq"] == len(chunks)
+    assert "".join(c["text"] for c in chunks) == _greedy_text(host_bundle, "Hello", 12)
+    assert replies[0]["type"] == "queued" and replies[0]["position"] == 1
+
+
+def test_bad_input_gets_error_and_daemon_keeps_serving(daemon: Daemon, broker: int) -> None:
+    device = daemon.config.device_id
+    topic = f"edgekit/v1/{device}/request"
+    with DeviceClient(port=broker, mqtt_version="3.1.1") as client:
+        reply_to = f"{client.reply_base}/bad"
+        raw = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+        raw.connect("127.0.0.1", broker)
+        raw.loop_start()
+        cases = [
+            (b"{not json", "bad_request"),
+            (json.dumps({"id": "u1", "prompt": "x", "colour": 1, "reply_to": reply_to}).encode(), "bad_request"),
+            (json.dumps({"id": "t1", "prompt": "x", "max_tokens": "many", "reply_to": reply_to}).encode(), "bad_request"),
+        ]
+        for payload, _ in cases:
+            raw.publish(topic, payload if b"reply_to" in payload else payload, qos=1).wait_for_publish(5)
+        # A request whose reply topic is outside the allowed prefix is dropped, not relayed.
+        raw.publish(topic, json.dumps({"id": "r1", "prompt": "x", "reply_to": "home/alarm/disarm"}), qos=1)
+        raw.loop_stop()
+        raw.disconnect()
+        errors = []
+        for request_id in ("u1", "t1"):
+            errors.extend(client.replies(request_id, timeout=10))
+        assert [e["code"] for e in errors] == ["bad_request", "bad_request"]
+        assert "field 'max_tokens'" in errors[1]["message"] and "unknown field 'colour'" in errors[0]["message"]
+        final = client.ask(device, {"prompt": "still there?", "max_tokens": 2})
+        assert final["type"] == "final"
+
+
+def test_oversized_payload_answered_on_mqtt5_response_topic(daemon: Daemon, broker: int) -> None:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    got: list[mqtt.MQTTMessage] = []
+    raw = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    raw.on_message = lambda c, u, m: got.append(m)
+    raw.connect("127.0.0.1", broker)
+    raw.loop_start()
+    raw.subscribe("edgekit/v1/replies/raw/#", qos=1)
+    time.sleep(0.3)
+    props = Properties(PacketTypes.PUBLISH)
+    props.ResponseTopic = "edgekit/v1/replies/raw/big"
+    props.CorrelationData = b"corr-1"
+    payload = json.dumps({"id": "big", "prompt": "x" * 300_000}).encode()
+    raw.publish(f"edgekit/v1/{daemon.config.device_id}/request", payload, qos=1, properties=props)
+    deadline = time.monotonic() + 10
+    while not got:
+        assert time.monotonic() < deadline, "no error reply for the oversized request"
+        time.sleep(0.05)
+    raw.loop_stop()
+    raw.disconnect()
+    reply = json.loads(got[0].payload)
+    assert reply["code"] == "too_large" and got[0].properties.CorrelationData == b"corr-1"
+
+
+def test_cancel_mid_stream(daemon: Daemon, broker: int) -> None:
+    with DeviceClient(port=broker) as client:
+        request_id = client.send(daemon.config.device_id, {"prompt": "count", "max_tokens": 2000})
+        replies = []
+        for reply in client.replies(request_id, timeout=60):
+            replies.append(reply)
+            if reply["type"] == "chunk" and reply["seq"] == 2:
+                client.cancel(daemon.config.device_id, request_id)
+    assert replies[-1]["type"] == "final" and replies[-1]["finish_reason"] == "cancelled"
+    assert replies[-1]["usage"]["completion_tokens"] < 2000
+
+
+def test_full_queue_answers_busy(daemon: Daemon, broker: int) -> None:
+    device = daemon.config.device_id
+    with DeviceClient(port=broker) as client:
+        running = client.send(device, {"prompt": "long", "max_tokens": 400})
+        stream = client.replies(running, timeout=120)
+        assert next(stream)["type"] == "queued"
+        assert next(stream)["type"] == "chunk"  # generating: the queue (size 1) is empty again
+        waiting = client.send(device, {"prompt": "next", "max_tokens": 400})
+        refused = client.send(device, {"prompt": "one too many", "max_tokens": 400})
+        *_, busy = client.replies(refused, timeout=30)
+        assert busy["code"] == "busy" and "queue full" in busy["message"]
+        queued = next(client.replies(waiting, timeout=30))
+        assert queued["type"] == "queued" and queued["position"] == 2
+        for request_id in (waiting, running):
+            client.cancel(device, request_id)
+        *_, last = stream
+        assert last["type"] == "final" and last["finish_reason"] == "cancelled"
+        *_, dropped = client.replies(waiting, timeout=30)
+        assert dropped["code"] == "cancelled"
+
+
+def test_session_turn_two_is_exact(daemon: Daemon, broker: int, host_bundle: Path) -> None:
+    """Turn 2 runs from kept state and matches a fresh engine fed the session's exact token stream."""
+    session = f"s-{uuid.uuid4().hex[:6]}"
+    with DeviceClient(port=broker) as client:
+        texts = []
+        for content in ("Hi, I am Ada.", "What is my name?"):
+            pieces: list[str] = []
+            final = client.ask(daemon.config.device_id, {"messages": [{"role": "user", "content": content}],
+                                                         "session": session, "max_tokens": 8}, on_text=pieces.append)
+            texts.append("".join(pieces))
+        assert final["session"] == session
+    kept = daemon.sessions.take(session)
+    assert kept is not None and kept.state.length == len(kept.tokens) == final["usage"]["session_tokens"]
+    # Replay: a fresh engine fed the session's stream up to turn 2's reply (template, <think> and the
+    # end-of-turn tokens included) must generate exactly that reply.
+    engine = Engine(host_bundle)
+    tokenizer = ChatTokenizer(host_bundle)
+    second_prompt_end = len(kept.tokens) - (final["usage"]["completion_tokens"] - 1)
+    replay_state = engine.new_state()
+    out = list(engine.generate(kept.tokens[:second_prompt_end], final["usage"]["completion_tokens"], state=replay_state))
+    assert tokenizer.decode([t for t in out if t not in engine.eos_ids]) == texts[1]
+    assert out[:-1] == kept.tokens[second_prompt_end:] and out[-1:] == kept.pending
+
+
+def test_unknown_evicted_session_says_so(daemon: Daemon, broker: int) -> None:
+    daemon.sessions._remember("gone", "expired after 900 s idle")  # what the idle sweep records
+    with DeviceClient(port=broker) as client, pytest.raises(EdgekitError, match="session_evicted"):
+        client.ask(daemon.config.device_id, {"prompt": "x", "session": "gone", "max_tokens": 2})
+
+
+def test_sigterm_finishes_in_flight_and_publishes_offline(host_bundle: Path, broker: int) -> None:
+    device = f"term-{uuid.uuid4().hex[:6]}"
+    process = subprocess.Popen([sys.executable, "-m", "edgekit.cli", "serve", str(host_bundle), "--device-id", device,
+                                "--port", str(broker)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        with DeviceClient(port=broker) as client:
+            deadline = time.monotonic() + 30
+            while client.statuses(0.3).get(device, {}).get("state") != "online":
+                assert time.monotonic() < deadline and process.poll() is None, process.stderr.read() if process.poll() else ""
+            request_id = client.send(device, {"prompt": "go", "max_tokens": 3000})
+            replies = client.replies(request_id, timeout=60)
+            assert next(replies)["type"] == "queued"
+            next(replies)  # the first chunk: generation is under way
+            process.send_signal(signal.SIGTERM)
+            *_, last = replies
+            assert last["type"] == "final" and last["finish_reason"] == "shutdown"
+            assert process.wait(timeout=30) == 0
+            assert client.statuses(0.5)[device]["state"] == "offline"
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_last_will_marks_a_killed_daemon_offline(host_bundle: Path, broker: int) -> None:
+    device = f"kill-{uuid.uuid4().hex[:6]}"
+    process = subprocess.Popen([sys.executable, "-m", "edgekit.cli", "serve", str(host_bundle), "--device-id", device,
+                                "--port", str(broker)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with DeviceClient(port=broker) as client:
+        deadline = time.monotonic() + 30
+        while client.statuses(0.3).get(device, {}).get("state") != "online":
+            assert time.monotonic() < deadline
+        process.kill()
+        process.wait()
+        # The broker publishes the will once it notices the dead connection (keepalive 30 s x 1.5 at most).
+        deadline = time.monotonic() + 60
+        while client.statuses(0.5).get(device, {}).get("state") != "offline":
+            assert time.monotonic() < deadline, "the last will never arrived"
