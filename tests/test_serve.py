@@ -188,12 +188,13 @@ def test_session_turn_two_is_exact(daemon: Daemon, broker: int, host_bundle: Pat
     """Turn 2 runs from kept state and matches a fresh engine fed the session's exact token stream."""
     session = f"s-{uuid.uuid4().hex[:6]}"
     with DeviceClient(port=broker) as client:
-        texts = []
+        texts, finals = [], []
         for content in ("Hi, I am Ada.", "What is my name?"):
             pieces: list[str] = []
             final = client.ask(daemon.config.device_id, {"messages": [{"role": "user", "content": content}],
                                                          "session": session, "max_tokens": 8}, on_text=pieces.append)
             texts.append("".join(pieces))
+            finals.append(final)
         assert final["session"] == session
     kept = daemon.sessions.take(session)
     assert kept is not None and kept.state.length == len(kept.tokens) == final["usage"]["session_tokens"]
@@ -202,6 +203,8 @@ def test_session_turn_two_is_exact(daemon: Daemon, broker: int, host_bundle: Pat
     engine = Engine(host_bundle)
     tokenizer = ChatTokenizer(host_bundle)
     second_prompt_end = len(kept.tokens) - (final["usage"]["completion_tokens"] - 1)
+    # Turn 2 ran only its new tokens (closing turn 1 and the new message), not the history.
+    assert final["usage"]["prompt_tokens"] == second_prompt_end - finals[0]["usage"]["session_tokens"]
     replay_state = engine.new_state()
     out = list(engine.generate(kept.tokens[:second_prompt_end], final["usage"]["completion_tokens"], state=replay_state))
     assert tokenizer.decode([t for t in out if t not in engine.eos_ids]) == texts[1]
