@@ -25,7 +25,6 @@ ERROR_CODES = {
     "expired": "the request's deadline or message expiry passed before it could run",
     "cancelled": "a cancel message stopped the request",
     "session_evicted": "the named session is no longer held on the device; resend the history",
-    "forbidden_reply_topic": "the reply topic is outside the allowed reply prefix",
     "resources": "the device is short of memory; new work is refused until it recovers",
     "shutting_down": "the daemon is stopping and takes no new work",
     "internal": "an unexpected error on the device",
