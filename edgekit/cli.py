@@ -187,7 +187,7 @@ def build(profile_name: str, model: str | None, revision: str | None, output: Pa
         return
     q = manifest["quality"]
     out.print(f"[green]built[/] {result.path} ({manifest['size_bytes'] / 1024**2:.0f} MiB) in {result.timings['total']:.0f} s")
-    out.print(f"quality: top-1 agreement {q['top1_agreement']:.3f}, mean KL {q['mean_kl']:.4f} ({q['reason']})")
+    out.print(f"quality: {q['reason']} ({q['positions']} positions, checked on {q['checked_on']})")
     out.print(f"estimated RAM on {profile.name}: {manifest['estimated_ram']['total'] / 1024**2:.0f} MiB")
 
 
@@ -276,11 +276,12 @@ def generate(bundle_dir: Path, prompt: str, max_tokens: int, temperature: float,
 @click.option("--prefix", default="edgekit", show_default=True, help="Topic prefix.")
 @click.option("--mqtt", "mqtt_version", type=click.Choice(["5", "3.1.1"]), default="5", show_default=True)
 @click.option("--queue-size", type=click.IntRange(1), default=4, show_default=True)
+@click.option("--telemetry-interval", type=click.FloatRange(0.1), default=10.0, show_default=True, help="Seconds.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="Override the bundle's thread count.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
 @_friendly
 def serve(bundle_dir: Path, device_id: str | None, host: str, port: int, prefix: str, mqtt_version: str,
-          queue_size: int, threads: int | None, verbose: bool) -> None:
+          queue_size: int, telemetry_interval: float, threads: int | None, verbose: bool) -> None:
     """Serve a bundle over MQTT until SIGTERM.
 
     \b
@@ -293,7 +294,7 @@ def serve(bundle_dir: Path, device_id: str | None, host: str, port: int, prefix:
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     config = DaemonConfig(bundle=bundle_dir, host=host, port=port, prefix=prefix, protocol=mqtt_version,
-                          queue_size=queue_size, threads=threads)
+                          queue_size=queue_size, telemetry_interval=telemetry_interval, threads=threads)
     if device_id:
         config.device_id = device_id
     daemon = Daemon(config)
@@ -361,10 +362,13 @@ def status(host: str, port: int, prefix: str, wait: float, as_json: bool) -> Non
         click.echo(json.dumps(found, indent=2))
         return
     table = Table(title=f"devices on {host}:{port}")
-    for column in ("device", "state", "bundle", "profile", "version"):
+    for column in ("device", "state", "bundle", "profile", "version", "cpu %", "mem avail", "tokens"):
         table.add_column(column)
     for device, info in sorted(found.items()):
-        table.add_row(device, info.get("state", "?"), info.get("bundle", ""), info.get("profile", ""), info.get("version", ""))
+        tele = info.get("telemetry", {})
+        table.add_row(device, info.get("state", "?"), info.get("bundle", ""), info.get("profile", ""), info.get("version", ""),
+                      str(tele.get("cpu", {}).get("percent", "")), f"{tele['memory']['available_mb']} MiB" if tele else "",
+                      str(tele.get("inference", {}).get("tokens", "")))
     out.print(table)
 
 

@@ -59,6 +59,10 @@ class DeviceClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def publish(self, topic: str, payload: str | bytes, properties: Properties | None = None) -> None:
+        """Publish at QoS 1 and wait until the broker has it."""
+        self._client.publish(topic, payload, qos=1, properties=properties).wait_for_publish(5)
+
     def send(self, device_id: str, request: dict[str, Any], expiry_s: int | None = None) -> str:
         """Publish a request (QoS 1); return the topic its replies arrive on."""
         request = {"id": uuid.uuid4().hex, **request}
@@ -73,12 +77,11 @@ class DeviceClient:
         else:
             request["reply_to"] = reply_topic
         topic = protocol.topics(self.prefix, device_id)["request"]
-        self._client.publish(topic, json.dumps(request), qos=1, properties=properties).wait_for_publish(5)
+        self.publish(topic, json.dumps(request), properties)
         return request["id"]
 
     def cancel(self, device_id: str, request_id: str) -> None:
-        topic = protocol.topics(self.prefix, device_id)["cancel"]
-        self._client.publish(topic, json.dumps({"id": request_id}), qos=1).wait_for_publish(5)
+        self.publish(protocol.topics(self.prefix, device_id)["cancel"], json.dumps({"id": request_id}))
 
     def replies(self, request_id: str, timeout: float = 120.0) -> Any:
         """Yield reply messages (dicts) for ``request_id`` until its final or error message."""
@@ -119,19 +122,27 @@ class DeviceClient:
         raise AssertionError("unreachable")
 
     def statuses(self, wait_s: float = 1.0) -> dict[str, dict[str, Any]]:
-        """The retained status of every device under the prefix (and their latest telemetry)."""
+        """The retained status of every device under the prefix, with its latest telemetry under "telemetry"."""
         self._subscribe(f"{self.prefix}/{protocol.VERSION}/+/status")
+        self._subscribe(f"{self.prefix}/{protocol.VERSION}/+/telemetry")
         found: dict[str, dict[str, Any]] = {}
+        telemetry: dict[str, dict[str, Any]] = {}
         deadline = time.monotonic() + wait_s
         while (remaining := deadline - time.monotonic()) > 0:
             try:
                 message = self._inbox.get(timeout=remaining)
             except queue.Empty:
                 break
-            if message.topic.endswith("/status"):
-                try:
-                    status = json.loads(message.payload)
-                except json.JSONDecodeError:
-                    continue
-                found[status.get("device_id", message.topic.split("/")[-2])] = status
+            kind = message.topic.rsplit("/", 1)[-1]
+            if kind not in ("status", "telemetry"):
+                continue
+            try:
+                data = json.loads(message.payload)
+            except json.JSONDecodeError:
+                continue
+            device = message.topic.split("/")[-2]
+            (found if kind == "status" else telemetry)[device] = data
+        for device, status in found.items():
+            if device in telemetry:
+                status["telemetry"] = telemetry[device]
         return found

@@ -62,7 +62,8 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
 @pytest.fixture
 def daemon(host_bundle: Path, broker: int) -> Iterator[Daemon]:
     """A daemon serving the host bundle, in a thread of this process, with a unique device id."""
-    config = DaemonConfig(bundle=host_bundle, port=broker, device_id=f"dev-{uuid.uuid4().hex[:8]}", queue_size=1)
+    config = DaemonConfig(bundle=host_bundle, port=broker, device_id=f"dev-{uuid.uuid4().hex[:8]}", queue_size=1,
+                          telemetry_interval=0.5)
     instance = Daemon(config)
     thread = threading.Thread(target=instance.serve, kwargs={"handle_signals": False}, daemon=True)
     thread.start()
@@ -149,6 +150,44 @@ def test_oversized_payload_answered_on_mqtt5_response_topic(daemon: Daemon, brok
     raw.disconnect()
     reply = json.loads(got[0].payload)
     assert reply["code"] == "too_large" and got[0].properties.CorrelationData == b"corr-1"
+
+
+def test_telemetry_reports_resources_and_inference(daemon: Daemon, broker: int) -> None:
+    from click.testing import CliRunner
+
+    from edgekit.cli import main
+
+    with DeviceClient(port=broker) as client:
+        client.ask(daemon.config.device_id, {"prompt": "hi", "max_tokens": 3})
+        deadline = time.monotonic() + 10
+        while True:
+            telemetry = client.statuses(0.6).get(daemon.config.device_id, {}).get("telemetry", {})
+            if telemetry.get("inference", {}).get("completed", 0) >= 1:
+                break
+            assert time.monotonic() < deadline, f"no telemetry with the finished request: {telemetry}"
+    assert telemetry["memory"]["process_rss_mb"] > 0 and len(telemetry["cpu"]["per_core"]) >= 1
+    assert telemetry["inference"]["tokens"] >= 3 and telemetry["inference"]["ttft_p50_s"] > 0
+    assert telemetry["disk"]["free_mb"] > 0 and telemetry["uptime_s"] > 0
+    listed = CliRunner().invoke(main, ["status", "--port", str(broker), "--json"])
+    assert listed.exit_code == 0 and json.loads(listed.stdout)[daemon.config.device_id]["state"] == "online"
+
+
+def test_redelivered_id_runs_once_and_stale_request_expires(daemon: Daemon, broker: int) -> None:
+    device = daemon.config.device_id
+    with DeviceClient(port=broker, mqtt_version="3.1.1") as client:
+        topic = f"edgekit/v1/{device}/request"
+        payload = json.dumps({"id": "dup-1", "prompt": "once", "max_tokens": 2, "reply_to": f"{client.reply_base}/d"})
+        for _ in range(2):  # what a QoS 1 redelivery looks like to the daemon
+            client.publish(topic, payload)
+        first = list(client.replies("dup-1", timeout=30))
+        assert [r["type"] for r in first][0] == "queued" and first[-1]["type"] == "final"
+        with pytest.raises(EdgekitError, match="no final reply"):
+            list(client.replies("dup-1", timeout=2))  # the copy was not run again
+        stale = json.dumps({"id": "old-1", "prompt": "late", "deadline": time.time() - 5,
+                            "reply_to": f"{client.reply_base}/o"})
+        client.publish(topic, stale)
+        *_, last = client.replies("old-1", timeout=30)
+        assert last["code"] == "expired"
 
 
 def test_cancel_mid_stream(daemon: Daemon, broker: int) -> None:

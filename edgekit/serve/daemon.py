@@ -33,6 +33,7 @@ from edgekit.runtime.sessions import SessionStore
 from edgekit.runtime.tokenizer import ChatTokenizer
 from edgekit.serve import protocol
 from edgekit.serve.protocol import ProtocolError, Request
+from edgekit.serve.telemetry import InferenceMetrics, collect
 
 log = logging.getLogger("edgekit.serve")
 
@@ -79,7 +80,7 @@ class Daemon:
         self.active: _Job | None = None
         self.accepting = True
         self.seen: OrderedDict[str, float] = OrderedDict()  # request ids already taken: redelivery is harmless
-        self.metrics = {"requests": 0, "completed": 0, "errors": 0, "tokens": 0}
+        self.metrics = InferenceMetrics()
         self.started = time.time()
         self._lock = threading.Lock()
         self._stopped = threading.Event()
@@ -157,10 +158,10 @@ class Daemon:
             self.seen[request.id] = time.time()
             while len(self.seen) > 4096:
                 self.seen.popitem(last=False)
-            self.metrics["requests"] += 1
+        self.metrics.count("requests")
 
         def refuse(code: str, text: str) -> None:
-            self.metrics["errors"] += 1
+            self.metrics.count("errors")
             self._publish(reply_topic, protocol.error(request.id, code, text), correlation, qos=1)
 
         if expiry is not None and request.deadline is None:
@@ -225,8 +226,7 @@ class Daemon:
             return
         stats = result.stats
         finish = "shutdown" if job.shutdown else result.finish_reason
-        self.metrics["completed"] += 1
-        self.metrics["tokens"] += stats.completion_tokens
+        self.metrics.finished(stats.completion_tokens, stats.prefill_s, stats.decode_tps)
         self._publish(topic, protocol.final(
             request.id, seq, finish,
             usage={"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
@@ -235,6 +235,14 @@ class Daemon:
                      "prefill_tokens_per_s": round(stats.prefill_tps, 1),
                      "decode_tokens_per_s": round(stats.decode_tps, 1)},
             session=request.session), correlation, qos=1)
+
+    def _report(self) -> None:
+        # psutil's first cpu_percent() reads 0: prime it so the first message is meaningful.
+        psutil.cpu_percent(percpu=True)
+        while not self._stopped.wait(self.config.telemetry_interval):
+            if self.client.is_connected():
+                message = collect(self.config.bundle, self.started, self.metrics, self.jobs.qsize())
+                self.client.publish(self.topics["telemetry"], json.dumps(message), qos=0, retain=True)
 
     def _work(self) -> None:
         while not self._stopped.is_set():
@@ -262,6 +270,7 @@ class Daemon:
                 signal.signal(sig, lambda *_: self.stop())
         worker = threading.Thread(target=self._work, name="edgekit-worker", daemon=True)
         worker.start()
+        threading.Thread(target=self._report, name="edgekit-telemetry", daemon=True).start()
         connect_props = None
         if self.config.protocol == "5":
             # A persistent session: requests published while we are away wait on the broker.
