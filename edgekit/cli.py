@@ -277,11 +277,12 @@ def generate(bundle_dir: Path, prompt: str, max_tokens: int, temperature: float,
 @click.option("--mqtt", "mqtt_version", type=click.Choice(["5", "3.1.1"]), default="5", show_default=True)
 @click.option("--queue-size", type=click.IntRange(1), default=4, show_default=True)
 @click.option("--telemetry-interval", type=click.FloatRange(0.1), default=10.0, show_default=True, help="Seconds.")
+@click.option("--pool", "pools", multiple=True, help="Also take requests sent to this device pool (MQTT 5).")
 @click.option("--threads", type=click.IntRange(1), default=None, help="Override the bundle's thread count.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
 @_friendly
 def serve(bundle_dir: Path, device_id: str | None, host: str, port: int, prefix: str, mqtt_version: str,
-          queue_size: int, telemetry_interval: float, threads: int | None, verbose: bool) -> None:
+          queue_size: int, telemetry_interval: float, pools: tuple[str, ...], threads: int | None, verbose: bool) -> None:
     """Serve a bundle over MQTT until SIGTERM.
 
     \b
@@ -294,7 +295,7 @@ def serve(bundle_dir: Path, device_id: str | None, host: str, port: int, prefix:
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     config = DaemonConfig(bundle=bundle_dir, host=host, port=port, prefix=prefix, protocol=mqtt_version,
-                          queue_size=queue_size, telemetry_interval=telemetry_interval, threads=threads)
+                          queue_size=queue_size, telemetry_interval=telemetry_interval, threads=threads, pools=pools)
     if device_id:
         config.device_id = device_id
     daemon = Daemon(config)

@@ -63,8 +63,9 @@ class DeviceClient:
         """Publish at QoS 1 and wait until the broker has it."""
         self._client.publish(topic, payload, qos=1, properties=properties).wait_for_publish(5)
 
-    def send(self, device_id: str, request: dict[str, Any], expiry_s: int | None = None) -> str:
-        """Publish a request (QoS 1); return the topic its replies arrive on."""
+    def send(self, device_id: str | None, request: dict[str, Any], expiry_s: int | None = None,
+             pool: str | None = None) -> str:
+        """Publish a request (QoS 1) to a device, or to one member of ``pool``; return the request id."""
         request = {"id": uuid.uuid4().hex, **request}
         reply_topic = f"{self.reply_base}/{request['id']}"
         properties = None
@@ -76,7 +77,12 @@ class DeviceClient:
                 properties.MessageExpiryInterval = expiry_s
         else:
             request["reply_to"] = reply_topic
-        topic = protocol.topics(self.prefix, device_id)["request"]
+        if pool:
+            topic = protocol.pool_topics(self.prefix, pool)["request"]
+        elif device_id:
+            topic = protocol.topics(self.prefix, device_id)["request"]
+        else:
+            raise EdgekitError("name a device or a pool to send the request to")
         self.publish(topic, json.dumps(request), properties)
         return request["id"]
 

@@ -59,21 +59,45 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     process.wait(timeout=10)
 
 
-@pytest.fixture
-def daemon(host_bundle: Path, broker: int) -> Iterator[Daemon]:
-    """A daemon serving the host bundle, in a thread of this process, with a unique device id."""
-    config = DaemonConfig(bundle=host_bundle, port=broker, device_id=f"dev-{uuid.uuid4().hex[:8]}", queue_size=1,
-                          telemetry_interval=0.5)
+def _start(config: DaemonConfig) -> tuple[Daemon, threading.Thread]:
+    """Serve ``config`` in a thread of this process; return once its status is online."""
     instance = Daemon(config)
     thread = threading.Thread(target=instance.serve, kwargs={"handle_signals": False}, daemon=True)
     thread.start()
-    with DeviceClient(port=broker) as probe:
+    with DeviceClient(port=config.port) as probe:
         deadline = time.monotonic() + 10
         while probe.statuses(0.3).get(config.device_id, {}).get("state") != "online":
             assert time.monotonic() < deadline, "daemon never published online"
+    return instance, thread
+
+
+@pytest.fixture
+def daemon(host_bundle: Path, broker: int) -> Iterator[Daemon]:
+    """A daemon serving the host bundle with a unique device id and a queue of one."""
+    instance, thread = _start(DaemonConfig(bundle=host_bundle, port=broker, device_id=f"dev-{uuid.uuid4().hex[:8]}",
+                                           queue_size=1, telemetry_interval=0.5))
     yield instance
     instance.stop()
     thread.join(timeout=30)
+
+
+def test_pool_request_reaches_exactly_one_device(host_bundle: Path, broker: int) -> None:
+    pool = f"pool-{uuid.uuid4().hex[:6]}"
+    members = [_start(DaemonConfig(bundle=host_bundle, port=broker, device_id=f"{pool}-{i}", pools=(pool,),
+                                   queue_size=8)) for i in range(2)]
+    try:
+        with DeviceClient(port=broker) as client:
+            ids = [client.send(None, {"prompt": f"job {i}", "max_tokens": 2}, pool=pool) for i in range(8)]
+            finals = [[r for r in client.replies(i, timeout=60) if r["type"] == "final"] for i in ids]
+            with pytest.raises(EdgekitError, match="no final reply"):
+                list(client.replies(ids[0], timeout=1.5))  # no second device answered it too
+    finally:
+        for instance, thread in members:
+            instance.stop()
+            thread.join(timeout=30)
+    assert all(len(f) == 1 for f in finals)
+    served_by = {f[0]["device_id"] for f in finals}
+    assert served_by == {f"{pool}-0", f"{pool}-1"}  # the broker spread the work over both
 
 
 def _greedy_text(bundle: Path, content: str, max_tokens: int) -> str:

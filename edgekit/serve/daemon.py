@@ -55,6 +55,7 @@ class DaemonConfig:
     session_idle_s: float = 900.0
     min_available_mb: int = 150
     threads: int | None = None
+    pools: tuple[str, ...] = ()
 
 
 @dataclass
@@ -76,6 +77,10 @@ class Daemon:
         self.tokenizer = ChatTokenizer(config.bundle)
         self.sessions = SessionStore(config.session_memory_mb * 1024**2, config.session_idle_s)
         self.topics = protocol.topics(config.prefix, config.device_id)
+        if config.pools and config.protocol != "5":
+            raise EdgekitError("device pools need MQTT 5 (shared subscriptions); set protocol 5")
+        self.pool_topics = [protocol.pool_topics(config.prefix, pool) for pool in config.pools]
+        self.cancel_topics = {self.topics["cancel"], *(p["cancel"] for p in self.pool_topics)}
         self.jobs: queue.Queue[_Job] = queue.Queue(maxsize=config.queue_size)
         self.active: _Job | None = None
         self.accepting = True
@@ -107,13 +112,16 @@ class Daemon:
         if reason.is_failure:
             log.error("broker refused the connection: %s", reason)
             return
-        client.subscribe([(self.topics["request"], 1), (self.topics["cancel"], 1)])
+        subscriptions = [(self.topics["request"], 1), (self.topics["cancel"], 1)]
+        for pool in self.pool_topics:
+            subscriptions += [(pool["shared_request"], 1), (pool["cancel"], 1)]
+        client.subscribe(subscriptions)
         client.publish(self.topics["status"], self._status("online"), qos=1, retain=True)
         log.info("connected to %s:%s as %s", self.config.host, self.config.port, self.config.device_id)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         try:
-            if message.topic == self.topics["cancel"]:
+            if message.topic in self.cancel_topics:
                 self._cancel(message.payload)
             else:
                 self._accept(message)
@@ -234,7 +242,7 @@ class Daemon:
             timings={"queue_s": round(queue_wait, 4), "time_to_first_token_s": round(stats.prefill_s, 4),
                      "prefill_tokens_per_s": round(stats.prefill_tps, 1),
                      "decode_tokens_per_s": round(stats.decode_tps, 1)},
-            session=request.session), correlation, qos=1)
+            session=request.session, device_id=self.config.device_id), correlation, qos=1)
 
     def _report(self) -> None:
         # psutil's first cpu_percent() reads 0: prime it so the first message is meaningful.

@@ -50,6 +50,13 @@ def topics(prefix: str, device_id: str) -> dict[str, str]:
     return {name: f"{base}/{name}" for name in ("request", "cancel", "status", "telemetry")}
 
 
+def pool_topics(prefix: str, pool: str) -> dict[str, str]:
+    """A device pool's topics: requests reach one member (MQTT 5 shared subscription), cancels all."""
+    base = f"{prefix}/{VERSION}/pool/{pool}"
+    return {"request": f"{base}/request", "cancel": f"{base}/cancel",
+            "shared_request": f"$share/{pool}/{base}/request"}
+
+
 @dataclass
 class Request:
     """A validated generation request."""
@@ -153,9 +160,9 @@ def chunk(request_id: str, seq: int, text: str) -> bytes:
 
 
 def final(request_id: str, seq: int, finish_reason: str, usage: dict[str, int], timings: dict[str, float],
-          session: str | None = None) -> bytes:
+          session: str | None = None, device_id: str | None = None) -> bytes:
     return _dump({"id": request_id, "type": "final", "seq": seq, "finish_reason": finish_reason, "usage": usage,
-                  "timings": timings, "session": session})
+                  "timings": timings, "session": session, "device_id": device_id})
 
 
 def error(request_id: str | None, code: str, message: str, seq: int | None = None) -> bytes:
