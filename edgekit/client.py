@@ -29,12 +29,19 @@ class DeviceClient:
         self._inbox: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
         self._held: dict[str, list[dict[str, Any]]] = {}  # replies read while waiting for another request
         self._connected = threading.Event()
+        self._subscriptions: list[str] = []
         self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
                                    protocol=mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311)
-        self._client.on_connect = lambda c, u, f, reason, p: self._connected.set() if not reason.is_failure else None
+        self._client.on_connect = self._on_connect
         self._client.on_message = lambda c, u, message: self._inbox.put(message)
+        self._client.reconnect_delay_set(min_delay=1, max_delay=10)
+        properties = None
+        if self.v5:
+            # Replies published while a broker restarts wait in this session for a few minutes.
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = 300
         try:
-            self._client.connect(host, port, keepalive=30)
+            self._client.connect(host, port, keepalive=30, properties=properties)
         except OSError as exc:
             raise EdgekitError(f"cannot reach the MQTT broker at {host}:{port} ({exc})") from exc
         self._client.loop_start()
@@ -43,7 +50,15 @@ class DeviceClient:
             raise EdgekitError(f"the MQTT broker at {host}:{port} did not accept the connection within {timeout:g} s")
         self._subscribe(f"{self.reply_base}/#")
 
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if reason.is_failure:
+            return
+        for topic in self._subscriptions:  # after a reconnect to a broker that lost our session
+            client.subscribe(topic, qos=1)
+        self._connected.set()
+
     def _subscribe(self, topic: str) -> None:
+        self._subscriptions.append(topic)
         done = threading.Event()
         self._client.on_subscribe = lambda *args: done.set()
         self._client.subscribe(topic, qos=1)

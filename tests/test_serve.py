@@ -33,30 +33,42 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class Mosquitto:
+    """A private Mosquitto with persistence on a free loopback port; can be restarted in place."""
+
+    def __init__(self, folder: Path) -> None:
+        if not os.path.exists(MOSQUITTO):
+            pytest.fail("mosquitto is not installed (make test installs it)")
+        self.port = _free_port()
+        self.config = folder / "mosquitto.conf"
+        self.config.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+            f"persistence_location {folder}/\nmax_queued_messages 1000\n"
+        )
+        self.start()
+
+    def start(self) -> None:
+        self.process = subprocess.Popen([MOSQUITTO, "-c", str(self.config)], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                assert time.monotonic() < deadline and self.process.poll() is None, "mosquitto did not start"
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.process.terminate()  # mosquitto saves its persistence database on SIGTERM
+        self.process.wait(timeout=10)
+
+
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    """A private Mosquitto with persistence, on a free loopback port."""
-    if not os.path.exists(MOSQUITTO):
-        pytest.fail("mosquitto is not installed (make test installs it)")
-    folder = tmp_path_factory.mktemp("mosquitto")
-    port = _free_port()
-    (folder / "mosquitto.conf").write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {folder}/\n"
-        "max_queued_messages 1000\n"
-    )
-    process = subprocess.Popen([MOSQUITTO, "-c", str(folder / "mosquitto.conf")], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline and process.poll() is None, "mosquitto did not start"
-            time.sleep(0.05)
-    yield port
-    process.terminate()
-    process.wait(timeout=10)
+    instance = Mosquitto(tmp_path_factory.mktemp("mosquitto"))
+    yield instance.port
+    instance.stop()
 
 
 def _start(config: DaemonConfig) -> tuple[Daemon, threading.Thread]:
@@ -317,3 +329,56 @@ def test_last_will_marks_a_killed_daemon_offline(host_bundle: Path, broker: int)
         deadline = time.monotonic() + 60
         while client.statuses(0.5).get(device, {}).get("state") != "offline":
             assert time.monotonic() < deadline, "the last will never arrived"
+
+
+def _serve_process(bundle: Path, broker: int, device: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "edgekit.cli", "serve", str(bundle), "--device-id", device,
+                             "--port", str(broker)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait_state(client: DeviceClient, device: str, state: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while client.statuses(0.3).get(device, {}).get("state") != state:
+        assert time.monotonic() < deadline, f"{device} never became {state}"
+
+
+def test_requests_sent_while_daemon_is_away_are_served_on_return(host_bundle: Path, broker: int) -> None:
+    """The daemon keeps a persistent MQTT session: the broker holds its requests while it is down."""
+    device = f"away-{uuid.uuid4().hex[:6]}"
+    process = _serve_process(host_bundle, broker, device)
+    try:
+        with DeviceClient(port=broker) as client:
+            _wait_state(client, device, "online")
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=30) == 0
+            _wait_state(client, device, "offline")
+            request_id = client.send(device, {"prompt": "while you were out", "max_tokens": 3})
+            time.sleep(0.5)
+            process = _serve_process(host_bundle, broker, device)
+            *_, last = client.replies(request_id, timeout=60)
+            assert last["type"] == "final" and last["device_id"] == device
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_broker_restart_mid_stream(host_bundle: Path, tmp_path: Path) -> None:
+    """The daemon reconnects with its session; the final message (QoS 1) still arrives."""
+    broker = Mosquitto(tmp_path)
+    instance, thread = _start(DaemonConfig(bundle=host_bundle, port=broker.port, device_id="restart"))
+    try:
+        with DeviceClient(port=broker.port) as client:
+            request_id = client.send("restart", {"prompt": "a long story", "max_tokens": 6000})
+            stream = client.replies(request_id, timeout=120)
+            assert next(stream)["type"] == "queued" and next(stream)["type"] == "chunk"
+            broker.stop()
+            time.sleep(0.5)
+            broker.start()
+            *_, last = stream
+            assert last["type"] == "final" and last["usage"]["completion_tokens"] == 6000
+            # And the daemon keeps serving on the restarted broker.
+            assert client.ask("restart", {"prompt": "again", "max_tokens": 2})["type"] == "final"
+    finally:
+        instance.stop()
+        thread.join(timeout=30)
+        broker.stop()
