@@ -268,48 +268,95 @@ def generate(bundle_dir: Path, prompt: str, max_tokens: int, temperature: float,
               f"{stats.completion_tokens} generated at {stats.decode_tps:.1f} tok/s ({stats.finish_reason})[/]")
 
 
+def _broker_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Broker connection flags shared by serve, ask and status (defaults come from the config/env)."""
+    options = [
+        click.option("--host", default=None, help="MQTT broker host [default: 127.0.0.1]."),
+        click.option("--port", type=click.IntRange(1, 65535), default=None, help="MQTT broker port [default: 1883]."),
+        click.option("--prefix", default=None, help="Topic prefix [default: edgekit]."),
+        click.option("--mqtt", "mqtt_version", type=click.Choice(["5", "3.1.1"]), default=None,
+                     help="MQTT protocol version [default: 5]."),
+        click.option("--username", default=None, help="Broker user name (password: EDGEKIT_MQTT_PASSWORD or --password-file)."),
+        click.option("--password-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="File holding the broker password."),
+        click.option("--tls-ca", type=click.Path(dir_okay=False, path_type=Path), default=None, help="CA certificate (PEM)."),
+        click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Client certificate."),
+        click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Client key."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _broker_settings(host: str | None, port: int | None, prefix: str | None, mqtt_version: str | None,
+                     username: str | None, password_file: Path | None, tls_ca: Path | None, tls_cert: Path | None,
+                     tls_key: Path | None) -> dict[str, Any]:
+    password = None
+    if password_file:
+        try:
+            password = password_file.read_text().strip()
+        except OSError as exc:
+            raise EdgekitError(f"cannot read --password-file {password_file}: {exc.strerror}") from exc
+    return {"host": host, "port": port, "prefix": prefix, "protocol": mqtt_version, "username": username,
+            "password": password, "tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key}
+
+
+def _client(settings: dict[str, Any]) -> Any:
+    """A DeviceClient from broker flags, with the environment's credentials as fallback."""
+    import os
+
+    from edgekit.client import DeviceClient
+
+    return DeviceClient(host=settings["host"] or os.environ.get("EDGEKIT_BROKER_HOST", "127.0.0.1"),
+                        port=settings["port"] or int(os.environ.get("EDGEKIT_BROKER_PORT", "1883")),
+                        prefix=settings["prefix"] or "edgekit", mqtt_version=settings["protocol"] or "5",
+                        username=settings["username"] or os.environ.get("EDGEKIT_MQTT_USERNAME"),
+                        password=settings["password"] or os.environ.get("EDGEKIT_MQTT_PASSWORD"),
+                        tls_ca=settings["tls_ca"], tls_cert=settings["tls_cert"], tls_key=settings["tls_key"])
+
+
 @main.command()
-@click.argument("bundle_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("bundle_dir", type=click.Path(file_okay=False, path_type=Path), required=False)
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Daemon YAML config (e.g. /etc/edgekit/daemon.yaml); flags override it.")
 @click.option("--device-id", default=None, help="Device id in topics [default: the hostname].")
-@click.option("--host", default="127.0.0.1", show_default=True, help="MQTT broker host.")
-@click.option("--port", type=int, default=1883, show_default=True, help="MQTT broker port.")
-@click.option("--prefix", default="edgekit", show_default=True, help="Topic prefix.")
-@click.option("--mqtt", "mqtt_version", type=click.Choice(["5", "3.1.1"]), default="5", show_default=True)
-@click.option("--queue-size", type=click.IntRange(1), default=4, show_default=True)
-@click.option("--telemetry-interval", type=click.FloatRange(0.1), default=10.0, show_default=True, help="Seconds.")
+@_broker_options
+@click.option("--queue-size", type=click.IntRange(1), default=None, help="Requests that may wait [default: 4].")
+@click.option("--telemetry-interval", type=click.FloatRange(0.1), default=None, help="Seconds [default: 10].")
 @click.option("--pool", "pools", multiple=True, help="Also take requests sent to this device pool (MQTT 5).")
 @click.option("--threads", type=click.IntRange(1), default=None, help="Override the bundle's thread count.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
 @_friendly
-def serve(bundle_dir: Path, device_id: str | None, host: str, port: int, prefix: str, mqtt_version: str,
-          queue_size: int, telemetry_interval: float, pools: tuple[str, ...], threads: int | None, verbose: bool) -> None:
+def serve(bundle_dir: Path | None, config_file: Path | None, device_id: str | None, queue_size: int | None,
+          telemetry_interval: float | None, pools: tuple[str, ...], threads: int | None, verbose: bool,
+          **broker: Any) -> None:
     """Serve a bundle over MQTT until SIGTERM.
 
     \b
     Example:
       edgekit serve dist/qwen3.5-0.8b-raspberry-pi-5-int4 --device-id kitchen --host broker.local
+      edgekit serve --config /etc/edgekit/daemon.yaml
     """
     import logging
 
-    from edgekit.serve.daemon import Daemon, DaemonConfig
+    from edgekit.serve import config as daemon_config
+    from edgekit.serve.daemon import Daemon
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
-    config = DaemonConfig(bundle=bundle_dir, host=host, port=port, prefix=prefix, protocol=mqtt_version,
-                          queue_size=queue_size, telemetry_interval=telemetry_interval, threads=threads, pools=pools)
-    if device_id:
-        config.device_id = device_id
+    overrides = {"bundle": bundle_dir, "device_id": device_id, "queue_size": queue_size,
+                 "telemetry_interval": telemetry_interval, "pools": pools or None, "threads": threads,
+                 **_broker_settings(**broker)}
+    config = daemon_config.load(config_file, overrides)
     daemon = Daemon(config)
-    err.print(f"serving {bundle_dir} as {config.device_id} on {host}:{port} (Ctrl-C to stop)")
+    err.print(f"serving {config.bundle} as {config.device_id} on {config.host}:{config.port} (Ctrl-C to stop)")
     daemon.serve()
 
 
 @main.command()
 @click.argument("prompt")
-@click.option("--device", "device_id", required=True, help="Device id to ask.")
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=int, default=1883, show_default=True)
-@click.option("--prefix", default="edgekit", show_default=True)
-@click.option("--mqtt", "mqtt_version", type=click.Choice(["5", "3.1.1"]), default="5", show_default=True)
+@click.option("--device", "device_id", default=None, help="Device id to ask.")
+@click.option("--pool", default=None, help="Ask whichever device of this pool takes the request (MQTT 5).")
+@_broker_options
 @click.option("--session", default=None, help="Keep the conversation on the device under this id.")
 @click.option("--max-tokens", type=click.IntRange(1), default=256, show_default=True)
 @click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True)
@@ -317,24 +364,33 @@ def serve(bundle_dir: Path, device_id: str | None, host: str, port: int, prefix:
 @click.option("--timeout", type=click.FloatRange(1), default=300.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the final message as JSON.")
 @_friendly
-def ask(prompt: str, device_id: str, host: str, port: int, prefix: str, mqtt_version: str, session: str | None,
-        max_tokens: int, temperature: float, think: bool, timeout: float, as_json: bool) -> None:
-    """Ask a device over MQTT and stream its answer.
+def ask(prompt: str, device_id: str | None, pool: str | None, session: str | None, max_tokens: int,
+        temperature: float, think: bool, timeout: float, as_json: bool, **broker: Any) -> None:
+    """Ask a device (or a pool) over MQTT and stream its answer.
 
     \b
     Example:
       edgekit ask --device kitchen "Is the oven on?" --session dinner
     """
-    from edgekit.client import DeviceClient
-
-    request = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-               "temperature": temperature, "thinking": think}
+    if not device_id and not pool:
+        raise EdgekitError("name a device (--device) or a pool (--pool)")
+    request: dict[str, Any] = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+                               "temperature": temperature, "thinking": think}
     if session:
         request["session"] = session
     pieces: list[str] = []
-    with DeviceClient(host, port, prefix, mqtt_version) as client:
-        final = client.ask(device_id, request, on_text=pieces.append if as_json else
-                           (lambda text: click.echo(text, nl=False)), timeout=timeout)
+    with _client(_broker_settings(**broker)) as client:
+        request_id = client.send(device_id, request, pool=pool)
+        final: dict[str, Any] = {}
+        for reply in client.replies(request_id, timeout=timeout):
+            if reply["type"] == "chunk":
+                pieces.append(reply["text"])
+                if not as_json:
+                    click.echo(reply["text"], nl=False)
+            elif reply["type"] == "error":
+                raise EdgekitError(f"{device_id or pool}: {reply['code']}: {reply['message']}")
+            elif reply["type"] == "final":
+                final = reply
     if as_json:
         click.echo(json.dumps({**final, "text": "".join(pieces)}, indent=2))
     else:
@@ -342,27 +398,23 @@ def ask(prompt: str, device_id: str, host: str, port: int, prefix: str, mqtt_ver
 
 
 @main.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=int, default=1883, show_default=True)
-@click.option("--prefix", default="edgekit", show_default=True)
+@_broker_options
 @click.option("--wait", type=click.FloatRange(0.1), default=1.0, show_default=True, help="Seconds to collect statuses.")
 @click.option("--json", "as_json", is_flag=True)
 @_friendly
-def status(host: str, port: int, prefix: str, wait: float, as_json: bool) -> None:
-    """List devices from their retained status messages.
+def status(wait: float, as_json: bool, **broker: Any) -> None:
+    """List devices from their retained status and latest telemetry.
 
     \b
     Example:
       edgekit status --host broker.local
     """
-    from edgekit.client import DeviceClient
-
-    with DeviceClient(host, port, prefix) as client:
+    with _client(_broker_settings(**broker)) as client:
         found = client.statuses(wait)
     if as_json:
         click.echo(json.dumps(found, indent=2))
         return
-    table = Table(title=f"devices on {host}:{port}")
+    table = Table(title="devices")
     for column in ("device", "state", "bundle", "profile", "version", "cpu %", "mem avail", "tokens"):
         table.add_column(column)
     for device, info in sorted(found.items()):

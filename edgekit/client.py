@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import queue
+import ssl
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -16,13 +18,15 @@ from paho.mqtt.properties import Properties
 
 from edgekit.errors import EdgekitError
 from edgekit.serve import protocol
+from edgekit.serve.mqtt import configure_transport
 
 
 class DeviceClient:
     """Connects to a broker; sends requests to devices and collects their streamed replies."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 1883, prefix: str = "edgekit", mqtt_version: str = "5",
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, username: str | None = None, password: str | None = None,
+                 tls_ca: Path | None = None, tls_cert: Path | None = None, tls_key: Path | None = None) -> None:
         self.prefix, self.v5 = prefix, mqtt_version == "5"
         self.client_id = f"edgekit-client-{uuid.uuid4().hex[:12]}"
         self.reply_base = f"{prefix}/{protocol.VERSION}/replies/{self.client_id}"
@@ -35,6 +39,8 @@ class DeviceClient:
         self._client.on_connect = self._on_connect
         self._client.on_message = lambda c, u, message: self._inbox.put(message)
         self._client.reconnect_delay_set(min_delay=1, max_delay=10)
+        self._refusal: str | None = None
+        configure_transport(self._client, username, password, tls_ca, tls_cert, tls_key)
         properties = None
         if self.v5:
             # Replies published while a broker restarts wait in this session for a few minutes.
@@ -42,16 +48,19 @@ class DeviceClient:
             properties.SessionExpiryInterval = 300
         try:
             self._client.connect(host, port, keepalive=30, properties=properties)
-        except OSError as exc:
+        except (OSError, ssl.SSLError) as exc:
             raise EdgekitError(f"cannot reach the MQTT broker at {host}:{port} ({exc})") from exc
         self._client.loop_start()
         if not self._connected.wait(timeout):
             self.close()
-            raise EdgekitError(f"the MQTT broker at {host}:{port} did not accept the connection within {timeout:g} s")
+            why = f"refused: {self._refusal}" if self._refusal else f"no answer within {timeout:g} s"
+            raise EdgekitError(f"the MQTT broker at {host}:{port} did not accept the connection ({why})")
         self._subscribe(f"{self.reply_base}/#")
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if reason.is_failure:
+            self._refusal = str(reason)
+            client.disconnect()  # a refusal (bad credentials) does not get better by retrying
             return
         for topic in self._subscriptions:  # after a reconnect to a broker that lost our session
             client.subscribe(topic, qos=1)

@@ -44,6 +44,8 @@ class Mosquitto:
         self.config.write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
             f"persistence_location {folder}/\nmax_queued_messages 1000\n"
+            # Run as root (CI does), mosquitto would switch to its own user and lose access to our temp files.
+            "user root\n"
         )
         self.start()
 

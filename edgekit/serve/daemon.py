@@ -11,12 +11,10 @@ import json
 import logging
 import queue
 import signal
-import socket
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -32,30 +30,12 @@ from edgekit.runtime.engine import Engine
 from edgekit.runtime.sessions import SessionStore
 from edgekit.runtime.tokenizer import ChatTokenizer
 from edgekit.serve import protocol
+from edgekit.serve.config import DaemonConfig
+from edgekit.serve.mqtt import configure_transport
 from edgekit.serve.protocol import ProtocolError, Request
 from edgekit.serve.telemetry import InferenceMetrics, collect
 
 log = logging.getLogger("edgekit.serve")
-
-
-@dataclass
-class DaemonConfig:
-    """Everything the daemon needs to know; see docs/daemon.md for the YAML form."""
-
-    bundle: Path
-    device_id: str = field(default_factory=socket.gethostname)
-    host: str = "127.0.0.1"
-    port: int = 1883
-    prefix: str = "edgekit"
-    reply_prefix: str = "edgekit/v1/replies/"
-    protocol: str = "5"  # "5" or "3.1.1"
-    queue_size: int = 4
-    telemetry_interval: float = 10.0
-    session_memory_mb: int = 256
-    session_idle_s: float = 900.0
-    min_available_mb: int = 150
-    threads: int | None = None
-    pools: tuple[str, ...] = ()
 
 
 @dataclass
@@ -77,8 +57,6 @@ class Daemon:
         self.tokenizer = ChatTokenizer(config.bundle)
         self.sessions = SessionStore(config.session_memory_mb * 1024**2, config.session_idle_s)
         self.topics = protocol.topics(config.prefix, config.device_id)
-        if config.pools and config.protocol != "5":
-            raise EdgekitError("device pools need MQTT 5 (shared subscriptions); set protocol 5")
         self.pool_topics = [protocol.pool_topics(config.prefix, pool) for pool in config.pools]
         self.cancel_topics = {self.topics["cancel"], *(p["cancel"] for p in self.pool_topics)}
         self.jobs: queue.Queue[_Job] = queue.Queue(maxsize=config.queue_size)
@@ -93,6 +71,7 @@ class Daemon:
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgekit-{config.device_id}",
                                   protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311, clean_session=None if v5 else False)
         self.client.will_set(self.topics["status"], self._status("offline"), qos=1, retain=True)
+        configure_transport(self.client, config.username, config.password, config.tls_ca, config.tls_cert, config.tls_key)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)

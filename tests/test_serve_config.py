@@ -1,0 +1,116 @@
+"""Daemon configuration files and a broker with TLS, client certificates and password auth."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from edgekit.client import DeviceClient
+from edgekit.errors import EdgekitError
+from edgekit.serve import config as daemon_config
+from edgekit.serve.daemon import Daemon
+
+from .test_serve import MOSQUITTO, _free_port
+
+
+def test_yaml_env_and_flags_layer(tmp_path: Path) -> None:
+    secret = tmp_path / "mqtt-password"
+    secret.write_text("s3cret\n")
+    path = tmp_path / "daemon.yaml"
+    path.write_text(f"""
+bundle: /opt/edgekit/bundles/current
+device_id: kitchen
+pools: [house]
+queue_size: 2
+broker: {{host: broker.local, port: 8883, username: pi, password_file: {secret}, tls: {{ca: /etc/ca.pem}}}}
+sessions: {{memory_mb: 64, idle_s: 120}}
+""")
+    config = daemon_config.load(path, {"queue_size": 3, "host": None}, environ={"EDGEKIT_DEVICE_ID": "pantry"})
+    assert (config.device_id, config.host, config.port, config.queue_size) == ("pantry", "broker.local", 8883, 3)
+    assert config.password == "s3cret" and "s3cret" not in repr(config)
+    assert config.tls_ca == Path("/etc/ca.pem") and config.pools == ("house",) and config.session_memory_mb == 64
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("bundle: x\nbroker: {port: 70000}\n", "field 'broker.port' must be an integer from 1 to 65535"),
+        ("bundle: x\nqueue_size: many\n", "field 'queue_size' must be an integer"),
+        ("bundle: x\nbroker: {protocol: 4}\n", "field 'broker.protocol' must be one of 5, 3.1.1"),
+        ("bundle: x\nbrokr: {}\n", "unknown field 'brokr'"),
+        ("bundle: x\nbroker: {password_file: /nonexistent}\n", "field 'broker.password_file': cannot read"),
+        ("bundle: x\npools: [a]\nbroker: {protocol: '3.1.1'}\n", "device pools need MQTT 5"),
+        ("device_id: x\n", "no bundle to serve"),
+        ("bundle: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_invalid_config_names_the_field(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "daemon.yaml"
+    path.write_text(text)
+    with pytest.raises(EdgekitError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        daemon_config.load(path, environ={})
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def secure_broker(tmp_path_factory: pytest.TempPathFactory):
+    """Mosquitto with TLS (client certificates required) and a password file, anonymous access off."""
+    folder = tmp_path_factory.mktemp("tls")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+             "-subj", "/CN=edgekit test CA", cwd=folder)
+    (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name in ("server", "client"):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 "-subj", f"/CN={'localhost' if name == 'server' else 'edgekit-device'}", cwd=folder)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", f"{name}.crt", "-days", "2", "-extfile", "san.ext", cwd=folder)
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(folder / "passwd"), "device", "correct horse"], check=True)
+    port = _free_port()
+    (folder / "mosquitto.conf").write_text(
+        f"listener {port} 127.0.0.1\ncafile {folder}/ca.crt\ncertfile {folder}/server.crt\nkeyfile {folder}/server.key\n"
+        f"require_certificate true\nallow_anonymous false\npassword_file {folder}/passwd\n"
+        # Run as root (CI does), mosquitto would switch to its own user and lose access to our temp files.
+        "user root\n"
+    )
+    process = subprocess.Popen([MOSQUITTO, "-c", str(folder / "mosquitto.conf")], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    assert process.poll() is None, "mosquitto refused the TLS configuration"
+    yield port, folder
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def test_tls_and_password(secure_broker, host_bundle: Path) -> None:
+    port, folder = secure_broker
+    tls = {"tls_ca": folder / "ca.crt", "tls_cert": folder / "client.crt", "tls_key": folder / "client.key"}
+    secret = folder / "secret"
+    secret.write_text("correct horse")
+    yaml_file = folder / "daemon.yaml"
+    yaml_file.write_text(
+        f"bundle: {host_bundle}\ndevice_id: vault\nbroker: {{port: {port}, username: device, password_file: {secret}, "
+        f"tls: {{ca: {tls['tls_ca']}, cert: {tls['tls_cert']}, key: {tls['tls_key']}}}}}\n"
+    )
+    daemon = Daemon(daemon_config.load(yaml_file, environ={}))
+    thread = threading.Thread(target=daemon.serve, kwargs={"handle_signals": False}, daemon=True)
+    thread.start()
+    try:
+        with DeviceClient(port=port, username="device", password="correct horse", **tls) as client:
+            deadline = time.monotonic() + 15
+            while client.statuses(0.3).get("vault", {}).get("state") != "online":
+                assert time.monotonic() < deadline, "daemon did not come online over TLS"
+            assert client.ask("vault", {"prompt": "secure hello", "max_tokens": 2})["type"] == "final"
+        with pytest.raises(EdgekitError, match="did not accept the connection \\(refused"):
+            DeviceClient(port=port, username="device", password="wrong", **tls)
+        with pytest.raises(EdgekitError, match="cannot reach the MQTT broker|did not accept"):
+            DeviceClient(port=port, username="device", password="correct horse")  # plain TCP to a TLS listener
+    finally:
+        daemon.stop()
+        thread.join(timeout=30)
