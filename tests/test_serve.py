@@ -384,3 +384,26 @@ def test_broker_restart_mid_stream(host_bundle: Path, tmp_path: Path) -> None:
         instance.stop()
         thread.join(timeout=30)
         broker.stop()
+
+
+def test_systemd_readiness_and_watchdog(host_bundle: Path, broker: int, tmp_path: Path) -> None:
+    """Under systemd (Type=notify, WatchdogSec) the daemon reports READY=1, then feeds the watchdog."""
+    notify_path = tmp_path / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(notify_path))
+    listener.settimeout(30)
+    env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "1000000"}
+    process = subprocess.Popen([sys.executable, "-m", "edgekit.cli", "serve", str(host_bundle), "--device-id",
+                                f"sd-{uuid.uuid4().hex[:6]}", "--port", str(broker)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        messages = [listener.recv(4096).decode() for _ in range(3)]
+        assert messages[0].startswith("READY=1")
+        assert messages[1:] == ["WATCHDOG=1", "WATCHDOG=1"]
+        process.send_signal(signal.SIGTERM)
+        assert listener.recv(4096).decode() == "STOPPING=1"
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        listener.close()

@@ -33,6 +33,7 @@ from edgekit.serve import protocol
 from edgekit.serve.config import DaemonConfig
 from edgekit.serve.mqtt import configure_transport
 from edgekit.serve.protocol import ProtocolError, Request
+from edgekit.serve.systemd import notify, watchdog_interval
 from edgekit.serve.telemetry import InferenceMetrics, collect
 
 log = logging.getLogger("edgekit.serve")
@@ -67,6 +68,7 @@ class Daemon:
         self.started = time.time()
         self._lock = threading.Lock()
         self._stopped = threading.Event()
+        self._worker: threading.Thread | None = None
         v5 = config.protocol == "5"
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgekit-{config.device_id}",
                                   protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311, clean_session=None if v5 else False)
@@ -96,6 +98,7 @@ class Daemon:
             subscriptions += [(pool["shared_request"], 1), (pool["cancel"], 1)]
         client.subscribe(subscriptions)
         client.publish(self.topics["status"], self._status("online"), qos=1, retain=True)
+        notify(f"READY=1\nSTATUS=serving {self.manifest['name']} as {self.config.device_id}")
         log.info("connected to %s:%s as %s", self.config.host, self.config.port, self.config.device_id)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
@@ -231,6 +234,12 @@ class Daemon:
                 message = collect(self.config.bundle, self.started, self.metrics, self.jobs.qsize())
                 self.client.publish(self.topics["telemetry"], json.dumps(message), qos=0, retain=True)
 
+    def _watchdog(self, interval: float) -> None:
+        # Ping only while the worker thread lives: a wedged or dead worker lets systemd restart us.
+        while not self._stopped.wait(interval):
+            if self._worker is not None and self._worker.is_alive():
+                notify("WATCHDOG=1")
+
     def _work(self) -> None:
         while not self._stopped.is_set():
             try:
@@ -255,9 +264,11 @@ class Daemon:
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stop())
-        worker = threading.Thread(target=self._work, name="edgekit-worker", daemon=True)
+        worker = self._worker = threading.Thread(target=self._work, name="edgekit-worker", daemon=True)
         worker.start()
         threading.Thread(target=self._report, name="edgekit-telemetry", daemon=True).start()
+        if (interval := watchdog_interval()) is not None:
+            threading.Thread(target=self._watchdog, args=(interval,), name="edgekit-watchdog", daemon=True).start()
         connect_props = None
         if self.config.protocol == "5":
             # A persistent session: requests published while we are away wait on the broker.
@@ -268,6 +279,7 @@ class Daemon:
                                   properties=connect_props)
         self.client.loop_start()
         self._stopped.wait()
+        notify("STOPPING=1")
         self.accepting = False
         if self.active:
             self.active.shutdown = True
