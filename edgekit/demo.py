@@ -1,4 +1,7 @@
-"""``make run``: build a bundle for this machine and generate a reply from it, end to end.
+"""``make run``: the whole path end to end on this machine.
+
+Builds a bundle for the host profile, starts an embedded MQTT broker (Mosquitto where installed,
+else amqtt), starts the daemon on it, asks one question over MQTT and streams the answer.
 
 The model defaults to ``Qwen/Qwen3.5-0.8B`` from the Hugging Face Hub, as a user would have it.
 Where the hub cannot be reached and the model is not cached (offline machines, CI), the demo says
@@ -7,8 +10,10 @@ so and builds the random-weight 0.8B fixture instead, so the whole pipeline stil
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -52,7 +57,7 @@ def _run(command: list[str]) -> None:
 @click.option("--fixtures", type=click.Path(file_okay=False, path_type=Path), default=Path("fixtures"), show_default=True)
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=Path("dist"), show_default=True)
 def main(model: str, profile: str, prompt: str, random_weights: bool, fixtures: Path, output: Path) -> None:
-    """Build MODEL for PROFILE, then stream a reply to PROMPT from the bundle.
+    """Build MODEL for PROFILE, serve it over an embedded broker, and stream a reply to PROMPT.
 
     Example: python -m edgekit.demo --profile raspberry-pi-5 --model ./Qwen3.5-0.8B
     """
@@ -66,8 +71,38 @@ def main(model: str, profile: str, prompt: str, random_weights: bool, fixtures: 
     edgekit = [sys.executable, "-m", "edgekit.cli"]
     _run([*edgekit, "build", "--profile", profile, "--model", chosen, "--output", str(output), "--name", name,
           "--overwrite", *gate])
-    click.secho(f"\n> {prompt}", bold=True)
-    _run([*edgekit, "generate", str(output / name), prompt, "--max-tokens", "48"])
+    try:
+        _serve_and_ask(edgekit, output / name, prompt)
+    except EdgekitError as exc:
+        click.secho(f"error: {exc}", fg="red", err=True)
+        sys.exit(1)
+
+
+def _serve_and_ask(edgekit: list[str], bundle: Path, prompt: str) -> None:
+    from edgekit.client import DeviceClient
+    from edgekit.serve import embedded_broker
+
+    broker = embedded_broker.start()
+    click.secho(f"embedded {broker.kind} broker on 127.0.0.1:{broker.port} (MQTT {broker.protocol})", fg="cyan", err=True)
+    daemon = subprocess.Popen([*edgekit, "serve", str(bundle), "--device-id", "demo", "--port", str(broker.port),
+                               "--mqtt", broker.protocol])
+    try:
+        with DeviceClient(port=broker.port, mqtt_version=broker.protocol) as client:
+            deadline = time.monotonic() + 60
+            while client.statuses(0.5).get("demo", {}).get("state") != "online":
+                if daemon.poll() is not None or time.monotonic() > deadline:
+                    raise EdgekitError("the daemon did not come online")
+            click.secho(f"\n> {prompt}", bold=True)
+            final = client.ask("demo", {"messages": [{"role": "user", "content": prompt}], "max_tokens": 48},
+                               on_text=lambda text: click.echo(text, nl=False))
+            timings = final["timings"]
+            click.secho(f"\n[{final['usage']['completion_tokens']} tokens over MQTT, first after "
+                        f"{timings['time_to_first_token_s'] * 1000:.0f} ms, {timings['decode_tokens_per_s']} tok/s]",
+                        dim=True, err=True)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=60)
+        broker.stop()
 
 
 if __name__ == "__main__":

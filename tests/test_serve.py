@@ -78,7 +78,7 @@ def _start(config: DaemonConfig) -> tuple[Daemon, threading.Thread]:
     instance = Daemon(config)
     thread = threading.Thread(target=instance.serve, kwargs={"handle_signals": False}, daemon=True)
     thread.start()
-    with DeviceClient(port=config.port) as probe:
+    with DeviceClient(port=config.port, mqtt_version=config.protocol) as probe:
         deadline = time.monotonic() + 10
         while probe.statuses(0.3).get(config.device_id, {}).get("state") != "online":
             assert time.monotonic() < deadline, "daemon never published online"
@@ -407,3 +407,23 @@ def test_systemd_readiness_and_watchdog(host_bundle: Path, broker: int, tmp_path
         if process.poll() is None:
             process.kill()
         listener.close()
+
+
+@pytest.mark.parametrize("kind", ["mosquitto", "amqtt"])
+def test_embedded_broker_serves_the_demo(kind: str, host_bundle: Path) -> None:
+    """make run's broker: Mosquitto (MQTT 5) where installed, else amqtt, which only speaks 3.1.1."""
+    from edgekit.serve import embedded_broker
+
+    broker = embedded_broker.start(prefer=kind)
+    assert (broker.kind, broker.protocol) == (kind, "5" if kind == "mosquitto" else "3.1.1")
+    try:
+        instance, thread = _start(DaemonConfig(bundle=host_bundle, port=broker.port, device_id="demo",
+                                               protocol=broker.protocol))
+        try:
+            with DeviceClient(port=broker.port, mqtt_version=broker.protocol) as client:
+                assert client.ask("demo", {"prompt": "hi", "max_tokens": 3})["usage"]["completion_tokens"] == 3
+        finally:
+            instance.stop()
+            thread.join(timeout=30)
+    finally:
+        broker.stop()

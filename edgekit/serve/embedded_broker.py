@@ -1,0 +1,91 @@
+"""A throwaway MQTT broker for demos: Mosquitto where installed, else amqtt (pure Python, MQTT 3.1.1).
+
+``make run`` needs a broker without asking a newcomer to install one. Production and the tests use
+Mosquitto; amqtt refuses MQTT 5 connections, so with it the daemon and client speak 3.1.1.
+
+``python -m edgekit.serve.embedded_broker PORT`` runs the amqtt broker in the foreground.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgekit.errors import EdgekitError
+
+
+@dataclass
+class EmbeddedBroker:
+    """A running broker process on a loopback port, and the MQTT version to speak to it."""
+
+    process: subprocess.Popen
+    port: int
+    protocol: str
+    kind: str
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start(prefer: str = "auto") -> EmbeddedBroker:
+    """Start a broker on a free loopback port; ``prefer`` is auto, mosquitto or amqtt."""
+    port = _free_port()
+    mosquitto = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
+    if prefer in ("auto", "mosquitto") and mosquitto:
+        config = Path(tempfile.mkdtemp(prefix="edgekit-broker-")) / "mosquitto.conf"
+        # As root, mosquitto would switch to its own user; nothing here needs that.
+        config.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n" + ("user root\n" if os.geteuid() == 0 else ""))
+        broker = EmbeddedBroker(subprocess.Popen([mosquitto, "-c", str(config)], stdout=subprocess.DEVNULL,
+                                                 stderr=subprocess.DEVNULL), port, "5", "mosquitto")
+    elif prefer in ("auto", "amqtt"):
+        broker = EmbeddedBroker(subprocess.Popen([sys.executable, "-m", "edgekit.serve.embedded_broker", str(port)],
+                                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port, "3.1.1", "amqtt")
+    else:
+        raise EdgekitError("no MQTT broker available: install mosquitto, or amqtt (pip install amqtt)")
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return broker
+        except OSError:
+            if broker.process.poll() is not None or time.monotonic() > deadline:
+                broker.stop()
+                raise EdgekitError(f"the embedded {broker.kind} broker did not start on port {port}") from None
+            time.sleep(0.1)
+
+
+def _serve_amqtt(port: int) -> None:
+    try:
+        from amqtt.broker import Broker
+    except ImportError:
+        sys.exit("amqtt is not installed: pip install amqtt")
+
+    async def run() -> None:
+        broker = Broker({"listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+                         "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}})
+        await broker.start()
+        await asyncio.Event().wait()
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    _serve_amqtt(int(sys.argv[1]))
