@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from edgekit.build.pipeline import BuildRequest, build
+from edgekit.client import DeviceClient
 from edgekit.fixtures.checkpoint import write_checkpoint
 from edgekit.profiles import Quality, load_profile
+from edgekit.serve.daemon import Daemon, DaemonConfig
 
 # Random weights cannot meet real-model quality thresholds (their logits are near-flat, so top-1
 # among 248k tokens is a coin toss); the KL bound still separates sound exports from broken ones.
@@ -59,3 +68,74 @@ def write_profile(folder: Path, name: str, **quantization: object) -> Path:
 def bundle_copy(host_bundle: Path, tmp_path: Path) -> Path:
     """A private copy of the host bundle that a test may damage."""
     return Path(shutil.copytree(host_bundle, tmp_path / host_bundle.name))
+
+
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Mosquitto:
+    """A private Mosquitto with persistence on a free loopback port; can be restarted in place."""
+
+    def __init__(self, folder: Path) -> None:
+        if not os.path.exists(MOSQUITTO):
+            pytest.fail("mosquitto is not installed (make test installs it)")
+        self.port = free_port()
+        self.config = folder / "mosquitto.conf"
+        self.config.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+            f"persistence_location {folder}/\nmax_queued_messages 1000\n"
+            # Run as root (CI does), mosquitto would switch to its own user and lose access to our temp files.
+            "user root\n"
+        )
+        self.start()
+
+    def start(self) -> None:
+        self.process = subprocess.Popen([MOSQUITTO, "-c", str(self.config)], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                assert time.monotonic() < deadline and self.process.poll() is None, "mosquitto did not start"
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.process.terminate()  # mosquitto saves its persistence database on SIGTERM
+        self.process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    instance = Mosquitto(tmp_path_factory.mktemp("mosquitto"))
+    yield instance.port
+    instance.stop()
+
+
+def start_daemon(config: DaemonConfig) -> tuple[Daemon, threading.Thread]:
+    """Serve ``config`` in a thread of this process; return once its status is online."""
+    instance = Daemon(config)
+    thread = threading.Thread(target=instance.serve, kwargs={"handle_signals": False}, daemon=True)
+    thread.start()
+    with DeviceClient(port=config.port, mqtt_version=config.protocol) as probe:
+        deadline = time.monotonic() + 10
+        while probe.statuses(0.3).get(config.device_id, {}).get("state") != "online":
+            assert time.monotonic() < deadline, "daemon never published online"
+    return instance, thread
+
+
+@pytest.fixture
+def daemon(host_bundle: Path, broker: int) -> Iterator[Daemon]:
+    """A daemon serving the host bundle with a unique device id and a queue of one."""
+    instance, thread = start_daemon(DaemonConfig(bundle=host_bundle, port=broker, device_id=f"dev-{uuid.uuid4().hex[:8]}",
+                                           queue_size=1, telemetry_interval=0.5))
+    yield instance
+    instance.stop()
+    thread.join(timeout=30)

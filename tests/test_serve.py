@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -24,80 +21,12 @@ from edgekit.runtime.engine import Engine
 from edgekit.runtime.tokenizer import ChatTokenizer
 from edgekit.serve.daemon import Daemon, DaemonConfig
 
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Mosquitto:
-    """A private Mosquitto with persistence on a free loopback port; can be restarted in place."""
-
-    def __init__(self, folder: Path) -> None:
-        if not os.path.exists(MOSQUITTO):
-            pytest.fail("mosquitto is not installed (make test installs it)")
-        self.port = _free_port()
-        self.config = folder / "mosquitto.conf"
-        self.config.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-            f"persistence_location {folder}/\nmax_queued_messages 1000\n"
-            # Run as root (CI does), mosquitto would switch to its own user and lose access to our temp files.
-            "user root\n"
-        )
-        self.start()
-
-    def start(self) -> None:
-        self.process = subprocess.Popen([MOSQUITTO, "-c", str(self.config)], stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                assert time.monotonic() < deadline and self.process.poll() is None, "mosquitto did not start"
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.process.terminate()  # mosquitto saves its persistence database on SIGTERM
-        self.process.wait(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    instance = Mosquitto(tmp_path_factory.mktemp("mosquitto"))
-    yield instance.port
-    instance.stop()
-
-
-def _start(config: DaemonConfig) -> tuple[Daemon, threading.Thread]:
-    """Serve ``config`` in a thread of this process; return once its status is online."""
-    instance = Daemon(config)
-    thread = threading.Thread(target=instance.serve, kwargs={"handle_signals": False}, daemon=True)
-    thread.start()
-    with DeviceClient(port=config.port, mqtt_version=config.protocol) as probe:
-        deadline = time.monotonic() + 10
-        while probe.statuses(0.3).get(config.device_id, {}).get("state") != "online":
-            assert time.monotonic() < deadline, "daemon never published online"
-    return instance, thread
-
-
-@pytest.fixture
-def daemon(host_bundle: Path, broker: int) -> Iterator[Daemon]:
-    """A daemon serving the host bundle with a unique device id and a queue of one."""
-    instance, thread = _start(DaemonConfig(bundle=host_bundle, port=broker, device_id=f"dev-{uuid.uuid4().hex[:8]}",
-                                           queue_size=1, telemetry_interval=0.5))
-    yield instance
-    instance.stop()
-    thread.join(timeout=30)
+from .conftest import Mosquitto, start_daemon
 
 
 def test_pool_request_reaches_exactly_one_device(host_bundle: Path, broker: int) -> None:
     pool = f"pool-{uuid.uuid4().hex[:6]}"
-    members = [_start(DaemonConfig(bundle=host_bundle, port=broker, device_id=f"{pool}-{i}", pools=(pool,),
+    members = [start_daemon(DaemonConfig(bundle=host_bundle, port=broker, device_id=f"{pool}-{i}", pools=(pool,),
                                    queue_size=8)) for i in range(2)]
     try:
         with DeviceClient(port=broker) as client:
@@ -367,7 +296,7 @@ def test_requests_sent_while_daemon_is_away_are_served_on_return(host_bundle: Pa
 def test_broker_restart_mid_stream(host_bundle: Path, tmp_path: Path) -> None:
     """The daemon reconnects with its session; the final message (QoS 1) still arrives."""
     broker = Mosquitto(tmp_path)
-    instance, thread = _start(DaemonConfig(bundle=host_bundle, port=broker.port, device_id="restart"))
+    instance, thread = start_daemon(DaemonConfig(bundle=host_bundle, port=broker.port, device_id="restart"))
     try:
         with DeviceClient(port=broker.port) as client:
             request_id = client.send("restart", {"prompt": "a long story", "max_tokens": 6000})
@@ -417,7 +346,7 @@ def test_embedded_broker_serves_the_demo(kind: str, host_bundle: Path) -> None:
     broker = embedded_broker.start(prefer=kind)
     assert (broker.kind, broker.protocol) == (kind, "5" if kind == "mosquitto" else "3.1.1")
     try:
-        instance, thread = _start(DaemonConfig(bundle=host_bundle, port=broker.port, device_id="demo",
+        instance, thread = start_daemon(DaemonConfig(bundle=host_bundle, port=broker.port, device_id="demo",
                                                protocol=broker.protocol))
         try:
             with DeviceClient(port=broker.port, mqtt_version=broker.protocol) as client:

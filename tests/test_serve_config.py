@@ -14,7 +14,7 @@ from edgekit.errors import EdgekitError
 from edgekit.serve import config as daemon_config
 from edgekit.serve.daemon import Daemon
 
-from .test_serve import MOSQUITTO, _free_port
+from .conftest import MOSQUITTO, free_port
 
 
 def test_yaml_env_and_flags_layer(tmp_path: Path) -> None:
@@ -72,7 +72,7 @@ def secure_broker(tmp_path_factory: pytest.TempPathFactory):
         _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
                  "-out", f"{name}.crt", "-days", "2", "-extfile", "san.ext", cwd=folder)
     subprocess.run(["mosquitto_passwd", "-b", "-c", str(folder / "passwd"), "device", "correct horse"], check=True)
-    port = _free_port()
+    port = free_port()
     (folder / "mosquitto.conf").write_text(
         f"listener {port} 127.0.0.1\ncafile {folder}/ca.crt\ncertfile {folder}/server.crt\nkeyfile {folder}/server.key\n"
         f"require_certificate true\nallow_anonymous false\npassword_file {folder}/passwd\n"
