@@ -425,5 +425,37 @@ def status(wait: float, as_json: bool, **broker: Any) -> None:
     out.print(table)
 
 
+@main.command("bench")
+@click.argument("bundle_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--runs", type=click.IntRange(1), default=5, show_default=True)
+@click.option("--prompt-tokens", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--new-tokens", type=click.IntRange(2), default=64, show_default=True)
+@click.option("--threads", type=click.IntRange(1), default=None, help="Override the bundle's thread count.")
+@click.option("--json", "as_json", is_flag=True)
+@_friendly
+def bench_command(bundle_dir: Path, runs: int, prompt_tokens: int, new_tokens: int, threads: int | None,
+                  as_json: bool) -> None:
+    """Measure a bundle: engine speed, the same through an MQTT daemon, idle CPU, RSS, sessions.
+
+    \b
+    Example:
+      edgekit bench dist/qwen3.5-0.8b-host-int4 --runs 5 --json
+    """
+    from edgekit.bench import run
+
+    report = run(bundle_dir, runs, prompt_tokens, new_tokens, threads, progress=lambda text: err.print(f"[dim]{text}[/]"))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    d, m, sess = report["direct"], report["mqtt"], report["session"]
+    out.print(f"engine: prefill {d['prefill_tps']:.1f} tok/s, decode {d['decode_tps']:.1f} tok/s, TTFT {d['ttft_ms']:.0f} ms, "
+              f"inter-token p50 {d['itl_p50_ms']:.1f} ms / p99 {d['itl_p99_ms']:.1f} ms")
+    out.print(f"mqtt:   decode {m['decode_tps']:.1f} tok/s ({report['mqtt_over_direct_decode']:.3f}x direct), "
+              f"TTFT {m['ttft_ms']:.0f} ms, added by the broker {report['added_ttft_ms']:.1f} ms")
+    out.print(f"daemon: idle CPU {report['idle_cpu_percent']:.1f} %, RSS {report['daemon_rss_mb']:.0f} MiB")
+    out.print(f"session turn 2 after {sess['history_tokens']} tokens: first token {sess['kept_ttft_ms']:.0f} ms kept vs "
+              f"{sess['replay_ttft_ms']:.0f} ms replayed ({sess['speedup']:.1f}x)")
+
+
 if __name__ == "__main__":
     main()

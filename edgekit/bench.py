@@ -1,0 +1,145 @@
+"""``edgekit bench``: speed and memory of a bundle, on the engine directly and through the MQTT daemon.
+
+Speed figures are medians of several runs; direct and MQTT runs alternate so both see the same
+machine noise, and their ratios come from the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from edgekit.client import DeviceClient
+from edgekit.errors import EdgekitError
+from edgekit.runtime.engine import Engine, GenerationStats
+from edgekit.serve import embedded_broker
+
+# Distinct ordinary tokens: a fixed-length prompt without template effects.
+FILLER = 1000
+
+
+def _prompt(length: int) -> list[int]:
+    return [FILLER + i for i in range(length)]
+
+
+def direct_run(engine: Engine, prompt_len: int, new_tokens: int) -> dict[str, float]:
+    """One generation on the engine: prefill/decode tok/s, TTFT and inter-token latencies."""
+    stats = GenerationStats()
+    started = time.perf_counter()
+    list(engine.generate(_prompt(prompt_len), new_tokens, stats=stats))
+    gaps = [b - a for a, b in zip(stats.token_times, stats.token_times[1:])]
+    return {"prefill_tps": stats.prefill_tps, "decode_tps": stats.decode_tps,
+            "ttft_s": stats.token_times[0] - started, "itl": gaps}
+
+
+def mqtt_run(client: DeviceClient, device: str, prompt_len: int, new_tokens: int) -> dict[str, float]:
+    """One generation through the broker, timed at the client: TTFT and decode rate as a user sees them."""
+    started = time.perf_counter()
+    request_id = client.send(device, {"prompt": " a" * prompt_len, "max_tokens": new_tokens})
+    times: list[float] = []
+    final: dict[str, Any] = {}
+    for reply in client.replies(request_id, timeout=600):
+        if reply["type"] == "chunk":
+            times.append(time.perf_counter())
+        elif reply["type"] == "final":
+            final = reply
+        elif reply["type"] == "error":
+            raise EdgekitError(f"bench request failed: {reply['message']}")
+    tokens = final["usage"]["completion_tokens"]
+    return {"ttft_s": times[0] - started, "decode_tps": (tokens - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0,
+            "server_ttft_s": final["timings"]["time_to_first_token_s"] + final["timings"]["queue_s"],
+            "server_decode_tps": final["timings"]["decode_tokens_per_s"], "prompt_tokens": final["usage"]["prompt_tokens"]}
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def run(bundle: Path, runs: int, prompt_len: int, new_tokens: int, threads: int | None,
+        progress: Any = print) -> dict[str, Any]:
+    """The full benchmark; returns a JSON-ready report."""
+    engine = Engine(bundle, threads=threads)
+    broker = embedded_broker.start()
+    device = "bench"
+    command = [sys.executable, "-m", "edgekit.cli", "serve", str(bundle), "--device-id", device, "--port",
+               str(broker.port), "--mqtt", broker.protocol, "--telemetry-interval", "3600"]
+    if threads:
+        command += ["--threads", str(threads)]
+    daemon = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    report: dict[str, Any] = {"bundle": str(bundle), "prompt_tokens": prompt_len, "new_tokens": new_tokens,
+                              "threads": threads or json.loads((bundle / "genai_config.json").read_text())
+                              ["model"]["decoder"]["session_options"].get("intra_op_num_threads"), "runs": runs}
+    try:
+        with DeviceClient(port=broker.port, mqtt_version=broker.protocol) as client:
+            deadline = time.monotonic() + 120
+            while client.statuses(0.5).get(device, {}).get("state") != "online":
+                if daemon.poll() is not None or time.monotonic() > deadline:
+                    raise EdgekitError("the bench daemon did not come online")
+            process = psutil.Process(daemon.pid)
+            process.cpu_percent()
+            time.sleep(5)
+            report["idle_cpu_percent"] = process.cpu_percent()
+            mqtt_run(client, device, 16, 4)  # warm-up on both paths
+            direct_run(engine, 16, 4)
+            direct, remote = [], []
+            for index in range(runs):
+                progress(f"run {index + 1}/{runs}")
+                direct.append(direct_run(engine, prompt_len, new_tokens))
+                remote.append(mqtt_run(client, device, prompt_len, new_tokens))
+            report["daemon_rss_mb"] = process.memory_info().rss / 2**20
+            itl = [gap for r in direct for gap in r["itl"]]
+            med = statistics.median
+            report["direct"] = {"prefill_tps": med(r["prefill_tps"] for r in direct),
+                                "decode_tps": med(r["decode_tps"] for r in direct),
+                                "ttft_ms": 1000 * med(r["ttft_s"] for r in direct),
+                                "itl_p50_ms": 1000 * _percentile(itl, 0.5), "itl_p99_ms": 1000 * _percentile(itl, 0.99)}
+            report["mqtt"] = {"decode_tps": med(r["decode_tps"] for r in remote),
+                              "ttft_ms": 1000 * med(r["ttft_s"] for r in remote),
+                              "server_ttft_ms": 1000 * med(r["server_ttft_s"] for r in remote),
+                              "prompt_tokens": remote[0]["prompt_tokens"]}
+            ratios = [m["decode_tps"] / d["decode_tps"] for d, m in zip(direct, remote)]
+            report["mqtt_over_direct_decode"] = med(ratios)
+            # Added TTFT: what the broker round trip adds to the daemon's own time to first token.
+            report["added_ttft_ms"] = med(1000 * (m["ttft_s"] - m["server_ttft_s"]) for m in remote)
+            report["session"] = _session_bench(client, device, progress)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=60)
+        broker.stop()
+    return report
+
+
+def _session_bench(client: DeviceClient, device: str, progress: Any) -> dict[str, float]:
+    """Turn 2 of a conversation with ~2,000 tokens of history: kept session vs. replaying the history."""
+    progress("session vs replay")
+    history = [{"role": "user", "content": " ".join(f"note {i}: the sensor read {i % 37} degrees." for i in range(160))}]
+    first = client.ask(device, {"messages": history, "session": "bench", "new_session": True, "max_tokens": 8})
+    follow = {"role": "user", "content": "Summarise the readings."}
+    started = time.perf_counter()
+    kept = _first_chunk(client, device, {"messages": [follow], "session": "bench", "max_tokens": 4})
+    kept_s = kept - started
+    replay_history = [*history, {"role": "assistant", "content": "ok"}, follow]
+    started = time.perf_counter()
+    replay_s = _first_chunk(client, device, {"messages": replay_history, "max_tokens": 4}) - started
+    return {"history_tokens": first["usage"]["session_tokens"], "kept_ttft_ms": 1000 * kept_s,
+            "replay_ttft_ms": 1000 * replay_s, "speedup": replay_s / kept_s}
+
+
+def _first_chunk(client: DeviceClient, device: str, request: dict[str, Any]) -> float:
+    request_id = client.send(device, request)
+    first = None
+    for reply in client.replies(request_id, timeout=600):
+        if reply["type"] == "chunk" and first is None:
+            first = time.perf_counter()
+        if reply["type"] == "error":
+            raise EdgekitError(f"bench request failed: {reply['message']}")
+    return first if first is not None else time.perf_counter()
