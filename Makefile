@@ -45,8 +45,14 @@ system-deps:
 test: install system-deps
 	$(BIN)/python -m pytest -q
 
+# Build benchmarks on the full-size 0.8B and 2B fixtures, then the serve benchmark on the 0.8B
+# bundle (4096-token context, threads = this machine's cores).
 bench: install fixtures/qwen3.5-0.8b/config.json fixtures/qwen3.5-2b/config.json
 	$(BIN)/python bench/build_bench.py --out bench-results
+	$(BIN)/edgekit build --profile raspberry-pi-5 --model fixtures/qwen3.5-0.8b --output bench-results \
+		--name bench-0.8b --overwrite --min-top1 0 --max-kl 1.0
+	$(BIN)/edgekit bench bench-results/bench-0.8b --threads $$(nproc) --runs 5 --json > bench-results/serve.json
+	cat bench-results/serve.json
 
 lint: install
 	$(BIN)/ruff check edgekit tests bench
