@@ -356,3 +356,24 @@ def test_embedded_broker_serves_the_demo(kind: str, host_bundle: Path) -> None:
             thread.join(timeout=30)
     finally:
         broker.stop()
+
+
+def test_low_memory_guard_and_context_limit(host_bundle: Path, broker: int) -> None:
+    """Refusals with reasons: a device short of memory, and a prompt longer than the context."""
+    guarded, thread = start_daemon(DaemonConfig(bundle=host_bundle, port=broker, device_id="tight",
+                                                min_available_mb=10**9))
+    try:
+        with DeviceClient(port=broker) as client, pytest.raises(EdgekitError, match="resources: only .* MiB available"):
+            client.ask("tight", {"prompt": "hi", "max_tokens": 2})
+    finally:
+        guarded.stop()
+        thread.join(timeout=30)
+
+
+def test_prompt_longer_than_context_is_refused_with_numbers(daemon: Daemon, broker: int) -> None:
+    too_long = " a" * (daemon.engine.context_length + 10)
+    with DeviceClient(port=broker) as client:
+        with pytest.raises(EdgekitError, match=f"context_exceeded: .*does not fit the bundle's context of "
+                                               f"{daemon.engine.context_length} tokens"):
+            client.ask(daemon.config.device_id, {"prompt": too_long, "max_tokens": 2})
+        assert client.ask(daemon.config.device_id, {"prompt": "short", "max_tokens": 2})["type"] == "final"
