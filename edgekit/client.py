@@ -18,7 +18,7 @@ from paho.mqtt.properties import Properties
 
 from edgekit.errors import EdgekitError
 from edgekit.serve import protocol
-from edgekit.serve.mqtt import configure_transport
+from edgekit.serve.mqtt import configure_transport, negotiate_protocol
 
 
 class DeviceClient:
@@ -27,6 +27,8 @@ class DeviceClient:
     def __init__(self, host: str = "127.0.0.1", port: int = 1883, prefix: str = "edgekit", mqtt_version: str = "5",
                  timeout: float = 10.0, username: str | None = None, password: str | None = None,
                  tls_ca: Path | None = None, tls_cert: Path | None = None, tls_key: Path | None = None) -> None:
+        if mqtt_version == "auto":
+            mqtt_version = negotiate_protocol(host, port, username, password, tls_ca, tls_cert, tls_key, timeout)
         self.prefix, self.v5 = prefix, mqtt_version == "5"
         self.client_id = f"edgekit-client-{uuid.uuid4().hex[:12]}"
         self.reply_base = f"{prefix}/{protocol.VERSION}/replies/{self.client_id}"

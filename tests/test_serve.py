@@ -346,10 +346,13 @@ def test_embedded_broker_serves_the_demo(kind: str, host_bundle: Path) -> None:
     broker = embedded_broker.start(prefer=kind)
     assert (broker.kind, broker.protocol) == (kind, "5" if kind == "mosquitto" else "3.1.1")
     try:
+        # "auto" finds out what the broker speaks: MQTT 5 on Mosquitto, 3.1.1 on amqtt.
         instance, thread = start_daemon(DaemonConfig(bundle=host_bundle, port=broker.port, device_id="demo",
-                                               protocol=broker.protocol))
+                                                     protocol="auto"))
+        assert instance.config.protocol == broker.protocol
         try:
-            with DeviceClient(port=broker.port, mqtt_version=broker.protocol) as client:
+            with DeviceClient(port=broker.port, mqtt_version="auto") as client:
+                assert client.v5 == (broker.protocol == "5")
                 assert client.ask("demo", {"prompt": "hi", "max_tokens": 3})["usage"]["completion_tokens"] == 3
         finally:
             instance.stop()

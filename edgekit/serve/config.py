@@ -37,7 +37,7 @@ class DaemonConfig:
     device_id: str = field(default_factory=socket.gethostname)
     host: str = "127.0.0.1"
     port: int = 1883
-    protocol: str = "5"  # "5" or "3.1.1"
+    protocol: str = "5"  # "5", "3.1.1", or "auto" (5, falling back to 3.1.1 when the broker refuses it)
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     tls_ca: Path | None = None
@@ -116,7 +116,7 @@ def _read_file(path: Path) -> dict[str, Any]:
     if "port" in broker.data:
         values["port"] = broker.number("port", 1, 65535, integer=True)
     if "protocol" in broker.data:
-        values["protocol"] = str(broker.choice("protocol", ("5", "3.1.1", 5)))
+        values["protocol"] = str(broker.choice("protocol", ("5", "3.1.1", "auto", 5)))
     put("username", broker.get("username", str, "a user name", None))
     password_file = broker.get("password_file", str, "a path to a file holding the password", None)
     if password_file:

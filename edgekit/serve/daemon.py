@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -31,7 +31,7 @@ from edgekit.runtime.sessions import SessionStore
 from edgekit.runtime.tokenizer import ChatTokenizer
 from edgekit.serve import protocol
 from edgekit.serve.config import DaemonConfig
-from edgekit.serve.mqtt import configure_transport
+from edgekit.serve.mqtt import configure_transport, negotiate_protocol
 from edgekit.serve.protocol import ProtocolError, Request
 from edgekit.serve.systemd import notify, watchdog_interval
 from edgekit.serve.telemetry import InferenceMetrics, collect
@@ -52,6 +52,10 @@ class Daemon:
     """Loads a verified bundle and serves it over MQTT until stopped."""
 
     def __init__(self, config: DaemonConfig) -> None:
+        if config.protocol == "auto":
+            config = replace(config, protocol=negotiate_protocol(
+                config.host, config.port, config.username, config.password, config.tls_ca, config.tls_cert, config.tls_key))
+            log.info("broker speaks MQTT %s", config.protocol)
         self.config = config
         self.manifest = verify(config.bundle)
         self.engine = Engine(config.bundle, threads=config.threads)
