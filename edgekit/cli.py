@@ -359,13 +359,18 @@ def serve(bundle_dir: Path | None, config_file: Path | None, device_id: str | No
 @_broker_options
 @click.option("--session", default=None, help="Keep the conversation on the device under this id.")
 @click.option("--max-tokens", type=click.IntRange(1), default=256, show_default=True)
-@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0, 5), default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-p", type=click.FloatRange(0, 1), default=None)
+@click.option("--top-k", type=click.IntRange(0, 1000), default=None)
+@click.option("--seed", type=click.IntRange(0), default=None)
+@click.option("--stop", multiple=True, help="Stop before this text (repeatable).")
 @click.option("--think/--no-think", default=False, show_default=True)
 @click.option("--timeout", type=click.FloatRange(1), default=300.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the final message as JSON.")
 @_friendly
 def ask(prompt: str, device_id: str | None, pool: str | None, session: str | None, max_tokens: int,
-        temperature: float, think: bool, timeout: float, as_json: bool, **broker: Any) -> None:
+        temperature: float, top_p: float | None, top_k: int | None, seed: int | None, stop: tuple[str, ...],
+        think: bool, timeout: float, as_json: bool, **broker: Any) -> None:
     """Ask a device (or a pool) over MQTT and stream its answer.
 
     \b
@@ -376,8 +381,8 @@ def ask(prompt: str, device_id: str | None, pool: str | None, session: str | Non
         raise EdgekitError("name a device (--device) or a pool (--pool)")
     request: dict[str, Any] = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
                                "temperature": temperature, "thinking": think}
-    if session:
-        request["session"] = session
+    optional = {"session": session, "top_p": top_p, "top_k": top_k, "seed": seed, "stop": list(stop) or None}
+    request.update({key: value for key, value in optional.items() if value is not None})
     pieces: list[str] = []
     with _client(_broker_settings(**broker)) as client:
         request_id = client.send(device_id, request, pool=pool)

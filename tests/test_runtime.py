@@ -117,3 +117,30 @@ def test_generate_cli(host_bundle: Path) -> None:
     reply = json.loads(result.stdout)
     assert reply["usage"]["completion_tokens"] == 5 and reply["finish_reason"] == "length"
     assert reply["text"]
+
+
+def test_stop_sequence_cuts_the_text(engine: Engine, tokenizer: ChatTokenizer) -> None:
+    from edgekit.runtime.conversation import Turn, run_turn
+
+    full: list[str] = []
+    run_turn(engine, tokenizer, Turn(prompt="Once upon a time", max_tokens=12), full.append)
+    text = "".join(full)
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    cut: list[str] = []
+    result = run_turn(engine, tokenizer, Turn(prompt="Once upon a time", max_tokens=12, stop=[stop]), cut.append)
+    assert result.finish_reason == "stop" and "".join(cut) == text[: text.find(stop)]
+
+
+def test_session_store_evicts_least_recently_used_and_idle(engine: Engine) -> None:
+    import time
+
+    from edgekit.runtime.sessions import Session, SessionStore
+
+    one = Session(engine.new_state())
+    store = SessionStore(max_bytes=int(one.nbytes() * 2.5), idle_s=0.2)
+    for name in ("a", "b", "c"):
+        store.put(name, Session(engine.new_state()))
+    assert store.take("a") is None and "memory limit" in store.evicted_reason("a")
+    assert store.take("b") is not None  # taken for a turn...
+    time.sleep(0.3)
+    assert store.take("c") is None and "idle" in store.evicted_reason("c")
