@@ -325,3 +325,14 @@ def test_include_mtp_exports_the_draft_head(tiny_checkpoint: Path, tmp_path: Pat
     # DESIGN.md: onnxruntime-genai 0.18 cannot load such a bundle on the CPU; if that changes, say so.
     with pytest.raises(Exception, match="GetMemoryInfo for CPU"):
         og.Model(str(folder))
+
+
+def test_k_quant_recipe_from_a_user_profile(tiny_checkpoint_no_mtp: Path, tmp_path: Path) -> None:
+    """A profile's quantization algorithm reaches the builder (k-quant runs the builder's own pass)."""
+    profile = write_profile(tmp_path, "kq-board", algorithm="k_quant")
+    result = CliRunner().invoke(main, ["build", "--profile", str(profile), "--model", str(tiny_checkpoint_no_mtp),
+                                       "-o", str(tmp_path / "out"), "--json", *GATE_FLAGS])
+    assert result.exit_code == 0, result.output
+    manifest = bundle.verify(Path(json.loads(result.stdout)["bundle"]))
+    assert manifest["recipe"]["builder_options"]["algo_config"] == "k_quant"
+    assert manifest["profile"]["name"] == "kq-board" and manifest["quality"]["passed"]
