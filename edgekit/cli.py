@@ -233,7 +233,8 @@ def generate(bundle_dir: Path, prompt: str, max_tokens: int, temperature: float,
       edgekit generate dist/qwen3.5-0.8b-host-int4 "Why is the sky blue?" --max-tokens 64
     """
     from edgekit.bundle import verify as verify_bundle
-    from edgekit.runtime.engine import Engine, GenerationStats
+    from edgekit.runtime.conversation import Turn, run_turn
+    from edgekit.runtime.engine import Engine
     from edgekit.runtime.sampling import Sampling
     from edgekit.runtime.tokenizer import ChatTokenizer
 
@@ -242,21 +243,14 @@ def generate(bundle_dir: Path, prompt: str, max_tokens: int, temperature: float,
     engine = Engine(bundle_dir, threads=threads)
     tokenizer = ChatTokenizer(bundle_dir)
     load_s = time.perf_counter() - started
-    text = prompt if raw else tokenizer.render([{"role": "user", "content": prompt}], thinking=think)
-    stats = GenerationStats()
-    stream = tokenizer.stream()
-    pieces = []
-    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    for token in engine.generate(tokenizer.encode(text), max_tokens, sampling, stats=stats):
-        if token in engine.eos_ids:
-            continue
-        piece = stream.step(tokenizer.tokenizer, token)
-        if piece:
-            pieces.append(piece)
-            if not as_json:
-                click.echo(piece, nl=False)
+    turn = Turn(messages=None if raw else [{"role": "user", "content": prompt}], prompt=prompt if raw else None,
+                max_tokens=max_tokens, sampling=Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
+                thinking=think)
+    result = run_turn(engine, tokenizer, turn, on_text=(lambda _: None) if as_json else
+                      (lambda text: click.echo(text, nl=False)))
+    stats = result.stats
     if as_json:
-        click.echo(json.dumps({"text": "".join(pieces), "finish_reason": stats.finish_reason,
+        click.echo(json.dumps({"text": result.text, "finish_reason": result.finish_reason,
                                "usage": {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens},
                                "timings": {"load_s": round(load_s, 3), "prefill_s": round(stats.prefill_s, 3),
                                            "decode_s": round(stats.decode_s, 3),
@@ -265,7 +259,7 @@ def generate(bundle_dir: Path, prompt: str, max_tokens: int, temperature: float,
         return
     click.echo()
     err.print(f"[dim]{stats.prompt_tokens} prompt tokens at {stats.prefill_tps:.0f} tok/s, "
-              f"{stats.completion_tokens} generated at {stats.decode_tps:.1f} tok/s ({stats.finish_reason})[/]")
+              f"{stats.completion_tokens} generated at {stats.decode_tps:.1f} tok/s ({result.finish_reason})[/]")
 
 
 def _broker_options(command: Callable[..., Any]) -> Callable[..., Any]:
