@@ -31,7 +31,9 @@ class DeviceClient:
             mqtt_version = negotiate_protocol(host, port, username, password, tls_ca, tls_cert, tls_key, timeout)
         self.prefix, self.v5 = prefix, mqtt_version == "5"
         self.client_id = f"edgekit-client-{uuid.uuid4().hex[:12]}"
-        self.reply_base = f"{prefix}/{protocol.VERSION}/replies/{self.client_id}"
+        # Under the user name when there is one, so a broker ACL can give each client user its own replies.
+        owner = f"{username}/" if username else ""
+        self.reply_base = f"{prefix}/{protocol.VERSION}/replies/{owner}{self.client_id}"
         self._inbox: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
         self._held: dict[str, list[dict[str, Any]]] = {}  # replies read while waiting for another request
         self._connected = threading.Event()

@@ -1,0 +1,89 @@
+"""deploy/mosquitto's ACL, enforced by a real Mosquitto: devices and clients stay in their lanes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from edgekit.client import DeviceClient
+from edgekit.serve.daemon import Daemon, DaemonConfig
+
+from .conftest import MOSQUITTO, free_port
+
+DEPLOY = Path(__file__).parent.parent / "deploy" / "mosquitto"
+USERS = {"kitchen": "k-pass", "pantry": "p-pass", "client-ha": "c-pass"}
+
+
+@pytest.fixture(scope="module")
+def acl_broker(tmp_path_factory: pytest.TempPathFactory):
+    folder = tmp_path_factory.mktemp("acl")
+    passwd = folder / "passwd"
+    for index, (user, password) in enumerate(USERS.items()):
+        subprocess.run(["mosquitto_passwd", "-b", *(["-c"] if index == 0 else []), str(passwd), user, password],
+                       check=True)
+    port = free_port()
+    (folder / "mosquitto.conf").write_text(
+        f"per_listener_settings false\nallow_anonymous false\npassword_file {passwd}\n"
+        f"acl_file {DEPLOY / 'edgekit.acl'}\nlistener {port} 127.0.0.1\nuser root\n"
+    )
+    process = subprocess.Popen([MOSQUITTO, "-c", str(folder / "mosquitto.conf")], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    assert process.poll() is None, "mosquitto refused the example ACL"
+    yield port
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def _raw(port: int, user: str) -> tuple[mqtt.Client, list[mqtt.MQTTMessage]]:
+    got: list[mqtt.MQTTMessage] = []
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.username_pw_set(user, USERS[user])
+    client.on_message = lambda c, u, m: got.append(m)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    return client, got
+
+
+def test_example_acl_keeps_devices_and_clients_apart(acl_broker: int, host_bundle: Path) -> None:
+    port = acl_broker
+    daemon = Daemon(DaemonConfig(bundle=host_bundle, port=port, device_id="kitchen", username="kitchen",
+                                 password=USERS["kitchen"], pools=("house",)))
+    thread = threading.Thread(target=daemon.serve, kwargs={"handle_signals": False}, daemon=True)
+    thread.start()
+    try:
+        with DeviceClient(port=port, username="client-ha", password=USERS["client-ha"]) as client:
+            deadline = time.monotonic() + 10
+            while client.statuses(0.3).get("kitchen", {}).get("state") != "online":
+                assert time.monotonic() < deadline, "kitchen never came online under the ACL"
+            assert client.ask("kitchen", {"prompt": "hi", "max_tokens": 2})["type"] == "final"
+            request_id = client.send(None, {"prompt": "pool", "max_tokens": 2}, pool="house")
+            *_, last = client.replies(request_id, timeout=30)
+            assert last["type"] == "final" and last["device_id"] == "kitchen"
+            # A client cannot forge a device's status.
+            client.publish("edgekit/v1/kitchen/status", json.dumps({"device_id": "kitchen", "state": "forged"}))
+            time.sleep(0.3)
+            assert client.statuses(0.5)["kitchen"]["state"] == "online"
+
+        # A device neither reads another device's requests nor writes its status.
+        kitchen, seen = _raw(port, "kitchen")
+        kitchen.subscribe("edgekit/v1/pantry/request", qos=1)
+        kitchen.publish("edgekit/v1/pantry/status", json.dumps({"state": "forged"}), qos=1, retain=True)
+        ha, ha_seen = _raw(port, "client-ha")
+        ha.subscribe("edgekit/v1/pantry/status", qos=1)
+        time.sleep(0.3)
+        ha.publish("edgekit/v1/pantry/request", json.dumps({"id": "x", "prompt": "y"}), qos=1)
+        time.sleep(1.0)
+        assert seen == [] and ha_seen == []
+        for raw in (kitchen, ha):
+            raw.loop_stop()
+            raw.disconnect()
+    finally:
+        daemon.stop()
+        thread.join(timeout=30)
