@@ -380,3 +380,18 @@ def test_prompt_longer_than_context_is_refused_with_numbers(daemon: Daemon, brok
                                                f"{daemon.engine.context_length} tokens"):
             client.ask(daemon.config.device_id, {"prompt": too_long, "max_tokens": 2})
         assert client.ask(daemon.config.device_id, {"prompt": "short", "max_tokens": 2})["type"] == "final"
+
+
+def test_mqtt5_message_expiry_answers_expired(daemon: Daemon, broker: int) -> None:
+    """A request carrying an MQTT 5 message expiry that passes while it waits in the queue is not run late."""
+    device = daemon.config.device_id
+    with DeviceClient(port=broker) as client:
+        running = client.send(device, {"prompt": "long", "max_tokens": 4000})
+        stream = client.replies(running, timeout=60)
+        next(stream), next(stream)  # queued, then the first chunk: the worker is busy
+        waiting = client.send(device, {"prompt": "soon stale", "max_tokens": 2}, expiry_s=1)
+        assert next(client.replies(waiting, timeout=10))["type"] == "queued"
+        time.sleep(1.5)
+        client.cancel(device, running)
+        *_, last = client.replies(waiting, timeout=30)
+        assert last["code"] == "expired"
