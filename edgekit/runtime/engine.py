@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from edgekit.errors import EdgekitError
+from edgekit.errors import ContextExceeded, EdgekitError
 from edgekit.runtime.sampling import Sampler, Sampling
 
 PREFILL_CHUNK = 512  # bounds prefill activations; chunked prefill is exact
@@ -120,7 +120,7 @@ class Engine:
     def forward(self, state: State, ids: list[int]) -> np.ndarray:
         """Run ``ids`` after ``state`` (updated in place); return the logits for the last position."""
         if state.length + len(ids) > self.context_length:
-            raise EdgekitError(
+            raise ContextExceeded(
                 f"sequence of {state.length + len(ids)} tokens exceeds the bundle's context of {self.context_length}"
             )
         logits = None
@@ -165,7 +165,7 @@ class Engine:
         if not prompt:
             raise EdgekitError("empty prompt: nothing to generate from")
         if state.length + len(prompt) >= self.context_length:
-            raise EdgekitError(
+            raise ContextExceeded(
                 f"prompt of {len(prompt)} tokens (after {state.length} already in this sequence) does not fit "
                 f"the bundle's context of {self.context_length} tokens"
             )

@@ -24,7 +24,7 @@ from paho.mqtt.properties import Properties
 
 from edgekit import __version__
 from edgekit.bundle import verify
-from edgekit.errors import EdgekitError
+from edgekit.errors import ContextExceeded, EdgekitError
 from edgekit.runtime.conversation import SessionEvicted, Turn, run_turn
 from edgekit.runtime.engine import Engine
 from edgekit.runtime.sessions import SessionStore
@@ -114,6 +114,10 @@ class Daemon:
         except Exception:  # a bad message must never stop the daemon
             log.exception("failed to handle a message on %s", message.topic)
 
+    def _error(self, topic: str, correlation: bytes | None, request_id: str | None, code: str, message: str) -> None:
+        """Answer a request with an error message (QoS 1, like every final)."""
+        self._publish(topic, protocol.error(request_id, code, message), correlation, qos=1)
+
     def _publish(self, topic: str, payload: bytes, correlation: bytes | None, qos: int = 0) -> None:
         properties = None
         if self.config.protocol == "5" and correlation is not None:
@@ -135,7 +139,7 @@ class Daemon:
             topic = response_topic or (None if exc.code == "too_large" else _reply_to_of(message.payload))
             log.warning("rejected request %s: %s", exc.request_id, exc.message)
             if topic and topic.startswith(self.config.reply_prefix):
-                self._publish(topic, protocol.error(exc.request_id, exc.code, exc.message), correlation, qos=1)
+                self._error(topic, correlation, exc.request_id, exc.code, exc.message)
             return
         reply_topic = response_topic or request.reply_to
         if not reply_topic:
@@ -156,7 +160,7 @@ class Daemon:
 
         def refuse(code: str, text: str) -> None:
             self.metrics.count("errors")
-            self._publish(reply_topic, protocol.error(request.id, code, text), correlation, qos=1)
+            self._error(reply_topic, correlation, request.id, code, text)
 
         if expiry is not None and request.deadline is None:
             request.deadline = time.time() + expiry
@@ -192,12 +196,9 @@ class Daemon:
     def _run(self, job: _Job) -> None:
         request, topic, correlation = job.request, job.reply_topic, job.correlation
         if job.cancelled.is_set():
-            self._publish(topic, protocol.error(request.id, "cancelled", "cancelled while queued"), correlation, qos=1)
-            return
+            return self._error(topic, correlation, request.id, "cancelled", "cancelled while queued")
         if request.deadline is not None and time.time() > request.deadline:
-            self._publish(topic, protocol.error(request.id, "expired", "deadline passed before the request ran"),
-                          correlation, qos=1)
-            return
+            return self._error(topic, correlation, request.id, "expired", "deadline passed before the request ran")
         queue_wait = time.time() - request.received_at
         seq = 0
 
@@ -212,12 +213,11 @@ class Daemon:
         try:
             result = run_turn(self.engine, self.tokenizer, turn, on_text, job.cancelled.is_set, self.sessions)
         except SessionEvicted as exc:
-            self._publish(topic, protocol.error(request.id, "session_evicted", str(exc)), correlation, qos=1)
-            return
+            return self._error(topic, correlation, request.id, "session_evicted", str(exc))
+        except ContextExceeded as exc:
+            return self._error(topic, correlation, request.id, "context_exceeded", str(exc))
         except EdgekitError as exc:
-            code = "context_exceeded" if "context" in str(exc) else "internal"
-            self._publish(topic, protocol.error(request.id, code, str(exc)), correlation, qos=1)
-            return
+            return self._error(topic, correlation, request.id, "internal", str(exc))
         stats = result.stats
         finish = "shutdown" if job.shutdown else result.finish_reason
         self.metrics.finished(stats.completion_tokens, stats.prefill_s, stats.decode_tps)
@@ -255,8 +255,7 @@ class Daemon:
                 self._run(job)
             except Exception:
                 log.exception("request %s failed", job.request.id)
-                self._publish(job.reply_topic, protocol.error(job.request.id, "internal", "unexpected error"),
-                              job.correlation, qos=1)
+                self._error(job.reply_topic, job.correlation, job.request.id, "internal", "unexpected error")
             finally:
                 self.active = None
 
@@ -293,8 +292,7 @@ class Daemon:
                 job = self.jobs.get_nowait()
             except queue.Empty:
                 break
-            self._publish(job.reply_topic, protocol.error(job.request.id, "shutting_down", "the daemon is stopping"),
-                          job.correlation, qos=1)
+            self._error(job.reply_topic, job.correlation, job.request.id, "shutting_down", "the daemon is stopping")
         worker.join(timeout=30)
         info = self.client.publish(self.topics["status"], self._status("offline"), qos=1, retain=True)
         info.wait_for_publish(timeout=5)
