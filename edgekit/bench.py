@@ -80,10 +80,7 @@ def run(bundle: Path, runs: int, prompt_len: int, new_tokens: int, threads: int 
                               ["model"]["decoder"]["session_options"].get("intra_op_num_threads"), "runs": runs}
     try:
         with DeviceClient(port=broker.port, mqtt_version=broker.protocol) as client:
-            deadline = time.monotonic() + 120
-            while client.statuses(0.5).get(device, {}).get("state") != "online":
-                if daemon.poll() is not None or time.monotonic() > deadline:
-                    raise EdgekitError("the bench daemon did not come online")
+            client.wait_for_state(device, "online", timeout=120, alive=lambda: daemon.poll() is None)
             process = psutil.Process(daemon.pid)
             process.cpu_percent()
             time.sleep(5)

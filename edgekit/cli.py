@@ -379,17 +379,8 @@ def ask(prompt: str, device_id: str | None, pool: str | None, session: str | Non
     request.update({key: value for key, value in optional.items() if value is not None})
     pieces: list[str] = []
     with _client(_broker_settings(**broker)) as client:
-        request_id = client.send(device_id, request, pool=pool)
-        final: dict[str, Any] = {}
-        for reply in client.replies(request_id, timeout=timeout):
-            if reply["type"] == "chunk":
-                pieces.append(reply["text"])
-                if not as_json:
-                    click.echo(reply["text"], nl=False)
-            elif reply["type"] == "error":
-                raise EdgekitError(f"{device_id or pool}: {reply['code']}: {reply['message']}")
-            elif reply["type"] == "final":
-                final = reply
+        final = client.ask(device_id, request, on_text=pieces.append if as_json else
+                           (lambda text: click.echo(text, nl=False)), timeout=timeout, pool=pool)
     if as_json:
         click.echo(json.dumps({**final, "text": "".join(pieces)}, indent=2))
     else:

@@ -71,7 +71,10 @@ class DeviceClient:
         self._connected.set()
 
     def _subscribe(self, topic: str) -> None:
-        self._subscriptions.append(topic)
+        # Subscribing again is how statuses() gets the retained messages anew; remember each topic
+        # once for resubscribing after a reconnect.
+        if topic not in self._subscriptions:
+            self._subscriptions.append(topic)
         done = threading.Event()
         self._client.on_subscribe = lambda *args: done.set()
         self._client.subscribe(topic, qos=1)
@@ -142,18 +145,29 @@ class DeviceClient:
             if reply.get("type") in ("final", "error"):
                 return
 
-    def ask(self, device_id: str, request: dict[str, Any], on_text: Callable[[str], None] | None = None,
-            timeout: float = 120.0) -> dict[str, Any]:
-        """Send a request and wait for its final message; raise on an error reply."""
-        request_id = self.send(device_id, request)
+    def ask(self, device_id: str | None, request: dict[str, Any], on_text: Callable[[str], None] | None = None,
+            timeout: float = 120.0, pool: str | None = None) -> dict[str, Any]:
+        """Send a request (to a device or a pool) and wait for its final message; raise on an error reply."""
+        request_id = self.send(device_id, request, pool=pool)
         for reply in self.replies(request_id, timeout):
             if reply["type"] == "chunk" and on_text:
                 on_text(reply["text"])
             elif reply["type"] == "error":
-                raise EdgekitError(f"device {device_id}: {reply['code']}: {reply['message']}")
+                target = f"device {device_id}" if device_id else f"pool {pool}"
+                raise EdgekitError(f"{target}: {reply['code']}: {reply['message']}")
             elif reply["type"] == "final":
                 return reply
         raise AssertionError("unreachable")
+
+    def wait_for_state(self, device_id: str, state: str, timeout: float = 30.0,
+                       alive: Callable[[], bool] = lambda: True) -> dict[str, Any]:
+        """Poll retained statuses until ``device_id`` reports ``state``; raise after ``timeout`` or once
+        ``alive()`` turns false (e.g. the daemon process exited)."""
+        deadline = time.monotonic() + timeout
+        while (status := self.statuses(0.3).get(device_id, {})).get("state") != state:
+            if not alive() or time.monotonic() > deadline:
+                raise EdgekitError(f"device {device_id} did not become {state} within {timeout:g} s")
+        return status
 
     def statuses(self, wait_s: float = 1.0) -> dict[str, dict[str, Any]]:
         """The retained status of every device under the prefix, with its latest telemetry under "telemetry"."""

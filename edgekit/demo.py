@@ -13,7 +13,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -88,10 +87,7 @@ def _serve_and_ask(edgekit: list[str], bundle: Path, prompt: str) -> None:
                                "--mqtt", broker.protocol])
     try:
         with DeviceClient(port=broker.port, mqtt_version=broker.protocol) as client:
-            deadline = time.monotonic() + 60
-            while client.statuses(0.5).get("demo", {}).get("state") != "online":
-                if daemon.poll() is not None or time.monotonic() > deadline:
-                    raise EdgekitError("the daemon did not come online")
+            client.wait_for_state("demo", "online", timeout=60, alive=lambda: daemon.poll() is None)
             click.secho(f"\n> {prompt}", bold=True)
             final = client.ask("demo", {"messages": [{"role": "user", "content": prompt}], "max_tokens": 48},
                                on_text=lambda text: click.echo(text, nl=False))

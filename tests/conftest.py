@@ -125,9 +125,7 @@ def start_daemon(config: DaemonConfig) -> tuple[Daemon, threading.Thread]:
     thread = threading.Thread(target=instance.serve, kwargs={"handle_signals": False}, daemon=True)
     thread.start()
     with DeviceClient(port=config.port, mqtt_version=instance.config.protocol) as probe:
-        deadline = time.monotonic() + 10
-        while probe.statuses(0.3).get(config.device_id, {}).get("state") != "online":
-            assert time.monotonic() < deadline, "daemon never published online"
+        probe.wait_for_state(config.device_id, "online", timeout=10)
     return instance, thread
 
 

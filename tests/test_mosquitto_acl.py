@@ -59,9 +59,7 @@ def test_example_acl_keeps_devices_and_clients_apart(acl_broker: int, host_bundl
     thread.start()
     try:
         with DeviceClient(port=port, username="client-ha", password=USERS["client-ha"]) as client:
-            deadline = time.monotonic() + 10
-            while client.statuses(0.3).get("kitchen", {}).get("state") != "online":
-                assert time.monotonic() < deadline, "kitchen never came online under the ACL"
+            client.wait_for_state("kitchen", "online", timeout=10)
             assert client.ask("kitchen", {"prompt": "hi", "max_tokens": 2})["type"] == "final"
             request_id = client.send(None, {"prompt": "pool", "max_tokens": 2}, pool="house")
             *_, last = client.replies(request_id, timeout=30)

@@ -225,13 +225,10 @@ def test_unknown_evicted_session_says_so(daemon: Daemon, broker: int) -> None:
 
 def test_sigterm_finishes_in_flight_and_publishes_offline(host_bundle: Path, broker: int) -> None:
     device = f"term-{uuid.uuid4().hex[:6]}"
-    process = subprocess.Popen([sys.executable, "-m", "edgekit.cli", "serve", str(host_bundle), "--device-id", device,
-                                "--port", str(broker)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = _serve_process(host_bundle, broker, device)
     try:
         with DeviceClient(port=broker) as client:
-            deadline = time.monotonic() + 30
-            while client.statuses(0.3).get(device, {}).get("state") != "online":
-                assert time.monotonic() < deadline and process.poll() is None, process.stderr.read() if process.poll() else ""
+            client.wait_for_state(device, "online", alive=lambda: process.poll() is None)
             request_id = client.send(device, {"prompt": "go", "max_tokens": 3000})
             replies = client.replies(request_id, timeout=60)
             assert next(replies)["type"] == "queued"
@@ -248,29 +245,18 @@ def test_sigterm_finishes_in_flight_and_publishes_offline(host_bundle: Path, bro
 
 def test_last_will_marks_a_killed_daemon_offline(host_bundle: Path, broker: int) -> None:
     device = f"kill-{uuid.uuid4().hex[:6]}"
-    process = subprocess.Popen([sys.executable, "-m", "edgekit.cli", "serve", str(host_bundle), "--device-id", device,
-                                "--port", str(broker)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = _serve_process(host_bundle, broker, device)
     with DeviceClient(port=broker) as client:
-        deadline = time.monotonic() + 30
-        while client.statuses(0.3).get(device, {}).get("state") != "online":
-            assert time.monotonic() < deadline
+        client.wait_for_state(device, "online", alive=lambda: process.poll() is None)
         process.kill()
         process.wait()
         # The broker publishes the will once it notices the dead connection (keepalive 30 s x 1.5 at most).
-        deadline = time.monotonic() + 60
-        while client.statuses(0.5).get(device, {}).get("state") != "offline":
-            assert time.monotonic() < deadline, "the last will never arrived"
+        client.wait_for_state(device, "offline", timeout=60)
 
 
 def _serve_process(bundle: Path, broker: int, device: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "edgekit.cli", "serve", str(bundle), "--device-id", device,
                              "--port", str(broker)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def _wait_state(client: DeviceClient, device: str, state: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while client.statuses(0.3).get(device, {}).get("state") != state:
-        assert time.monotonic() < deadline, f"{device} never became {state}"
 
 
 def test_requests_sent_while_daemon_is_away_are_served_on_return(host_bundle: Path, broker: int) -> None:
@@ -279,10 +265,10 @@ def test_requests_sent_while_daemon_is_away_are_served_on_return(host_bundle: Pa
     process = _serve_process(host_bundle, broker, device)
     try:
         with DeviceClient(port=broker) as client:
-            _wait_state(client, device, "online")
+            client.wait_for_state(device, "online")
             process.send_signal(signal.SIGTERM)
             assert process.wait(timeout=30) == 0
-            _wait_state(client, device, "offline")
+            client.wait_for_state(device, "offline")
             request_id = client.send(device, {"prompt": "while you were out", "max_tokens": 3})
             time.sleep(0.5)
             process = _serve_process(host_bundle, broker, device)

@@ -103,9 +103,7 @@ def test_tls_and_password(secure_broker, host_bundle: Path) -> None:
     thread.start()
     try:
         with DeviceClient(port=port, username="device", password="correct horse", **tls) as client:
-            deadline = time.monotonic() + 15
-            while client.statuses(0.3).get("vault", {}).get("state") != "online":
-                assert time.monotonic() < deadline, "daemon did not come online over TLS"
+            client.wait_for_state("vault", "online", timeout=15)
             assert client.ask("vault", {"prompt": "secure hello", "max_tokens": 2})["type"] == "final"
         with pytest.raises(EdgekitError, match="did not accept the connection \\(refused"):
             DeviceClient(port=port, username="device", password="wrong", **tls)
