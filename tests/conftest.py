@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +17,7 @@ from edgekit.client import DeviceClient
 from edgekit.fixtures.checkpoint import write_checkpoint
 from edgekit.profiles import Quality, load_profile
 from edgekit.serve.daemon import Daemon, DaemonConfig
+from edgekit.serve.embedded_broker import free_port, mosquitto_path, wait_for_port
 
 # Random weights cannot meet real-model quality thresholds (their logits are near-flat, so top-1
 # among 248k tokens is a coin toss); the KL bound still separates sound exports from broken ones.
@@ -70,13 +69,14 @@ def bundle_copy(host_bundle: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(host_bundle, tmp_path / host_bundle.name))
 
 
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+MOSQUITTO = mosquitto_path() or "/usr/sbin/mosquitto"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def start_mosquitto(config: Path, port: int) -> subprocess.Popen:
+    """Run mosquitto with ``config`` and wait until it listens on ``port``."""
+    process = subprocess.Popen([MOSQUITTO, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert wait_for_port(port, process, timeout=10), f"mosquitto refused {config}"
+    return process
 
 
 class Mosquitto:
@@ -96,16 +96,7 @@ class Mosquitto:
         self.start()
 
     def start(self) -> None:
-        self.process = subprocess.Popen([MOSQUITTO, "-c", str(self.config)], stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                assert time.monotonic() < deadline and self.process.poll() is None, "mosquitto did not start"
-                time.sleep(0.05)
+        self.process = start_mosquitto(self.config, self.port)
 
     def stop(self) -> None:
         self.process.terminate()  # mosquitto saves its persistence database on SIGTERM

@@ -14,7 +14,7 @@ import pytest
 from edgekit.client import DeviceClient
 from edgekit.serve.daemon import Daemon, DaemonConfig
 
-from .conftest import MOSQUITTO, free_port
+from .conftest import free_port, start_mosquitto
 
 DEPLOY = Path(__file__).parent.parent / "deploy" / "mosquitto"
 USERS = {"kitchen": "k-pass", "pantry": "p-pass", "client-ha": "c-pass"}
@@ -32,10 +32,7 @@ def acl_broker(tmp_path_factory: pytest.TempPathFactory):
         f"per_listener_settings false\nallow_anonymous false\npassword_file {passwd}\n"
         f"acl_file {DEPLOY / 'edgekit.acl'}\nlistener {port} 127.0.0.1\nuser root\n"
     )
-    process = subprocess.Popen([MOSQUITTO, "-c", str(folder / "mosquitto.conf")], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    time.sleep(0.5)
-    assert process.poll() is None, "mosquitto refused the example ACL"
+    process = start_mosquitto(folder / "mosquitto.conf", port)
     yield port
     process.terminate()
     process.wait(timeout=10)

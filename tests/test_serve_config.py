@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from edgekit.errors import EdgekitError
 from edgekit.serve import config as daemon_config
 from edgekit.serve.daemon import Daemon
 
-from .conftest import MOSQUITTO, free_port
+from .conftest import free_port, start_mosquitto
 
 
 def test_yaml_env_and_flags_layer(tmp_path: Path) -> None:
@@ -79,10 +78,7 @@ def secure_broker(tmp_path_factory: pytest.TempPathFactory):
         # Run as root (CI does), mosquitto would switch to its own user and lose access to our temp files.
         "user root\n"
     )
-    process = subprocess.Popen([MOSQUITTO, "-c", str(folder / "mosquitto.conf")], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    time.sleep(0.5)
-    assert process.poll() is None, "mosquitto refused the TLS configuration"
+    process = start_mosquitto(folder / "mosquitto.conf", port)
     yield port, folder
     process.terminate()
     process.wait(timeout=10)

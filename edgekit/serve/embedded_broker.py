@@ -39,16 +39,35 @@ class EmbeddedBroker:
             self.process.kill()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
+def mosquitto_path() -> str | None:
+    """The mosquitto binary (Debian puts it in /usr/sbin, often not on a user's PATH)."""
+    return shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
+
+
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 15.0) -> bool:
+    """Wait until ``process`` accepts connections on ``port``; False if it exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return True
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+
+
 def start(prefer: str = "auto") -> EmbeddedBroker:
     """Start a broker on a free loopback port; ``prefer`` is auto, mosquitto or amqtt."""
-    port = _free_port()
-    mosquitto = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
+    port = free_port()
+    mosquitto = mosquitto_path()
     if prefer in ("auto", "mosquitto") and mosquitto:
         config = Path(tempfile.mkdtemp(prefix="edgekit-broker-")) / "mosquitto.conf"
         # As root, mosquitto would switch to its own user; nothing here needs that.
@@ -60,16 +79,10 @@ def start(prefer: str = "auto") -> EmbeddedBroker:
                                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port, "3.1.1", "amqtt")
     else:
         raise EdgekitError("no MQTT broker available: install mosquitto, or amqtt (pip install amqtt)")
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return broker
-        except OSError:
-            if broker.process.poll() is not None or time.monotonic() > deadline:
-                broker.stop()
-                raise EdgekitError(f"the embedded {broker.kind} broker did not start on port {port}") from None
-            time.sleep(0.1)
+    if not wait_for_port(port, broker.process):
+        broker.stop()
+        raise EdgekitError(f"the embedded {broker.kind} broker did not start on port {port}")
+    return broker
 
 
 def _serve_amqtt(port: int) -> None:
