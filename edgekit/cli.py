@@ -287,10 +287,9 @@ def _broker_settings(host: str | None, port: int | None, prefix: str | None, mqt
                      tls_key: Path | None) -> dict[str, Any]:
     password = None
     if password_file:
-        try:
-            password = password_file.read_text().strip()
-        except OSError as exc:
-            raise EdgekitError(f"cannot read --password-file {password_file}: {exc.strerror}") from exc
+        from edgekit.serve.config import read_secret
+
+        password = read_secret(password_file, "--password-file")
     return {"host": host, "port": port, "prefix": prefix, "protocol": mqtt_version, "username": username,
             "password": password, "tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key}
 

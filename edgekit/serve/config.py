@@ -78,6 +78,14 @@ def load(path: Path | None, overrides: Mapping[str, Any] | None = None,
     return config
 
 
+def read_secret(path: Path | str, what: str) -> str:
+    """The secret stored in ``path`` (surrounding whitespace dropped); ``what`` names it in errors."""
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise EdgekitError(f"{what}: cannot read {path} ({exc.strerror})") from exc
+
+
 def _read_file(path: Path) -> dict[str, Any]:
     where = str(path)
     try:
@@ -120,10 +128,7 @@ def _read_file(path: Path) -> dict[str, Any]:
     put("username", broker.get("username", str, "a user name", None))
     password_file = broker.get("password_file", str, "a path to a file holding the password", None)
     if password_file:
-        try:
-            values["password"] = Path(password_file).read_text().strip()
-        except OSError as exc:
-            raise EdgekitError(f"{where}: field 'broker.password_file': cannot read {password_file} ({exc.strerror})") from exc
+        values["password"] = read_secret(password_file, f"{where}: field 'broker.password_file'")
     for name in ("ca", "cert", "key"):
         put(f"tls_{name}", tls.get(name, str, "a path to a PEM file", None))
     if "memory_mb" in sessions.data:
