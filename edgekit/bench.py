@@ -40,10 +40,10 @@ def direct_run(engine: Engine, prompt_len: int, new_tokens: int) -> dict[str, fl
             "ttft_s": stats.token_times[0] - started, "itl": gaps}
 
 
-def mqtt_run(client: DeviceClient, device: str, prompt_len: int, new_tokens: int) -> dict[str, float]:
-    """One generation through the broker, timed at the client: TTFT and decode rate as a user sees them."""
+def _timed_request(client: DeviceClient, device: str, request: dict[str, Any]) -> tuple[float, list[float], dict[str, Any]]:
+    """Send ``request`` and time its replies at the client: (send time, chunk arrival times, final message)."""
     started = time.perf_counter()
-    request_id = client.send(device, {"prompt": " a" * prompt_len, "max_tokens": new_tokens})
+    request_id = client.send(device, request)
     times: list[float] = []
     final: dict[str, Any] = {}
     for reply in client.replies(request_id, timeout=600):
@@ -53,6 +53,12 @@ def mqtt_run(client: DeviceClient, device: str, prompt_len: int, new_tokens: int
             final = reply
         elif reply["type"] == "error":
             raise EdgekitError(f"bench request failed: {reply['message']}")
+    return started, times or [time.perf_counter()], final
+
+
+def mqtt_run(client: DeviceClient, device: str, prompt_len: int, new_tokens: int) -> dict[str, float]:
+    """One generation through the broker, timed at the client: TTFT and decode rate as a user sees them."""
+    started, times, final = _timed_request(client, device, {"prompt": " a" * prompt_len, "max_tokens": new_tokens})
     tokens = final["usage"]["completion_tokens"]
     return {"ttft_s": times[0] - started, "decode_tps": (tokens - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0,
             "server_ttft_s": final["timings"]["time_to_first_token_s"] + final["timings"]["queue_s"],
@@ -121,22 +127,10 @@ def _session_bench(client: DeviceClient, device: str, progress: Any) -> dict[str
     history = [{"role": "user", "content": " ".join(f"note {i}: the sensor read {i % 37} degrees." for i in range(160))}]
     first = client.ask(device, {"messages": history, "session": "bench", "new_session": True, "max_tokens": 8})
     follow = {"role": "user", "content": "Summarise the readings."}
-    started = time.perf_counter()
-    kept = _first_chunk(client, device, {"messages": [follow], "session": "bench", "max_tokens": 4})
-    kept_s = kept - started
+    started, times, _ = _timed_request(client, device, {"messages": [follow], "session": "bench", "max_tokens": 4})
+    kept_s = times[0] - started
     replay_history = [*history, {"role": "assistant", "content": "ok"}, follow]
-    started = time.perf_counter()
-    replay_s = _first_chunk(client, device, {"messages": replay_history, "max_tokens": 4}) - started
+    started, times, _ = _timed_request(client, device, {"messages": replay_history, "max_tokens": 4})
+    replay_s = times[0] - started
     return {"history_tokens": first["usage"]["session_tokens"], "kept_ttft_ms": 1000 * kept_s,
             "replay_ttft_ms": 1000 * replay_s, "speedup": replay_s / kept_s}
-
-
-def _first_chunk(client: DeviceClient, device: str, request: dict[str, Any]) -> float:
-    request_id = client.send(device, request)
-    first = None
-    for reply in client.replies(request_id, timeout=600):
-        if reply["type"] == "chunk" and first is None:
-            first = time.perf_counter()
-        if reply["type"] == "error":
-            raise EdgekitError(f"bench request failed: {reply['message']}")
-    return first if first is not None else time.perf_counter()

@@ -381,3 +381,14 @@ def test_mqtt5_message_expiry_answers_expired(daemon: Daemon, broker: int) -> No
         client.cancel(device, running)
         *_, last = client.replies(waiting, timeout=30)
         assert last["code"] == "expired"
+
+
+def test_bench_report(host_bundle: Path) -> None:
+    """`edgekit bench` runs end to end; its MQTT prompt has the same length as the engine's."""
+    from edgekit.bench import run
+
+    report = run(host_bundle, runs=1, prompt_len=32, new_tokens=4, threads=None, progress=lambda _: None)
+    assert report["mqtt"]["prompt_tokens"] == 32
+    assert report["direct"]["decode_tps"] > 0 and report["mqtt"]["decode_tps"] > 0
+    assert report["daemon_rss_mb"] > 0 and report["session"]["history_tokens"] > 2000
+    assert report["session"]["kept_ttft_ms"] < report["session"]["replay_ttft_ms"]
