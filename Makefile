@@ -37,10 +37,15 @@ fixtures: fixtures/qwen3.5-tiny/config.json fixtures/qwen3.5-0.8b/config.json
 run: install
 	$(BIN)/python -m edgekit.demo --model "$(MODEL)" --profile $(PROFILE) --prompt "$(PROMPT)" $(RANDOM)
 
-# The serve tests start their own Mosquitto brokers; install the broker where it is missing.
+# The tests start their own Mosquitto brokers and sshd (the deploy tests' device), validate
+# cloud-init user-data and run the Ansible playbook: install what is missing (Debian packages).
+SYSTEM_PACKAGES := mosquitto openssh-server openssh-client sudo ansible cloud-init python3-venv
 system-deps:
-	@test -x /usr/sbin/mosquitto || command -v mosquitto >/dev/null || \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto)
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
 
 test: install system-deps
 	$(BIN)/python -m pytest -q

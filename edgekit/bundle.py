@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,8 @@ from edgekit.errors import EdgekitError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"  # written by edgekit.signing; not listed in the manifest it signs
+_UNLISTED = (MANIFEST, SIGNATURE)
 _CHUNK = 4 * 1024**2
 
 
@@ -27,9 +30,9 @@ def sha256_file(path: Path) -> str:
 
 
 def file_entries(folder: Path) -> list[dict[str, Any]]:
-    """Size and sha256 of every file under ``folder`` except the manifest, sorted by path."""
+    """Size and sha256 of every file under ``folder`` except the manifest and its signature, sorted by path."""
     entries = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+    for path in sorted(_listable(folder)):
         entries.append({"path": path.relative_to(folder).as_posix(), "size": path.stat().st_size, "sha256": sha256_file(path)})
     return entries
 
@@ -57,11 +60,27 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def verify(folder: Path) -> dict[str, Any]:
-    """Check every file listed in the manifest (size, then sha256); refuse missing or extra files."""
+def _listable(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() not in _UNLISTED]
+
+
+def bundle_id(folder: Path) -> str:
+    """``<name>-<first 12 hex of the manifest's sha256>``: the folder name a device keeps this bundle under."""
+    return f"{read_manifest(folder)['name']}-{sha256_file(folder / MANIFEST)[:12]}"
+
+
+def verify(folder: Path, trusted_keys: Sequence[Path] = ()) -> dict[str, Any]:
+    """Check every file listed in the manifest (size, then sha256); refuse missing or extra files.
+
+    With ``trusted_keys``, the manifest must also carry a valid signature by one of them.
+    """
     manifest = read_manifest(folder)
+    if trusted_keys:
+        from edgekit import signing  # cryptography is only loaded where signatures are checked
+
+        signing.check(folder, list(trusted_keys))
     listed = {entry["path"]: entry for entry in manifest["files"]}
-    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST}
+    present = {p.relative_to(folder).as_posix() for p in _listable(folder)}
     if missing := sorted(set(listed) - present):
         raise EdgekitError(f"{folder}: incomplete bundle, missing {', '.join(missing)}")
     if extra := sorted(present - set(listed)):

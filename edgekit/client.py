@@ -160,14 +160,19 @@ class DeviceClient:
         raise AssertionError("unreachable")
 
     def wait_for_state(self, device_id: str, state: str, timeout: float = 30.0,
-                       alive: Callable[[], bool] = lambda: True) -> dict[str, Any]:
-        """Poll retained statuses until ``device_id`` reports ``state``; raise after ``timeout`` or once
-        ``alive()`` turns false (e.g. the daemon process exited)."""
+                       alive: Callable[[], bool] = lambda: True,
+                       match: Callable[[dict[str, Any]], bool] = lambda status: True) -> dict[str, Any]:
+        """Poll retained statuses until ``device_id`` reports ``state`` (and ``match`` accepts the status);
+        raise after ``timeout`` or once ``alive()`` turns false (e.g. the daemon process exited)."""
         deadline = time.monotonic() + timeout
-        while (status := self.statuses(0.3).get(device_id, {})).get("state") != state:
+        last: dict[str, Any] = {}
+        while True:
+            last = self.statuses(0.3).get(device_id, last)
+            if last.get("state") == state and match(last):
+                return last
             if not alive() or time.monotonic() > deadline:
-                raise EdgekitError(f"device {device_id} did not become {state} within {timeout:g} s")
-        return status
+                seen = f"last status: {last.get('state')}, bundle {last.get('bundle')}" if last else "no status seen"
+                raise EdgekitError(f"device {device_id} did not become {state} within {timeout:g} s ({seen})")
 
     def statuses(self, wait_s: float = 1.0) -> dict[str, dict[str, Any]]:
         """The retained status of every device under the prefix, with its latest telemetry under "telemetry"."""

@@ -62,6 +62,7 @@ class BuildRequest:
     include_mtp: bool = False
     context_length: int | None = None
     quality: Quality | None = None
+    sign_key: Path | None = None  # ed25519 private key (PEM): sign the manifest before the bundle appears
 
 
 @dataclass
@@ -142,6 +143,10 @@ def build(request: BuildRequest, reporter: Reporter | None = None) -> BuildResul
         report.step("writing manifest")
         manifest = bundle.write_manifest(staging, _manifest_fields(name, request, profile, checkpoint, context, memory,
                                                                     extra, quality, timings, started))
+        if request.sign_key:
+            from edgekit import signing
+
+            signing.sign(staging, request.sign_key)
         if final.exists():
             old = request.output / f".{name}.old-{os.getpid()}"
             final.rename(old)

@@ -52,6 +52,7 @@ class DaemonConfig:
     session_idle_s: float = 900.0
     min_available_mb: int = 150
     threads: int | None = None
+    trusted_keys: tuple[Path, ...] = ()  # when set, only bundles signed by one of these keys are served
 
 
 def load(path: Path | None, overrides: Mapping[str, Any] | None = None,
@@ -71,6 +72,7 @@ def load(path: Path | None, overrides: Mapping[str, Any] | None = None,
         value = getattr(config, name)
         if value is not None:
             config = replace(config, **{name: Path(value)})
+    config = replace(config, trusted_keys=tuple(Path(k) for k in config.trusted_keys))
     if config.tls_cert and not config.tls_key:
         raise EdgekitError("tls client certificate given without its key (tls.key)")
     if config.pools and config.protocol != "5":
@@ -120,6 +122,11 @@ def _read_file(path: Path) -> dict[str, Any]:
         values["min_available_mb"] = top.number("min_available_mb", 0, 1_000_000, integer=True)
     if "threads" in top.data:
         values["threads"] = top.number("threads", 1, 256, integer=True)
+    keys = top.get("trusted_keys", list, "a list of paths to ed25519 public keys (PEM)", None)
+    if keys is not None:
+        if not all(isinstance(k, str) and k for k in keys):
+            raise EdgekitError(f"{where}: field 'trusted_keys' must be a list of paths to public keys (got {keys!r})")
+        values["trusted_keys"] = tuple(keys)
     put("host", broker.get("host", str, "a host name", None))
     if "port" in broker.data:
         values["port"] = broker.number("port", 1, 65535, integer=True)

@@ -57,9 +57,10 @@ class Daemon:
                 config.host, config.port, config.username, config.password, config.tls_ca, config.tls_cert, config.tls_key))
             log.info("broker speaks MQTT %s", config.protocol)
         self.config = config
-        self.manifest = verify(config.bundle)
+        self.manifest = verify(config.bundle, config.trusted_keys)
         self.engine = Engine(config.bundle, threads=config.threads)
         self.tokenizer = ChatTokenizer(config.bundle)
+        self._self_test()
         self.sessions = SessionStore(config.session_memory_mb * 1024**2, config.session_idle_s)
         self.topics = protocol.topics(config.prefix, config.device_id)
         self.pool_topics = [protocol.pool_topics(config.prefix, pool) for pool in config.pools]
@@ -81,6 +82,13 @@ class Daemon:
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+
+    def _self_test(self) -> None:
+        """Generate one token before announcing online, so a bundle this device cannot run never looks healthy."""
+        try:
+            list(self.engine.generate(self.tokenizer.encode("ping"), max_new_tokens=1))
+        except Exception as exc:
+            raise EdgekitError(f"self-test failed: cannot generate from {self.config.bundle} ({type(exc).__name__}: {exc})") from exc
 
     # --- MQTT plumbing -------------------------------------------------------------------------
 

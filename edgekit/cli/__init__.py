@@ -3,40 +3,17 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from edgekit import __version__
+from edgekit.cli.common import broker_options, broker_settings, connect, err, friendly, out
 from edgekit.errors import EdgekitError
-
-err = Console(stderr=True)
-out = Console()
-
-
-def _friendly(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn an EdgekitError into one line on stderr and exit status 1."""
-
-    @wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except EdgekitError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            err.print("[bold red]interrupted[/]")
-            sys.exit(130)
-
-    return wrapper
 
 
 @click.group()
@@ -55,7 +32,7 @@ def main() -> None:
 @main.group(invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.pass_context
-@_friendly
+@friendly
 def profiles(ctx: click.Context, as_json: bool) -> None:
     """List device profiles (or `show NAME` for one).
 
@@ -85,7 +62,7 @@ def profiles(ctx: click.Context, as_json: bool) -> None:
 @profiles.command("show")
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-@_friendly
+@friendly
 def profiles_show(name: str, as_json: bool) -> None:
     """Show one profile: NAME, `host`, or a path to a YAML file.
 
@@ -146,17 +123,20 @@ class _RichReporter:
               help="Also export the checkpoint's MTP head (speculative decoding; does not load on CPU with genai 0.18).")
 @click.option("--force", is_flag=True, help="Build even if the memory estimate exceeds the device's budget.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle of the same name.")
+@click.option("--sign", "sign_key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Sign the manifest with this ed25519 private key (from `edgekit keys`).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
-@_friendly
+@friendly
 def build(profile_name: str, model: str | None, revision: str | None, output: Path, name: str | None,
           context_length: int | None, ram_gb: float | None, min_top1: float | None, max_kl: float | None,
-          include_mtp: bool, force: bool, overwrite: bool, as_json: bool) -> None:
+          include_mtp: bool, force: bool, overwrite: bool, sign_key: Path | None, as_json: bool) -> None:
     """Export and quantize a Qwen3.5 checkpoint into a bundle for a device profile.
 
     \b
     Example:
       edgekit build --profile raspberry-pi-5 --model Qwen/Qwen3.5-0.8B
       edgekit build --profile raspberry-pi-4 --ram-gb 2 --model ./my-checkpoint -o dist --json
+      edgekit build --profile raspberry-pi-5 --sign keys/release.key
     """
     from dataclasses import replace
 
@@ -164,6 +144,10 @@ def build(profile_name: str, model: str | None, revision: str | None, output: Pa
     from edgekit.build.pipeline import build as run_build
     from edgekit.profiles import Quality, load_profile
 
+    if sign_key:
+        from edgekit.signing import load_private
+
+        load_private(sign_key)  # a bad key fails now, not after a long build
     profile = load_profile(profile_name)
     if ram_gb is not None:
         profile = replace(profile, ram_gb=ram_gb)
@@ -175,7 +159,7 @@ def build(profile_name: str, model: str | None, revision: str | None, output: Pa
         )
     request = BuildRequest(profile=profile, model=model or profile.default_model, output=output, revision=revision,
                            name=name, overwrite=overwrite, force=force, include_mtp=include_mtp,
-                           context_length=context_length, quality=quality)
+                           context_length=context_length, quality=quality, sign_key=sign_key)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=as_json) as bar:
         result = run_build(request, _RichReporter(bar))
@@ -193,22 +177,26 @@ def build(profile_name: str, model: str | None, revision: str | None, output: Pa
 
 @main.command()
 @click.argument("bundle_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="Also require a signature by this ed25519 public key (or any *.pem in this folder). Repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
-@_friendly
-def verify(bundle_dir: Path, as_json: bool) -> None:
-    """Check a bundle's files against its manifest (sizes and sha256).
+@friendly
+def verify(bundle_dir: Path, trusted_keys: tuple[Path, ...], as_json: bool) -> None:
+    """Check a bundle's files against its manifest (sizes and sha256), and its signature when keys are given.
 
     \b
     Example:
       edgekit verify dist/qwen3.5-0.8b-raspberry-pi-5-int4
+      edgekit verify dist/qwen3.5-0.8b-raspberry-pi-5-int4 --trusted-key keys/release.pub
     """
     from edgekit.bundle import verify as verify_bundle
 
-    manifest = verify_bundle(bundle_dir)
+    manifest = verify_bundle(bundle_dir, trusted_keys)
     if as_json:
         click.echo(json.dumps(manifest, indent=2))
     else:
-        out.print(f"[green]ok[/] {bundle_dir}: {len(manifest['files'])} files match the manifest")
+        signed = " and its signature is trusted" if trusted_keys else ""
+        out.print(f"[green]ok[/] {bundle_dir}: {len(manifest['files'])} files match the manifest{signed}")
 
 
 @main.command()
@@ -223,7 +211,7 @@ def verify(bundle_dir: Path, as_json: bool) -> None:
 @click.option("--raw", is_flag=True, help="Send PROMPT as is, without the chat template.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="Override the bundle's thread count.")
 @click.option("--json", "as_json", is_flag=True, help="Print text, usage and timings as JSON at the end.")
-@_friendly
+@friendly
 def generate(bundle_dir: Path, prompt: str, max_tokens: int, temperature: float, top_p: float, top_k: int,
              seed: int | None, think: bool, raw: bool, threads: int | None, as_json: bool) -> None:
     """Generate a reply from a bundle on this machine, streaming it to the terminal.
@@ -262,64 +250,18 @@ def generate(bundle_dir: Path, prompt: str, max_tokens: int, temperature: float,
               f"{stats.completion_tokens} generated at {stats.decode_tps:.1f} tok/s ({result.finish_reason})[/]")
 
 
-def _broker_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Broker connection flags shared by serve, ask and status (defaults come from the config/env)."""
-    options = [
-        click.option("--host", default=None, help="MQTT broker host [default: 127.0.0.1]."),
-        click.option("--port", type=click.IntRange(1, 65535), default=None, help="MQTT broker port [default: 1883]."),
-        click.option("--prefix", default=None, help="Topic prefix [default: edgekit]."),
-        click.option("--mqtt", "mqtt_version", type=click.Choice(["5", "3.1.1", "auto"]), default=None,
-                     help="MQTT protocol version; auto falls back to 3.1.1 [default: 5]."),
-        click.option("--username", default=None, help="Broker user name (password: EDGEKIT_MQTT_PASSWORD or --password-file)."),
-        click.option("--password-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                     help="File holding the broker password."),
-        click.option("--tls-ca", type=click.Path(dir_okay=False, path_type=Path), default=None, help="CA certificate (PEM)."),
-        click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Client certificate."),
-        click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Client key."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
-def _broker_settings(host: str | None, port: int | None, prefix: str | None, mqtt_version: str | None,
-                     username: str | None, password_file: Path | None, tls_ca: Path | None, tls_cert: Path | None,
-                     tls_key: Path | None) -> dict[str, Any]:
-    password = None
-    if password_file:
-        from edgekit.serve.config import read_secret
-
-        password = read_secret(password_file, "--password-file")
-    return {"host": host, "port": port, "prefix": prefix, "protocol": mqtt_version, "username": username,
-            "password": password, "tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key}
-
-
-def _client(settings: dict[str, Any]) -> Any:
-    """A DeviceClient from broker flags, with the environment's credentials as fallback."""
-    import os
-
-    from edgekit.client import DeviceClient
-
-    return DeviceClient(host=settings["host"] or os.environ.get("EDGEKIT_BROKER_HOST", "127.0.0.1"),
-                        port=settings["port"] or int(os.environ.get("EDGEKIT_BROKER_PORT", "1883")),
-                        prefix=settings["prefix"] or "edgekit", mqtt_version=settings["protocol"] or "5",
-                        username=settings["username"] or os.environ.get("EDGEKIT_MQTT_USERNAME"),
-                        password=settings["password"] or os.environ.get("EDGEKIT_MQTT_PASSWORD"),
-                        tls_ca=settings["tls_ca"], tls_cert=settings["tls_cert"], tls_key=settings["tls_key"])
-
-
 @main.command()
 @click.argument("bundle_dir", type=click.Path(file_okay=False, path_type=Path), required=False)
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Daemon YAML config (e.g. /etc/edgekit/daemon.yaml); flags override it.")
 @click.option("--device-id", default=None, help="Device id in topics [default: the hostname].")
-@_broker_options
+@broker_options
 @click.option("--queue-size", type=click.IntRange(1), default=None, help="Requests that may wait [default: 4].")
 @click.option("--telemetry-interval", type=click.FloatRange(0.1), default=None, help="Seconds [default: 10].")
 @click.option("--pool", "pools", multiple=True, help="Also take requests sent to this device pool (MQTT 5).")
 @click.option("--threads", type=click.IntRange(1), default=None, help="Override the bundle's thread count.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
-@_friendly
+@friendly
 def serve(bundle_dir: Path | None, config_file: Path | None, device_id: str | None, queue_size: int | None,
           telemetry_interval: float | None, pools: tuple[str, ...], threads: int | None, verbose: bool,
           **broker: Any) -> None:
@@ -338,7 +280,7 @@ def serve(bundle_dir: Path | None, config_file: Path | None, device_id: str | No
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     overrides = {"bundle": bundle_dir, "device_id": device_id, "queue_size": queue_size,
                  "telemetry_interval": telemetry_interval, "pools": pools or None, "threads": threads,
-                 **_broker_settings(**broker)}
+                 **broker_settings(**broker)}
     config = daemon_config.load(config_file, overrides)
     daemon = Daemon(config)
     err.print(f"serving {config.bundle} as {config.device_id} on {config.host}:{config.port} (Ctrl-C to stop)")
@@ -349,7 +291,7 @@ def serve(bundle_dir: Path | None, config_file: Path | None, device_id: str | No
 @click.argument("prompt")
 @click.option("--device", "device_id", default=None, help="Device id to ask.")
 @click.option("--pool", default=None, help="Ask whichever device of this pool takes the request (MQTT 5).")
-@_broker_options
+@broker_options
 @click.option("--session", default=None, help="Keep the conversation on the device under this id.")
 @click.option("--max-tokens", type=click.IntRange(1), default=256, show_default=True)
 @click.option("--temperature", type=click.FloatRange(0, 5), default=0.0, show_default=True, help="0 is greedy.")
@@ -360,7 +302,7 @@ def serve(bundle_dir: Path | None, config_file: Path | None, device_id: str | No
 @click.option("--think/--no-think", default=False, show_default=True)
 @click.option("--timeout", type=click.FloatRange(1), default=300.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the final message as JSON.")
-@_friendly
+@friendly
 def ask(prompt: str, device_id: str | None, pool: str | None, session: str | None, max_tokens: int,
         temperature: float, top_p: float | None, top_k: int | None, seed: int | None, stop: tuple[str, ...],
         think: bool, timeout: float, as_json: bool, **broker: Any) -> None:
@@ -377,7 +319,7 @@ def ask(prompt: str, device_id: str | None, pool: str | None, session: str | Non
     optional = {"session": session, "top_p": top_p, "top_k": top_k, "seed": seed, "stop": list(stop) or None}
     request.update({key: value for key, value in optional.items() if value is not None})
     pieces: list[str] = []
-    with _client(_broker_settings(**broker)) as client:
+    with connect(broker_settings(**broker)) as client:
         final = client.ask(device_id, request, on_text=pieces.append if as_json else
                            (lambda text: click.echo(text, nl=False)), timeout=timeout, pool=pool)
     if as_json:
@@ -387,21 +329,50 @@ def ask(prompt: str, device_id: str | None, pool: str | None, session: str | Non
 
 
 @main.command()
-@_broker_options
+@broker_options
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Take broker settings from a daemon config (as on a device); flags override it.")
+@click.option("--device", "device_id", default=None, help="Only this device.")
 @click.option("--wait", type=click.FloatRange(0.1), default=1.0, show_default=True, help="Seconds to collect statuses.")
+@click.option("--wait-online", is_flag=True, help="Wait until --device reports online (exit 1 on --timeout).")
+@click.option("--bundle", default=None, help="With --wait-online: the bundle name it must be serving.")
+@click.option("--since", type=float, default=None, help="With --wait-online: only a status from a daemon started after this Unix time.")
+@click.option("--timeout", type=click.FloatRange(0.1), default=60.0, show_default=True, help="Seconds for --wait-online.")
 @click.option("--json", "as_json", is_flag=True)
-@_friendly
-def status(wait: float, as_json: bool, **broker: Any) -> None:
+@friendly
+def status(config_file: Path | None, device_id: str | None, wait: float, wait_online: bool, bundle: str | None,
+           since: float | None, timeout: float, as_json: bool, **broker: Any) -> None:
     """List devices from their retained status and latest telemetry.
 
     \b
     Example:
       edgekit status --host broker.local
+      edgekit status --config /etc/edgekit/daemon.yaml --device kitchen --wait-online --timeout 90
     """
-    with _client(_broker_settings(**broker)) as client:
-        found = client.statuses(wait)
+    settings = broker_settings(**broker)
+    if config_file:
+        from edgekit.serve import config as daemon_config
+
+        config = daemon_config.load(config_file)
+        device_id = device_id or config.device_id
+        fallback = {"host": config.host, "port": config.port, "prefix": config.prefix, "protocol": config.protocol,
+                    "username": config.username, "password": config.password, "tls_ca": config.tls_ca,
+                    "tls_cert": config.tls_cert, "tls_key": config.tls_key}
+        settings = {k: settings[k] if settings[k] is not None else v for k, v in fallback.items()}
+    if wait_online and not device_id:
+        raise EdgekitError("--wait-online needs --device (or --config naming the device)")
+    with connect(settings) as client:
+        if wait_online:
+            assert device_id is not None
+            found = {device_id: client.wait_for_state(
+                device_id, "online", timeout,
+                match=lambda s: (bundle is None or s.get("bundle") == bundle) and (since is None or s.get("since", 0) >= since))}
+        else:
+            found = client.statuses(wait)
+            if device_id:
+                found = {k: v for k, v in found.items() if k == device_id}
     if as_json:
-        click.echo(json.dumps(found, indent=2))
+        click.echo(json.dumps(found[device_id] if wait_online and device_id else found, indent=2))
         return
     table = Table(title="devices")
     for column in ("device", "state", "bundle", "profile", "version", "cpu %", "mem avail", "tokens"):
@@ -421,7 +392,7 @@ def status(wait: float, as_json: bool, **broker: Any) -> None:
 @click.option("--new-tokens", type=click.IntRange(2), default=64, show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=None, help="Override the bundle's thread count.")
 @click.option("--json", "as_json", is_flag=True)
-@_friendly
+@friendly
 def bench_command(bundle_dir: Path, runs: int, prompt_tokens: int, new_tokens: int, threads: int | None,
                   as_json: bool) -> None:
     """Measure a bundle: engine speed, the same through an MQTT daemon, idle CPU, RSS, sessions.
@@ -446,5 +417,12 @@ def bench_command(bundle_dir: Path, runs: int, prompt_tokens: int, new_tokens: i
               f"{sess['replay_ttft_ms']:.0f} ms replayed ({sess['speedup']:.1f}x)")
 
 
-if __name__ == "__main__":
-    main()
+
+def _register() -> None:
+    from edgekit.cli.fleet import COMMANDS
+
+    for command in COMMANDS:
+        main.add_command(command)
+
+
+_register()

@@ -1,0 +1,100 @@
+"""A real SSH "device" on this machine for the deploy tests.
+
+Debian's sshd runs on a free loopback port with a temporary host key and authorized key. Deploys
+log in as an unprivileged user with passwordless sudo, as on a Raspberry Pi. Each device is a fresh
+folder used as the device root (``deploy --device-root``), and since systemd is not PID 1 here,
+sudo's PATH puts tests/shims/systemctl first: it starts the unit's own ExecStart as its User=.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from edgekit.serve.embedded_broker import free_port, wait_for_port
+
+SSHD = "/usr/sbin/sshd"
+USER = "edgekit-deployer"
+SHIM = Path(__file__).parent / "shims" / "systemctl"
+SUDOERS = Path("/etc/sudoers.d/edgekit-tests")
+
+
+def _run(*args: str) -> None:
+    subprocess.run(args, check=True, capture_output=True)
+
+
+class SSHHost:
+    """sshd plus a deploy user; ``device()`` hands out fresh device roots."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="edgekit-sshd-"))
+        self.dir.chmod(0o755)  # the service user must reach the device roots below it
+        for name in ("host_key", "client_key", "stranger_key"):
+            _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.dir / name))
+        self.identity = self.dir / "client_key"
+        self.stranger = self.dir / "stranger_key"  # a key the device does not know
+        shutil.copy(self.dir / "client_key.pub", self.dir / "authorized_keys")
+        (self.dir / "bin").mkdir()
+        shutil.copy(SHIM, self.dir / "bin" / "systemctl")
+        self.root_link = self.dir / "root"
+        self._create_user()
+        self.port = free_port()
+        config = self.dir / "sshd_config"
+        config.write_text(
+            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {self.dir}/host_key\n"
+            f"AuthorizedKeysFile {self.dir}/authorized_keys\nPidFile {self.dir}/sshd.pid\nAllowUsers {USER}\n"
+            "UsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nStrictModes no\nLogLevel VERBOSE\n"
+        )
+        Path("/run/sshd").mkdir(exist_ok=True)
+        self.process = subprocess.Popen([SSHD, "-D", "-f", str(config), "-E", str(self.dir / "sshd.log")])
+        if not wait_for_port(self.port, self.process, timeout=10):
+            raise RuntimeError(f"sshd did not start: {(self.dir / 'sshd.log').read_text()}")
+        host_key = (self.dir / "host_key.pub").read_text().split()
+        self.known_hosts = self.dir / "known_hosts"
+        self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {host_key[0]} {host_key[1]}\n")
+        self.destination = f"{USER}@127.0.0.1"
+
+    def _create_user(self) -> None:
+        if subprocess.run(["id", "-u", USER], capture_output=True).returncode != 0:
+            _run("useradd", "--create-home", "--shell", "/bin/sh", USER)
+        _run("usermod", "-p", "*", USER)  # no password, yet not "locked" (sshd without PAM refuses locked accounts)
+        rules = (f'Defaults:{USER} secure_path="{self.dir}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"\n'
+                 f"{USER} ALL=(ALL) NOPASSWD: ALL\n")
+        candidate = self.dir / "sudoers"
+        candidate.write_text(rules)
+        _run("visudo", "-cf", str(candidate))
+        shutil.copy(candidate, SUDOERS)
+        SUDOERS.chmod(0o440)
+
+    def ssh_args(self, identity: Path | None = None) -> list[str]:
+        """``edgekit deploy`` flags that reach this host."""
+        return ["--host", self.destination, "--port", str(self.port), "--identity", str(identity or self.identity),
+                "--known-hosts", str(self.known_hosts)]
+
+    def device(self) -> Path:
+        """A fresh, empty device root, made the one the systemctl shim serves."""
+        root = Path(tempfile.mkdtemp(prefix="edgekit-device-", dir=self.dir))
+        root.chmod(0o755)
+        tmp_link = self.dir / "root.new"
+        tmp_link.unlink(missing_ok=True)
+        tmp_link.symlink_to(root)
+        os.replace(tmp_link, self.root_link)
+        return root
+
+    def stop_service(self) -> None:
+        """Stop the daemon the shim started on the current device, if any."""
+        subprocess.run([str(self.dir / "bin" / "systemctl"), "stop", "edgekit.service"], capture_output=True)
+
+    def service_log(self) -> str:
+        log = self.root_link / "var" / "log" / "edgekit.service.log"
+        return log.read_text() if log.exists() else ""
+
+    def close(self) -> None:
+        self.stop_service()
+        self.process.terminate()
+        self.process.wait(timeout=10)
+        SUDOERS.unlink(missing_ok=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
