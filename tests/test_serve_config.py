@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -108,3 +110,38 @@ def test_tls_and_password(secure_broker, host_bundle: Path) -> None:
     finally:
         daemon.stop()
         thread.join(timeout=30)
+
+
+def test_the_daemon_never_logs_its_secrets(secure_broker, host_bundle: Path) -> None:
+    port, folder = secure_broker
+    yaml_file = folder / "daemon-verbose.yaml"
+    secret = folder / "secret-verbose"
+    secret.write_text("correct horse")
+    yaml_file.write_text(
+        f"bundle: {host_bundle}\ndevice_id: chatty\nbroker: {{port: {port}, username: device, password_file: {secret}, "
+        f"tls: {{ca: {folder}/ca.crt, cert: {folder}/client.crt, key: {folder}/client.key}}}}\n"
+    )
+    tls = {"tls_ca": folder / "ca.crt", "tls_cert": folder / "client.crt", "tls_key": folder / "client.key"}
+    process = subprocess.Popen([sys.executable, "-m", "edgekit.cli", "serve", "--config", str(yaml_file), "-v"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with DeviceClient(port=port, username="device", password="correct horse", **tls) as client:
+            client.wait_for_state("chatty", "online", timeout=30, alive=lambda: process.poll() is None)
+            assert client.ask("chatty", {"prompt": "hello", "max_tokens": 2})["type"] == "final"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output
+    assert "connected to" in output  # the log is there, and verbose
+    assert "correct horse" not in output
+
+
+def test_the_daemon_refuses_a_tampered_bundle_at_start(bundle_copy: Path) -> None:
+    weights = max(bundle_copy.glob("*.onnx*"), key=lambda p: p.stat().st_size)
+    with weights.open("r+b") as handle:
+        handle.seek(100)
+        handle.write(b"\xff\xfe")
+    done = subprocess.run([sys.executable, "-m", "edgekit.cli", "serve", str(bundle_copy), "--device-id", "t",
+                           "--port", "1"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert weights.name in done.stderr and "tampered" in done.stderr and "Traceback" not in done.stderr
