@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 import threading
@@ -14,10 +15,12 @@ import pytest
 
 from edgekit.build.pipeline import BuildRequest, build
 from edgekit.client import DeviceClient
+from edgekit.deploy import wheelhouse
 from edgekit.fixtures.checkpoint import write_checkpoint
 from edgekit.profiles import Quality, load_profile
 from edgekit.serve.daemon import Daemon, DaemonConfig
 from edgekit.serve.embedded_broker import free_port, mosquitto_path, wait_for_port
+from tests.sshhost import SSHHost
 
 # Random weights cannot meet real-model quality thresholds (their logits are near-flat, so top-1
 # among 248k tokens is a coin toss); the KL bound still separates sound exports from broken ones.
@@ -128,3 +131,27 @@ def daemon(host_bundle: Path, broker: int) -> Iterator[Daemon]:
     yield instance
     instance.stop()
     thread.join(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def ssh_host() -> Iterator[SSHHost]:
+    """The deploy tests' SSH "device" host (sshd on loopback, a sudo user, the systemctl stand-in)."""
+    host = SSHHost()
+    yield host
+    host.close()
+
+
+@pytest.fixture
+def fresh_device(ssh_host: SSHHost) -> Iterator[Path]:
+    """A new, empty device root on the SSH host; its daemon is stopped afterwards."""
+    root = ssh_host.device()
+    yield root
+    ssh_host.stop_service()
+
+
+@pytest.fixture(scope="session")
+def wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The runtime's wheels for this machine, as `edgekit wheelhouse` makes them for a device."""
+    folder = tmp_path_factory.mktemp("wheelhouse")
+    wheelhouse.build(folder, platform.machine(), "3.11")
+    return folder

@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import pytest
 from edgekit.bundle import bundle_id
 from edgekit.serve.embedded_broker import free_port
 from tests.sshhost import SSHD, SSHHost
-from tests.test_deploy import ask, ssh_host, wheels  # noqa: F401 - shared session fixtures
+from tests.test_deploy import ask
 
 PLAYBOOK = Path(__file__).parent.parent / "deploy" / "ansible"
 ANSIBLE = shutil.which("ansible-playbook")
@@ -36,15 +35,8 @@ def test_playbook_and_example_inventory_pass_syntax_check() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-@pytest.fixture
-def device(ssh_host: SSHHost) -> Iterator[Path]:  # noqa: F811
-    root = ssh_host.device()
-    yield root
-    ssh_host.stop_service()
-
-
-def test_rollout_stops_at_a_failing_device_then_deploys(ssh_host: SSHHost, device: Path, host_bundle: Path,  # noqa: F811
-                                                         wheels: Path, broker: int, tmp_path: Path) -> None:  # noqa: F811
+def test_rollout_stops_at_a_failing_device_then_deploys(ssh_host: SSHHost, fresh_device: Path, host_bundle: Path,
+                                                         wheels: Path, broker: int, tmp_path: Path) -> None:
     common = (f"ansible_host=127.0.0.1 ansible_user=edgekit-deployer "
               f"ansible_ssh_private_key_file={ssh_host.identity}")
     inventory = tmp_path / "inventory.ini"
@@ -56,16 +48,16 @@ def test_rollout_stops_at_a_failing_device_then_deploys(ssh_host: SSHHost, devic
     extra = json.dumps({
         "bundle": str(host_bundle), "broker": f"mqtt://127.0.0.1:{broker}",
         "edgekit_bin": str(Path(sys.executable).parent / "edgekit"),
-        "edgekit_deploy_args": ["--device-root", str(device), "--known-hosts", str(ssh_host.known_hosts),
+        "edgekit_deploy_args": ["--device-root", str(fresh_device), "--known-hosts", str(ssh_host.known_hosts),
                                 "--wheelhouse", str(wheels), "--online-timeout", "60", "--connect-timeout", "3"],
     })
     stopped = playbook("-i", str(inventory), "-e", extra)
     assert stopped.returncode != 0
     assert "cannot reach pi@127.0.0.1" in stopped.stdout
-    assert list(device.iterdir()) == []  # the batch failed, so the rollout never reached "good"
+    assert list(fresh_device.iterdir()) == []  # the batch failed, so the rollout never reached "good"
 
     done = playbook("-i", str(inventory), "-e", extra, "--limit", "good")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "good: deployed" in done.stdout
-    assert Path(os.readlink(device / "opt/edgekit/current")).name == bundle_id(host_bundle)
+    assert Path(os.readlink(fresh_device / "opt/edgekit/current")).name == bundle_id(host_bundle)
     assert ask(broker, "fleet-1")["type"] == "final"

@@ -18,27 +18,11 @@ import pytest
 
 from edgekit.bundle import bundle_id
 from edgekit.client import DeviceClient
-from edgekit.deploy import wheelhouse
 from edgekit.deploy.probe import DeviceFacts, problems
 from edgekit.serve.embedded_broker import free_port
 from tests.sshhost import SSHD, SSHHost
 
 pytestmark = pytest.mark.skipif(not os.path.exists(SSHD), reason="openssh-server is not installed (make test installs it)")
-
-
-@pytest.fixture(scope="session")
-def ssh_host() -> Iterator[SSHHost]:
-    host = SSHHost()
-    yield host
-    host.close()
-
-
-@pytest.fixture(scope="session")
-def wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The runtime's wheels for this machine, as `edgekit wheelhouse` makes them for a device."""
-    folder = tmp_path_factory.mktemp("wheelhouse")
-    wheelhouse.build(folder, platform.machine(), "3.11")
-    return folder
 
 
 def edgekit(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -179,60 +163,53 @@ def test_systemd_unit_passes_systemd_analyze_verify(lab: Path) -> None:
 # --- faults that must leave a device untouched ------------------------------------------------------
 
 
-@pytest.fixture
-def fresh(ssh_host: SSHHost) -> Iterator[Path]:
-    root = ssh_host.device()
-    yield root
-    ssh_host.stop_service()
-
-
-def test_dry_run_prints_every_step_and_changes_nothing(ssh_host: SSHHost, fresh: Path, host_bundle: Path,
+def test_dry_run_prints_every_step_and_changes_nothing(ssh_host: SSHHost, fresh_device: Path, host_bundle: Path,
                                                        tmp_path: Path) -> None:
     secret = tmp_path / "password"
     secret.write_text("s3cret-do-not-print")
-    done = edgekit("deploy", str(host_bundle), *ssh_host.ssh_args(), "--device-root", str(fresh), "--dry-run",
+    done = edgekit("deploy", str(host_bundle), *ssh_host.ssh_args(), "--device-root", str(fresh_device), "--dry-run",
                    "--username", "dev", "--password-file", str(secret))
     assert done.returncode == 0, done.stderr
     for words in ("create user edgekit", "install the edgekit", "copy ", "daemon.yaml", "edgekit.service",
                   "switch", "enable and restart", "nothing was changed"):
         assert words in done.stdout, words
     assert "s3cret" not in done.stdout + done.stderr
-    assert list(fresh.iterdir()) == []
+    assert list(fresh_device.iterdir()) == []
 
 
-def test_tampered_bundle_never_leaves_this_machine(ssh_host: SSHHost, fresh: Path, bundle_copy: Path, broker: int) -> None:
+def test_tampered_bundle_never_leaves_this_machine(ssh_host: SSHHost, fresh_device: Path, bundle_copy: Path, broker: int) -> None:
     tokenizer = bundle_copy / "tokenizer.json"
     tokenizer.write_bytes(tokenizer.read_bytes().replace(b'"', b"'", 1))
-    done = deploy(ssh_host, bundle_copy, fresh, broker_port=broker)
+    done = deploy(ssh_host, bundle_copy, fresh_device, broker_port=broker)
     assert done.returncode == 1 and "tokenizer.json" in done.stderr and "tampered" in done.stderr
-    assert list(fresh.iterdir()) == []
+    assert list(fresh_device.iterdir()) == []
 
 
-def test_wrong_architecture_is_refused_with_the_numbers(ssh_host: SSHHost, fresh: Path, bundle_copy: Path,
+def test_wrong_architecture_is_refused_with_the_numbers(ssh_host: SSHHost, fresh_device: Path, bundle_copy: Path,
                                                         broker: int) -> None:
     manifest = json.loads((bundle_copy / "manifest.json").read_text())
     manifest["profile"]["cpu"]["arch"] = "aarch64" if platform.machine() != "aarch64" else "x86_64"
     manifest["profile"]["name"] = "raspberry-pi-5"
     (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
-    done = deploy(ssh_host, bundle_copy, fresh, broker_port=broker)
+    done = deploy(ssh_host, bundle_copy, fresh_device, broker_port=broker)
     assert done.returncode == 1
     assert f"built for {manifest['profile']['cpu']['arch']} (profile raspberry-pi-5)" in done.stderr
     assert platform.machine() in done.stderr
-    assert list(fresh.iterdir()) == []
+    assert list(fresh_device.iterdir()) == []
 
 
-def test_full_disk_is_refused_before_anything_is_written(ssh_host: SSHHost, fresh: Path, host_bundle: Path,
+def test_full_disk_is_refused_before_anything_is_written(ssh_host: SSHHost, fresh_device: Path, host_bundle: Path,
                                                          broker: int) -> None:
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(fresh)], capture_output=True, text=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(fresh_device)], capture_output=True, text=True)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
     try:
-        done = deploy(ssh_host, host_bundle, fresh, broker_port=broker)
+        done = deploy(ssh_host, host_bundle, fresh_device, broker_port=broker)
         assert done.returncode == 1
         assert "not enough disk" in done.stderr and "MiB free" in done.stderr
-        assert list(fresh.iterdir()) == []
+        assert list(fresh_device.iterdir()) == []
     finally:
-        subprocess.run(["umount", str(fresh)], check=True)
+        subprocess.run(["umount", str(fresh_device)], check=True)
 
 
 def test_unreachable_host_and_failed_auth_say_so(ssh_host: SSHHost, host_bundle: Path, tmp_path: Path) -> None:
@@ -245,11 +222,11 @@ def test_unreachable_host_and_failed_auth_say_so(ssh_host: SSHHost, host_bundle:
     assert "Traceback" not in closed.stderr + denied.stderr
 
 
-def test_first_deploy_that_fails_stops_and_disables_the_service(ssh_host: SSHHost, fresh: Path, host_bundle: Path,
+def test_first_deploy_that_fails_stops_and_disables_the_service(ssh_host: SSHHost, fresh_device: Path, host_bundle: Path,
                                                                  wheels: Path) -> None:
-    done = deploy(ssh_host, host_bundle, fresh, broker_port=free_port(), wheels=wheels)
+    done = deploy(ssh_host, host_bundle, fresh_device, broker_port=free_port(), wheels=wheels)
     assert done.returncode == 1 and "stopped and disabled edgekit.service (first deploy)" in done.stderr
-    assert not (fresh / "opt/edgekit/current").exists()
+    assert not (fresh_device / "opt/edgekit/current").exists()
     shim = ssh_host.dir / "bin" / "systemctl"
     assert subprocess.run([str(shim), "is-active", "edgekit.service"], capture_output=True).returncode != 0
     assert subprocess.run([str(shim), "is-enabled", "edgekit.service"], capture_output=True).returncode != 0

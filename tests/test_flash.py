@@ -22,7 +22,7 @@ from edgekit.deploy.layout import DeviceLayout
 from edgekit.deploy.provision import fetch_bundle
 from edgekit.deploy.ssh import Remote, Target
 from tests.sshhost import SSHD, SSHHost
-from tests.test_deploy import ask, edgekit, ssh_host, wheels  # noqa: F401 - shared session fixtures
+from tests.test_deploy import ask, edgekit
 
 pytestmark = pytest.mark.skipif(not os.path.exists(SSHD), reason="openssh-server is not installed (make test installs it)")
 CLOUD_INIT = shutil.which("cloud-init")
@@ -39,33 +39,26 @@ def schema_check(user_data: Path) -> None:
     assert done.returncode == 0 and "Valid cloud-config" in done.stdout, done.stdout + done.stderr
 
 
-@pytest.fixture
-def device(ssh_host: SSHHost) -> Iterator[Path]:  # noqa: F811
-    root = ssh_host.device()
-    yield root
-    ssh_host.stop_service()
-
-
-def test_rootfs_flash_provisions_a_device_that_serves(ssh_host: SSHHost, device: Path, host_bundle: Path,  # noqa: F811
-                                                      wheels: Path, broker: int, tmp_path: Path) -> None:  # noqa: F811
+def test_rootfs_flash_provisions_a_device_that_serves(ssh_host: SSHHost, fresh_device: Path, host_bundle: Path,
+                                                      wheels: Path, broker: int, tmp_path: Path) -> None:
     user_data = tmp_path / "user-data"
     # The test host's / stands in for the image's root filesystem; --device-root keeps it all in a scratch folder.
     done = edgekit("flash", str(host_bundle), "-o", str(user_data), "--rootfs", "/", "--wheelhouse", str(wheels),
-                   "--device-root", str(device), "--device-id", "flashed-1", "--broker", f"mqtt://127.0.0.1:{broker}",
+                   "--device-root", str(fresh_device), "--device-id", "flashed-1", "--broker", f"mqtt://127.0.0.1:{broker}",
                    "--hostname", "kitchen", "--admin-user", "pi", "--ssh-key", "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExample pi")
     assert done.returncode == 0, done.stderr
     assert oct(user_data.stat().st_mode & 0o777) == "0o600"
     schema_check(user_data)
     config = yaml.safe_load(user_data.read_text())
     assert config["hostname"] == "kitchen" and config["users"][1]["name"] == "pi"
-    assert (device / "opt/edgekit/bundles/.incoming" / bundle_id(host_bundle) / "manifest.json").is_file()
+    assert (fresh_device / "opt/edgekit/bundles/.incoming" / bundle_id(host_bundle) / "manifest.json").is_file()
     script = config["write_files"][0]["content"]
     assert config["runcmd"] == [["sh", config["write_files"][0]["path"]]]
     with remote(ssh_host) as device_shell:
         device_shell.run(script, "the first-boot provisioning script")
         device_shell.run(script, "the provisioning script a second time (idempotent)")
-    assert Path(os.readlink(device / "opt/edgekit/current")).name == bundle_id(host_bundle)
-    assert (device / "run/shim/edgekit.service.enabled").exists()
+    assert Path(os.readlink(fresh_device / "opt/edgekit/current")).name == bundle_id(host_bundle)
+    assert (fresh_device / "run/shim/edgekit.service.enabled").exists()
     from edgekit.client import DeviceClient
 
     with DeviceClient(port=broker) as client:
@@ -89,16 +82,16 @@ def served(host_bundle: Path, tmp_path: Path) -> Iterator[tuple[str, str]]:
     server.shutdown()
 
 
-def test_url_flash_pins_the_archive_sha256(ssh_host: SSHHost, device: Path, host_bundle: Path,  # noqa: F811
+def test_url_flash_pins_the_archive_sha256(ssh_host: SSHHost, fresh_device: Path, host_bundle: Path,
                                            served: tuple[str, str], tmp_path: Path) -> None:
     url, digest = served
     user_data = tmp_path / "user-data"
     done = edgekit("flash", str(host_bundle), "-o", str(user_data), "--bundle-url", url, "--bundle-sha256", digest,
-                   "--device-root", str(device))
+                   "--device-root", str(fresh_device))
     assert done.returncode == 0, done.stderr
     schema_check(user_data)
     assert url in user_data.read_text() and "python3-venv" in user_data.read_text()
-    layout = DeviceLayout(root=str(device))
+    layout = DeviceLayout(root=str(fresh_device))
     ident = bundle_id(host_bundle)
     with remote(ssh_host) as device_shell:
         prepare = f"set -eu\n{layout.shell_vars()}\nmkdir -p \"$EK_INCOMING\"\n"
@@ -107,7 +100,7 @@ def test_url_flash_pins_the_archive_sha256(ssh_host: SSHHost, device: Path, host
         assert failed.returncode != 0 and b"is not the pinned" in failed.stderr
         good = fetch_bundle(url, digest, ident)
         device_shell.run(prepare + good.script, good.title)
-    staged = device / "opt/edgekit/bundles/.incoming" / ident
+    staged = fresh_device / "opt/edgekit/bundles/.incoming" / ident
     assert sorted(p.name for p in staged.iterdir()) == sorted(p.name for p in host_bundle.iterdir())
 
 

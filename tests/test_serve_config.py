@@ -145,3 +145,19 @@ def test_the_daemon_refuses_a_tampered_bundle_at_start(bundle_copy: Path) -> Non
                            "--port", "1"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert weights.name in done.stderr and "tampered" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_bundle_that_cannot_generate_fails_the_self_test_before_going_online(bundle_copy: Path) -> None:
+    """What makes a deploy roll back: the daemon exits instead of announcing a device that cannot answer."""
+    import json
+
+    from edgekit.bundle import read_manifest, write_manifest
+
+    genai = bundle_copy / "genai_config.json"
+    config = json.loads(genai.read_text())
+    config["model"]["context_length"] = 1  # no prompt fits: generation fails, the files stay consistent
+    genai.write_text(json.dumps(config))
+    manifest = read_manifest(bundle_copy)
+    write_manifest(bundle_copy, {k: v for k, v in manifest.items() if k not in ("format_version", "files", "size_bytes")})
+    with pytest.raises(EdgekitError, match="self-test failed: cannot generate"):
+        Daemon(daemon_config.load(None, {"bundle": bundle_copy, "port": free_port()}, environ={}))
