@@ -8,10 +8,15 @@ sudo's PATH puts tests/shims/systemctl first: it starts the unit's own ExecStart
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import http.server
 import os
 import shutil
 import subprocess
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from edgekit.serve.embedded_broker import free_port, wait_for_port
@@ -98,3 +103,15 @@ class SSHHost:
         self.process.wait(timeout=10)
         SUDOERS.unlink(missing_ok=True)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def serve_directory(folder: Path) -> Iterator[str]:
+    """``folder`` over HTTP on a free loopback port (directory listings included); yields the base URL."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,7 +22,7 @@ from edgekit.bundle import bundle_id
 from edgekit.client import DeviceClient
 from edgekit.deploy.probe import DeviceFacts, problems
 from edgekit.serve.embedded_broker import free_port
-from tests.sshhost import SSHD, SSHHost
+from tests.sshhost import SSHD, SSHHost, serve_directory
 
 pytestmark = pytest.mark.skipif(not os.path.exists(SSHD), reason="openssh-server is not installed (make test installs it)")
 
@@ -243,3 +245,22 @@ def test_fit_check_refuses_32_bit_and_small_devices() -> None:
     assert any("needs about 900 MiB of RAM" in p and "1024 MiB" in p for p in found)
     assert problems(DeviceFacts(**{**pi.to_dict(), "machine": "aarch64", "userland_bits": 64, "ram_total": 8 * 1024**3}),
                     manifest, 0) == []
+
+
+def test_runtime_from_a_package_index_brings_no_torch(ssh_host: SSHHost, fresh_device: Path, host_bundle: Path,
+                                                      wheels: Path, broker: int, tmp_path: Path) -> None:
+    # A PEP 503 "simple" index of the wheelhouse, as a private index or mirror would serve it.
+    for wheel in wheels.glob("*.whl"):
+        project = tmp_path / "simple" / re.sub(r"[-_.]+", "-", wheel.name.split("-")[0]).lower()
+        project.mkdir(parents=True, exist_ok=True)
+        shutil.copy(wheel, project)
+    with serve_directory(tmp_path) as base:
+        done = deploy(ssh_host, host_bundle, fresh_device, "--index-url", f"{base}/simple/", broker_port=broker,
+                      device_id="indexed-1")
+    assert done.returncode == 0, done.stderr + ssh_host.service_log()
+    assert any(base in step["title"] for step in json.loads(done.stdout)["steps"])
+    site = next((fresh_device / "opt/edgekit/venv/lib").glob("python3*/site-packages"))
+    installed = {p.name.split("-")[0].lower() for p in site.glob("*.dist-info")}
+    assert {"edgekit", "onnxruntime", "tokenizers", "paho_mqtt"} <= installed
+    assert not installed & {"torch", "transformers"}
+    assert ask(broker, "indexed-1")["type"] == "final"

@@ -3,14 +3,11 @@ over SSH on the test host. A real first boot cannot run here: cloud-init's boot 
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import json
 import os
 import shutil
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +18,7 @@ from edgekit.bundle import bundle_id
 from edgekit.deploy.layout import DeviceLayout
 from edgekit.deploy.provision import fetch_bundle
 from edgekit.deploy.ssh import Remote, Target
-from tests.sshhost import SSHD, SSHHost
+from tests.sshhost import SSHD, SSHHost, serve_directory
 from tests.test_deploy import ask, edgekit
 
 pytestmark = pytest.mark.skipif(not os.path.exists(SSHD), reason="openssh-server is not installed (make test installs it)")
@@ -75,11 +72,8 @@ def served(host_bundle: Path, tmp_path: Path) -> Iterator[tuple[str, str]]:
     assert packed.returncode == 0, packed.stderr
     digest = json.loads(packed.stdout)["sha256"]
     assert digest == hashlib.sha256(archive.read_bytes()).hexdigest()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(archive.parent))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/bundle.tar", digest
-    server.shutdown()
+    with serve_directory(archive.parent) as base:
+        yield f"{base}/bundle.tar", digest
 
 
 def test_url_flash_pins_the_archive_sha256(ssh_host: SSHHost, fresh_device: Path, host_bundle: Path,

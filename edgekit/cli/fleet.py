@@ -73,6 +73,8 @@ def _device_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--pool", "pools", multiple=True, help="Device pool to join (repeatable)."),
         click.option("--trust", multiple=True, type=_FILE,
                      help="Public key the device will require bundles to be signed with (repeatable)."),
+        click.option("--index-url", default=None,
+                     help="Install the runtime from this package index (a mirror or private index) [default: the device's]."),
         click.option("--device-root", default="/", show_default=True,
                      help="Install under this folder instead of / (staging, tests)."),
         click.option("--service-user", default="edgekit", show_default=True, help="Dedicated user the daemon runs as."),
@@ -135,8 +137,8 @@ class _RichDeploy:
 @friendly
 def deploy(bundle_dir: Path, destination: str, port: int | None, identity: Path | None, known_hosts: Path | None,
            connect_timeout: int, wheelhouse: Path | None, online_timeout: float, dry_run: bool, device_id: str | None,
-           pools: tuple[str, ...], trust: tuple[Path, ...], device_root: str, service_user: str, keep: int, as_json: bool,
-           **broker: Any) -> None:
+           pools: tuple[str, ...], trust: tuple[Path, ...], index_url: str | None, device_root: str, service_user: str,
+           keep: int, as_json: bool, **broker: Any) -> None:
     """Install the runtime and BUNDLE on a device over SSH, start it, and roll back if it does not come online.
 
     \b
@@ -151,7 +153,8 @@ def deploy(bundle_dir: Path, destination: str, port: int | None, identity: Path 
 
     target = Target(destination, port=port, identity=identity, known_hosts=known_hosts, connect_timeout=connect_timeout)
     options = DeployOptions(bundle=bundle_dir, broker=_broker(**broker), device_id=device_id, pools=pools, trust=trust,
-                            wheelhouse=wheelhouse, layout=DeviceLayout(root=device_root, user=service_user, keep_bundles=keep),
+                            wheelhouse=wheelhouse, index_url=index_url,
+                            layout=DeviceLayout(root=device_root, user=service_user, keep_bundles=keep),
                             online_timeout=online_timeout, dry_run=dry_run)
     report = run_deploy(target, options, _RichDeploy(quiet=as_json))
     if as_json:
@@ -207,8 +210,8 @@ def pack(bundle_dir: Path, output: Path, as_json: bool) -> None:
 @friendly
 def flash(bundle_dir: Path, output: Path, bundle_url: str | None, bundle_sha256: str | None, rootfs: Path | None,
           wheelhouse: Path | None, hostname: str | None, admin_user: str | None, ssh_keys: tuple[str, ...],
-          device_id: str | None, pools: tuple[str, ...], trust: tuple[Path, ...], device_root: str, service_user: str,
-          keep: int, as_json: bool, **broker: Any) -> None:
+          device_id: str | None, pools: tuple[str, ...], trust: tuple[Path, ...], index_url: str | None, device_root: str,
+          service_user: str, keep: int, as_json: bool, **broker: Any) -> None:
     """Write first-boot provisioning (cloud-init user-data) so a fresh device comes up serving BUNDLE.
 
     \b
@@ -223,7 +226,8 @@ def flash(bundle_dir: Path, output: Path, bundle_url: str | None, bundle_sha256:
     from edgekit.deploy.layout import DeviceLayout
 
     options = FlashOptions(bundle=bundle_dir, broker=_broker(**broker), bundle_url=bundle_url, bundle_sha256=bundle_sha256,
-                           rootfs=rootfs, wheelhouse=wheelhouse, device_id=device_id, hostname=hostname, pools=pools,
+                           rootfs=rootfs, wheelhouse=wheelhouse, index_url=index_url, device_id=device_id, hostname=hostname,
+                           pools=pools,
                            trust=trust, admin_user=admin_user, ssh_keys=ssh_keys,
                            layout=DeviceLayout(root=device_root, user=service_user, keep_bundles=keep))
     result = run_flash(options, output)

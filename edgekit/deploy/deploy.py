@@ -45,6 +45,7 @@ class DeployOptions:
     pools: tuple[str, ...] = ()
     trust: tuple[Path, ...] = ()  # public keys the device will require bundles to be signed with
     wheelhouse: Path | None = None  # install the runtime from these wheels instead of the index
+    index_url: str | None = None  # else from this package index instead of the device's default
     layout: DeviceLayout = field(default_factory=DeviceLayout)
     online_timeout: float = 120.0
     dry_run: bool = False
@@ -138,7 +139,7 @@ def _plan(options: DeployOptions, layout: DeviceLayout, facts: DeviceFacts, bund
     steps = [provision.prepare(layout), *provision.trust_keys(layout, options.trust)]
     if options.wheelhouse:
         steps.append(Step(f"copy the wheelhouse {options.wheelhouse} to {layout.wheelhouse}", "", kind="wheelhouse"))
-    steps.append(provision.install_runtime(layout, __version__, options.wheelhouse is not None))
+    steps.append(provision.install_runtime(layout, __version__, options.wheelhouse is not None, options.index_url))
     steps.append(Step(f"copy {bundle_id} to {staged} (resumable) and verify every sha256 there", "", kind="bundle"))
     steps += provision.config_steps(layout, options.broker, device_id, options.pools, options.trust, facts.trusted_keys > 0)
     steps.append(provision.install_unit(layout, provision.memory_limit(facts.ram_total, profile["ram_share"])))

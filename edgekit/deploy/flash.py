@@ -37,6 +37,7 @@ class FlashOptions:
     bundle_sha256: str | None = None  # the archive's sha256 (computed from --pack when not given)
     rootfs: Path | None = None  # a mounted root filesystem to copy the bundle (and wheelhouse) into
     wheelhouse: Path | None = None  # runtime wheels for devices without internet (needs rootfs)
+    index_url: str | None = None  # else install the runtime from this package index
     device_id: str | None = None  # default: the device's hostname at run time
     hostname: str | None = None
     pools: tuple[str, ...] = ()
@@ -78,7 +79,7 @@ def provision_steps(options: FlashOptions, bundle_id: str) -> list[Step]:
     profile = manifest["profile"]
     staged = f"{layout.incoming}/{bundle_id}"
     steps = [provision.prepare(layout), *provision.trust_keys(layout, options.trust),
-             provision.install_runtime(layout, __version__, options.wheelhouse is not None)]
+             provision.install_runtime(layout, __version__, options.wheelhouse is not None, options.index_url)]
     if options.bundle_url:
         assert options.bundle_sha256
         steps.append(provision.fetch_bundle(options.bundle_url, options.bundle_sha256, bundle_id))

@@ -50,9 +50,16 @@ chmod 750 "$EK_ETC"
     return Step(f"create user {layout.user} and {layout.home}, {layout.etc}", script)
 
 
-def install_runtime(layout: DeviceLayout, version: str, wheelhouse: bool) -> Step:
-    """A virtualenv with edgekit's runtime (no torch, no transformers), skipped when already at ``version``."""
-    source = '--no-index --find-links "$EK_WHEELHOUSE"' if wheelhouse else ""
+def install_runtime(layout: DeviceLayout, version: str, wheelhouse: bool, index_url: str | None = None) -> Step:
+    """A virtualenv with edgekit's runtime (no torch, no transformers), skipped when already at ``version``.
+
+    From the wheelhouse copied to the device, else from ``index_url`` (a private index or mirror),
+    else from the device's configured package index.
+    """
+    if wheelhouse:
+        source = '--no-index --find-links "$EK_WHEELHOUSE"'
+    else:
+        source = f"--index-url {_q(index_url)}" if index_url else ""
     script = f"""
 have=$("$EK_VENV/bin/python" -c 'import edgekit; print(edgekit.__version__)' 2>/dev/null || true)
 if [ "$have" = {_q(version)} ]; then echo "runtime {version} already installed"; exit 0; fi
@@ -64,7 +71,7 @@ fi
 "$EK_VENV/bin/pip" install --disable-pip-version-check --no-input -q {source} {_q(f"edgekit=={version}")}
 "$EK_VENV/bin/edgekit" --version
 """
-    where = "the wheelhouse copied along" if wheelhouse else "the package index"
+    where = "the wheelhouse copied along" if wheelhouse else (index_url or "the package index")
     return Step(f"install the edgekit {version} runtime into {layout.venv} from {where}", script)
 
 
