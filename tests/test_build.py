@@ -95,13 +95,19 @@ def test_bundle_tokenizer_encodes_like_the_checkpoint(host_bundle: Path, tiny_ch
 
 @pytest.mark.parametrize("profile_name", ["raspberry-pi-5", "jetson-orin-nano"])
 def test_build_for_device_profiles(profile_name: str, tiny_checkpoint_no_mtp: Path, tmp_path: Path) -> None:
-    """Device profiles build (a checkpoint without MTP head too); a CUDA bundle is checked on the CPU here."""
+    """Device profiles build (a checkpoint without MTP head too), signed; a CUDA bundle is checked on the CPU here."""
+    from edgekit import signing
+
+    signing.create_keys(tmp_path / "release.key", tmp_path / "release.pub")
+    signing.create_keys(tmp_path / "other.key", tmp_path / "other.pub")
     result = CliRunner().invoke(main, ["build", "--profile", profile_name, "--model", str(tiny_checkpoint_no_mtp),
-                                       "-o", str(tmp_path), "--json", *GATE_FLAGS])
+                                       "-o", str(tmp_path), "--json", "--sign", str(tmp_path / "release.key"), *GATE_FLAGS])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     folder = Path(summary["bundle"])
-    manifest = bundle.verify(folder)
+    manifest = bundle.verify(folder, [tmp_path / "release.pub"])
+    with pytest.raises(EdgekitError, match="does not verify with any trusted key"):
+        bundle.verify(folder, [tmp_path / "other.pub"])
     profile = load_profile(profile_name)
     genai = json.loads((folder / "genai_config.json").read_text())
     assert genai["search"]["max_length"] == profile.context_length

@@ -148,8 +148,9 @@ def test_interrupted_copy_resumes_and_a_corrupt_partial_is_replaced(ssh_host: SS
     done = deploy(ssh_host, bundle_copy, lab, broker_port=broker)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["bytes_copied"] >= len(data)
-    bundles = [p for p in (lab / "opt/edgekit/bundles").iterdir() if not p.name.startswith(".")]
-    assert len(bundles) <= 3  # pruned to --keep
+    bundles = {p.name for p in (lab / "opt/edgekit/bundles").iterdir() if not p.name.startswith(".")}
+    assert len(bundles) == 3  # five bundles went onto this device; --keep (3) of them stay
+    assert bundle_id(bundle_copy) in bundles and Path((lab / "opt/edgekit/previous").read_text().strip()).name in bundles
 
 
 def test_systemd_unit_passes_systemd_analyze_verify(lab: Path) -> None:
