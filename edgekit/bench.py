@@ -21,6 +21,7 @@ from edgekit.client import DeviceClient
 from edgekit.errors import EdgekitError
 from edgekit.runtime.engine import Engine, GenerationStats
 from edgekit.serve import embedded_broker
+from edgekit.serve.daemon import TRIM_AFTER_IDLE_S
 
 # Distinct ordinary tokens: a fixed-length prompt without template effects.
 FILLER = 1000
@@ -65,6 +66,21 @@ def mqtt_run(client: DeviceClient, device: str, prompt_len: int, new_tokens: int
             "server_decode_tps": final["timings"]["decode_tokens_per_s"], "prompt_tokens": final["usage"]["prompt_tokens"]}
 
 
+def _full_context_rss(client: DeviceClient, device: str, process: psutil.Process, context: int) -> float:
+    """The daemon's RSS right after a request that fills the context to within a few tokens."""
+    _timed_request(client, device, {"prompt": " a" * (context - 64), "max_tokens": 8})
+    return process.memory_info().rss / 2**20
+
+
+def _peak_rss_mb(process: psutil.Process) -> float | None:
+    """The process's high-water RSS (Linux), load-time transients included."""
+    try:
+        status = Path(f"/proc/{process.pid}/status").read_text()
+    except OSError:
+        return None
+    return int(status.split("VmHWM:")[1].split()[0]) / 1024
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -99,6 +115,10 @@ def run(bundle: Path, runs: int, prompt_len: int, new_tokens: int, threads: int 
                 direct.append(direct_run(engine, prompt_len, new_tokens))
                 remote.append(mqtt_run(client, device, prompt_len, new_tokens))
             report["daemon_rss_mb"] = process.memory_info().rss / 2**20
+            report["daemon_rss_full_context_mb"] = _full_context_rss(client, device, process, engine.context_length)
+            time.sleep(TRIM_AFTER_IDLE_S + 1)
+            report["daemon_rss_idle_mb"] = process.memory_info().rss / 2**20  # after it gave memory back
+            report["daemon_peak_rss_mb"] = _peak_rss_mb(process)
             itl = [gap for r in direct for gap in r["itl"]]
             med = statistics.median
             report["direct"] = {"prefill_tps": med(r["prefill_tps"] for r in direct),

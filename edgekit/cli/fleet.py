@@ -161,7 +161,10 @@ def deploy(bundle_dir: Path, destination: str, port: int | None, identity: Path 
         click.echo(json.dumps(report.to_dict(), indent=2))
         return
     if dry_run:
-        out.print(f"[bold]dry run[/]: {report.facts and target.host} would get {report.bundle_id} in these steps:")
+        facts = report.facts
+        out.print(f"[bold]dry run[/]: {facts['hostname']} ({facts['machine']}, {facts['os']}, "
+                  f"{facts['ram_total'] / 1024**2:.0f} MiB RAM, {facts['disk_free'] / 1024**2:.0f} MiB free) "
+                  f"would get {report.bundle_id} in these steps:", highlight=False)
         for number, step in enumerate(report.steps, 1):
             out.print(f"{number:2}. {step['title']}", highlight=False)
             if step["detail"]:

@@ -17,9 +17,12 @@ import numpy as np
 import onnxruntime as ort
 
 from edgekit.errors import ContextExceeded, EdgekitError
+from edgekit.runtime.resident import drop_clean_pages, trim_heap
 from edgekit.runtime.sampling import Sampler, Sampling
 
-PREFILL_CHUNK = 512  # bounds prefill activations; chunked prefill is exact
+# Bounds prefill activations; chunked prefill is exact. 256 peaks ~70 MiB lower than 512 on the
+# 0.8B at the same prefill speed (measured with 2,000-token prompts, 2 threads).
+PREFILL_CHUNK = 256
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -78,6 +81,10 @@ class Engine:
         options.intra_op_num_threads = threads or int(session_options.get("intra_op_num_threads", 0))
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        # Without the arena, a finished request's activations go back to the heap, and from there
+        # (trim_heap) to the device; the arena would keep its peak for the process's life. No speed
+        # cost measured on the 0.8B.
+        options.enable_cpu_mem_arena = False
         self.provider = provider or configured_provider(config)
         providers = [ORT_PROVIDERS.get(self.provider, self.provider)]
         if "CPUExecutionProvider" not in providers:
@@ -92,6 +99,9 @@ class Engine:
             self.session = ort.InferenceSession(str(folder / decoder["filename"]), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types per failure
             raise EdgekitError(f"{folder / decoder['filename']}: cannot load the graph ({exc})") from exc
+        for data in folder.glob("*.data"):
+            drop_clean_pages(data)  # prepacking read every weight page once; most are never read again
+        trim_heap()
         self._head_size = int(decoder["head_size"])
         self._past_specs = {
             i.name: (self._zero_shape(i.shape), _ORT_TYPES[i.type])

@@ -27,6 +27,7 @@ from edgekit.bundle import verify
 from edgekit.errors import ContextExceeded, EdgekitError
 from edgekit.runtime.conversation import SessionEvicted, Turn, run_turn
 from edgekit.runtime.engine import Engine
+from edgekit.runtime.resident import trim_heap
 from edgekit.runtime.sessions import SessionStore
 from edgekit.runtime.tokenizer import ChatTokenizer
 from edgekit.serve import protocol
@@ -37,6 +38,7 @@ from edgekit.serve.systemd import notify, watchdog_interval
 from edgekit.serve.telemetry import InferenceMetrics, collect
 
 log = logging.getLogger("edgekit.serve")
+TRIM_AFTER_IDLE_S = 5.0
 
 
 @dataclass
@@ -253,10 +255,16 @@ class Daemon:
                 notify("WATCHDOG=1")
 
     def _work(self) -> None:
+        last_job: float | None = None  # when the last job ended, until its memory is given back
         while not self._stopped.is_set():
             try:
                 job = self.jobs.get(timeout=0.2)
             except queue.Empty:
+                # Give a finished request's memory back once the device has been idle for a while:
+                # trimming between back-to-back requests made the next first token ~10 ms later.
+                if last_job is not None and time.monotonic() - last_job > TRIM_AFTER_IDLE_S:
+                    trim_heap()
+                    last_job = None
                 continue
             self.active = job
             try:
@@ -266,6 +274,7 @@ class Daemon:
                 self._error(job.reply_topic, job.correlation, job.request.id, "internal", "unexpected error")
             finally:
                 self.active = None
+                last_job = time.monotonic()
 
     # --- lifecycle ------------------------------------------------------------------------------
 
