@@ -35,8 +35,12 @@ class State:
     length: int = 0
 
     def copy(self) -> State:
-        # ORT returns fresh arrays each step and never writes into inputs: sharing them is safe.
-        return State(dict(self.past), self.length)
+        """An independent snapshot. KV caches are written in place, so they are copied (up to the
+        length in use); the other tensors are replaced, never written, each step: sharing them is safe."""
+        return State({name: np.array(value[:, :, : self.length]) if name in self.kv else value
+                      for name, value in self.past.items()}, self.length, self.kv)
+
+    kv: frozenset[str] = frozenset()  # names in ``past`` that are KV caches with spare capacity on axis 2
 
 
 @dataclass
@@ -108,13 +112,22 @@ class Engine:
             for i in self.session.get_inputs()
             if i.name.startswith("past")
         }
-        self._outputs = [o.name for o in self.session.get_outputs()]
-        # Bundles with an MTP head also output hidden states; find the logits by name.
-        self._logits_index = self._outputs.index("logits")
-        # present.3.key -> past_key_values.3.key, present.0.conv -> past.0.conv
-        self._present_to_past = {
-            name: _past_name(name) for name in self._outputs if name.startswith("present")
-        }
+        outputs = [o.name for o in self.session.get_outputs()]
+        if "logits" not in outputs:
+            raise EdgekitError(f"{folder / decoder['filename']}: the graph has no 'logits' output")
+        # present.3.key -> past_key_values.3.key, present.0.conv -> past.0.conv. Other outputs (an MTP
+        # head's hidden states) are not bound, so not computed.
+        self._present_to_past = {name: _past_name(name) for name in outputs if name.startswith("present")}
+        self._past_to_present = {past: present for present, past in self._present_to_past.items()}
+        # KV caches grow along the past sequence axis. With past_present_share_buffer (the builder
+        # sets it for CPU), GroupQueryAttention appends new keys in place when past and present are
+        # the same buffer: no per-token copy of the whole cache (decode +33% at 3,000 tokens of
+        # context, bit-exact) and no second cache-sized buffer during a step.
+        share = self.provider == "cpu" and bool(config.get("search", {}).get("past_present_share_buffer"))
+        self._kv = frozenset(
+            i.name for i in self.session.get_inputs()
+            if share and i.name.startswith("past") and len(i.shape) == 4 and i.shape[2] == "past_sequence_length"
+        )
 
     def _zero_shape(self, shape: list) -> tuple[int, ...]:
         sizes = {"batch_size": 1, "past_sequence_length": 0, "kv_cache_dim": self._head_size}
@@ -125,7 +138,7 @@ class Engine:
 
     def new_state(self) -> State:
         """An empty sequence: zero recurrent and conv state, no KV entries."""
-        return State({name: np.zeros(shape, dtype) for name, (shape, dtype) in self._past_specs.items()})
+        return State({name: np.zeros(shape, dtype) for name, (shape, dtype) in self._past_specs.items()}, kv=self._kv)
 
     def forward(self, state: State, ids: list[int]) -> np.ndarray:
         """Run ``ids`` after ``state`` (updated in place); return the logits for the last position."""
@@ -143,19 +156,39 @@ class Engine:
     def _run(self, state: State, ids: list[int]) -> np.ndarray:
         n = len(ids)
         positions = np.arange(state.length, state.length + n, dtype=np.int64)
-        feeds = {
-            "input_ids": np.asarray([ids], dtype=np.int64),
-            "attention_mask": np.ones((1, state.length + n), dtype=np.int64),
-            # Text-only M-RoPE: the same position on the temporal, height and width rows.
-            "position_ids": np.broadcast_to(positions, (3, 1, n)).copy(),
-            **state.past,
-        }
-        outputs = self.session.run(self._outputs, feeds)
-        for name, value in zip(self._outputs, outputs):
-            if name in self._present_to_past:
-                state.past[self._present_to_past[name]] = value
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", np.ones((1, state.length + n), dtype=np.int64))
+        # Text-only M-RoPE: the same position on the temporal, height and width rows.
+        binding.bind_cpu_input("position_ids", np.broadcast_to(positions, (3, 1, n)).copy())
+        names = list(state.past)
+        for name in names:
+            if name in state.kv:
+                cache = self._reserve(state, name, state.length + n)
+                binding.bind_ortvalue_input(name, cache)
+                binding.bind_ortvalue_output(self._past_to_present[name], cache)
+            else:
+                binding.bind_cpu_input(name, state.past[name])
+                binding.bind_output(self._past_to_present[name])
+        binding.bind_output("logits")
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()  # in binding order, logits last
+        for name, value in zip(names, outputs):
+            if name not in state.kv:  # the KV caches were updated in place
+                state.past[name] = value.numpy()
         state.length += n
-        return outputs[self._logits_index][0, -1]
+        return outputs[-1].numpy()[0, -1]
+
+    def _reserve(self, state: State, name: str, needed: int) -> ort.OrtValue:
+        """The KV cache ``name`` as an OrtValue with room for ``needed`` positions, grown (by half
+        again, in steps of 256, never past the context) and copied when it is too small."""
+        cache = state.past[name]
+        if cache.shape[2] < needed:
+            capacity = min(self.context_length, max(needed, cache.shape[2] * 3 // 2) + 255 & ~255)
+            grown = np.zeros((*cache.shape[:2], capacity, *cache.shape[3:]), cache.dtype)
+            grown[:, :, : state.length] = cache[:, :, : state.length]
+            state.past[name] = cache = grown
+        return ort.OrtValue.ortvalue_from_numpy(cache)
 
     def generate(
         self,
