@@ -32,9 +32,9 @@ def edgekit(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str
 
 
 def deploy(ssh_host: SSHHost, bundle: Path, root: Path, *extra: str, broker_port: int, wheels: Path | None = None,
-           device_id: str = "lab-1") -> subprocess.CompletedProcess[str]:
+           device_id: str = "lab-1", scheme: str = "mqtt") -> subprocess.CompletedProcess[str]:
     args = ["deploy", str(bundle), *ssh_host.ssh_args(), "--device-root", str(root), "--device-id", device_id,
-            "--broker", f"mqtt://127.0.0.1:{broker_port}", "--online-timeout", "60", "--json", *extra]
+            "--broker", f"{scheme}://127.0.0.1:{broker_port}", "--online-timeout", "60", "--json", *extra]
     if wheels:
         args += ["--wheelhouse", str(wheels)]
     return edgekit(*args)
@@ -265,3 +265,23 @@ def test_runtime_from_a_package_index_brings_no_torch(ssh_host: SSHHost, fresh_d
     assert {"edgekit", "onnxruntime", "tokenizers", "paho_mqtt"} <= installed
     assert not installed & {"torch", "transformers"}
     assert ask(broker, "indexed-1")["type"] == "final"
+
+
+def test_deploy_to_a_tls_broker_with_a_password(ssh_host: SSHHost, fresh_device: Path, host_bundle: Path, wheels: Path,
+                                                secure_broker: tuple[int, Path], tmp_path: Path) -> None:
+    port, folder = secure_broker
+    secret = tmp_path / "device.pw"
+    secret.write_text("correct horse\n")
+    done = deploy(ssh_host, host_bundle, fresh_device, "--tls-ca", str(folder / "ca.crt"), "--tls-cert",
+                  str(folder / "client.crt"), "--tls-key", str(folder / "client.key"), "--username", "device",
+                  "--password-file", str(secret), broker_port=port, wheels=wheels, device_id="secure-1",
+                  scheme="mqtts")
+    assert done.returncode == 0, done.stderr + ssh_host.service_log()
+    assert "correct horse" not in done.stdout + done.stderr + ssh_host.service_log()
+    etc = fresh_device / "etc/edgekit"
+    for path in (etc / "mqtt-password", etc / "tls/key.pem", etc / "daemon.yaml"):
+        assert oct(path.stat().st_mode & 0o777) == "0o600" and path.owner() == "edgekit", path
+    tls = {"tls_ca": folder / "ca.crt", "tls_cert": folder / "client.crt", "tls_key": folder / "client.key"}
+    with DeviceClient(port=port, username="device", password="correct horse", **tls) as client:
+        final = client.ask("secure-1", {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}, timeout=60)
+    assert final["type"] == "final"

@@ -15,7 +15,7 @@ from edgekit.errors import EdgekitError
 from edgekit.serve import config as daemon_config
 from edgekit.serve.daemon import Daemon
 
-from .conftest import free_port, start_mosquitto
+from .conftest import free_port
 
 
 def test_yaml_env_and_flags_layer(tmp_path: Path) -> None:
@@ -54,36 +54,6 @@ def test_invalid_config_names_the_field(tmp_path: Path, text: str, message: str)
     path.write_text(text)
     with pytest.raises(EdgekitError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         daemon_config.load(path, environ={})
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-@pytest.fixture(scope="module")
-def secure_broker(tmp_path_factory: pytest.TempPathFactory):
-    """Mosquitto with TLS (client certificates required) and a password file, anonymous access off."""
-    folder = tmp_path_factory.mktemp("tls")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
-             "-subj", "/CN=edgekit test CA", cwd=folder)
-    (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    for name in ("server", "client"):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                 "-subj", f"/CN={'localhost' if name == 'server' else 'edgekit-device'}", cwd=folder)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-out", f"{name}.crt", "-days", "2", "-extfile", "san.ext", cwd=folder)
-    subprocess.run(["mosquitto_passwd", "-b", "-c", str(folder / "passwd"), "device", "correct horse"], check=True)
-    port = free_port()
-    (folder / "mosquitto.conf").write_text(
-        f"listener {port} 127.0.0.1\ncafile {folder}/ca.crt\ncertfile {folder}/server.crt\nkeyfile {folder}/server.key\n"
-        f"require_certificate true\nallow_anonymous false\npassword_file {folder}/passwd\n"
-        # Run as root (CI does), mosquitto would switch to its own user and lose access to our temp files.
-        "user root\n"
-    )
-    process = start_mosquitto(folder / "mosquitto.conf", port)
-    yield port, folder
-    process.terminate()
-    process.wait(timeout=10)
 
 
 def test_tls_and_password(secure_broker, host_bundle: Path) -> None:

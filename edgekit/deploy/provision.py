@@ -78,9 +78,11 @@ fi
 def write_file(path: str, data: bytes, mode: int, owner: str, *, secret: bool = False) -> Step:
     """Write ``data`` to ``path`` atomically with ``mode`` and ``owner`` (``root`` or ``$EK_USER``)."""
     encoded = base64.encodebytes(data).decode()
+    # The folder keeps the default mode (the service user must reach the file); the file itself is
+    # created under umask 077, so a secret is never readable by others, not even before its chmod.
     script = f"""
+dir=$(dirname {_q(path)}); [ -d "$dir" ] || install -d -m 755 "$dir"
 umask 077
-dir=$(dirname {_q(path)}); mkdir -p "$dir"
 tmp=$(mktemp "$dir/.edgekit.XXXXXX")
 base64 -d > "$tmp" <<'EDGEKIT_DATA'
 {encoded}EDGEKIT_DATA
