@@ -20,7 +20,9 @@ import pytest
 
 from edgekit.bundle import bundle_id
 from edgekit.client import DeviceClient
+from edgekit.deploy.layout import DeviceLayout
 from edgekit.deploy.probe import DeviceFacts, problems
+from edgekit.deploy.provision import unit_text
 from edgekit.serve.embedded_broker import free_port
 from tests.sshhost import SSHD, SSHHost, serve_directory
 
@@ -153,14 +155,19 @@ def test_interrupted_copy_resumes_and_a_corrupt_partial_is_replaced(ssh_host: SS
     assert bundle_id(bundle_copy) in bundles and Path((lab / "opt/edgekit/previous").read_text().strip()).name in bundles
 
 
-def test_systemd_unit_passes_systemd_analyze_verify(lab: Path) -> None:
-    unit = lab / "etc/systemd/system/edgekit.service"
+def test_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    layout = DeviceLayout(root=str(tmp_path))
+    entry = Path(layout.edgekit)
+    entry.parent.mkdir(parents=True)
+    entry.symlink_to(Path(sys.executable).parent / "edgekit")  # ExecStart must exist for verify
+    unit = tmp_path / "edgekit.service"
+    unit.write_text(unit_text(layout, 4 * 1024**3))
     done = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
     assert done.returncode == 0 and done.stderr.strip() == "", done.stderr
     text = unit.read_text()
     for setting in ("User=edgekit", "Restart=on-failure", "NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes",
-                    "WatchdogSec=", "MemoryMax=", "Type=notify"):
-        assert setting in text
+                    "WatchdogSec=", "MemoryMax=4096M", "MemoryHigh=3686M", "Type=notify", f"ExecStart={entry} serve --config"):
+        assert setting in text, setting
 
 
 # --- faults that must leave a device untouched ------------------------------------------------------
