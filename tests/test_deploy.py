@@ -99,6 +99,7 @@ def test_a_device_that_cannot_reach_its_broker_is_rolled_back(ssh_host: SSHHost,
     done = deploy(ssh_host, host_bundle, lab, broker_port=free_port())  # nothing listens there
     assert done.returncode == 1
     assert "did not come up" in done.stderr and "rolled back to" in done.stderr
+    assert json.loads(done.stdout)["outcome"] == "rolled-back"  # --json reports failures too
     assert os.readlink(lab / "opt/edgekit/current") == before
     assert f"port: {broker}" in (lab / "etc/edgekit/daemon.yaml").read_text()  # the working config is back
     with DeviceClient(port=broker) as client:
@@ -204,6 +205,7 @@ def test_wrong_architecture_is_refused_with_the_numbers(ssh_host: SSHHost, fresh
     done = deploy(ssh_host, bundle_copy, fresh_device, broker_port=broker)
     assert done.returncode == 1
     assert f"built for {manifest['profile']['cpu']['arch']} (profile raspberry-pi-5)" in done.stderr
+    assert json.loads(done.stdout)["outcome"] == "refused"
     assert platform.machine() in done.stderr
     assert list(fresh_device.iterdir()) == []
 

@@ -146,7 +146,7 @@ def deploy(bundle_dir: Path, destination: str, port: int | None, identity: Path 
       edgekit deploy dist/qwen3.5-0.8b-raspberry-pi-5-int4 --host pi@kitchen.local --broker mqtt://hub.local
       edgekit deploy dist/BUNDLE --host pi@kitchen.local --trust keys/release.pub --dry-run
     """
-    from edgekit.deploy.deploy import DeployOptions
+    from edgekit.deploy.deploy import DeployFailed, DeployOptions
     from edgekit.deploy.deploy import deploy as run_deploy
     from edgekit.deploy.layout import DeviceLayout
     from edgekit.deploy.ssh import Target
@@ -156,7 +156,12 @@ def deploy(bundle_dir: Path, destination: str, port: int | None, identity: Path 
                             wheelhouse=wheelhouse, index_url=index_url,
                             layout=DeviceLayout(root=device_root, user=service_user, keep_bundles=keep),
                             online_timeout=online_timeout, dry_run=dry_run)
-    report = run_deploy(target, options, _RichDeploy(quiet=as_json))
+    try:
+        report = run_deploy(target, options, _RichDeploy(quiet=as_json))
+    except DeployFailed as exc:
+        if as_json:  # scripts get the report on failure too; the error line still goes to stderr
+            click.echo(json.dumps(exc.report.to_dict(), indent=2))
+        raise
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
         return

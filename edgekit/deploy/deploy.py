@@ -64,7 +64,8 @@ class DeployReport:
     bytes_resumed: int = 0
     previous: str | None = None
     status: dict[str, Any] | None = None
-    outcome: str = "pending"  # deployed, dry-run, rolled-back, failed
+    outcome: str = "pending"  # deployed, dry-run, refused (nothing changed), rolled-back, failed
+    error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -81,13 +82,30 @@ class Reporter:
         return lambda n: None
 
 
+class DeployFailed(EdgekitError):
+    """A deploy that did not complete; ``report`` says how far it got and what became of the device."""
+
+    def __init__(self, message: str, report: DeployReport) -> None:
+        super().__init__(message)
+        self.report = report
+
+
 def deploy(target: Target, options: DeployOptions, reporter: Reporter | None = None) -> DeployReport:
-    """Deploy ``options.bundle`` to ``target``; raise EdgekitError (after rolling back) when it fails."""
-    reporter = reporter or Reporter()
+    """Deploy ``options.bundle`` to ``target``; raise DeployFailed (after rolling back) when it fails."""
+    report = DeployReport(host=target.destination, bundle_id="")
+    try:
+        return _deploy(target, options, reporter or Reporter(), report)
+    except EdgekitError as exc:
+        if report.outcome == "pending":
+            report.outcome = "failed"
+        report.error = str(exc)
+        raise DeployFailed(str(exc), report) from exc
+
+
+def _deploy(target: Target, options: DeployOptions, reporter: Reporter, report: DeployReport) -> DeployReport:
     layout = options.layout
     manifest = bundles.verify(options.bundle)  # a tampered or incomplete local bundle never leaves this machine
-    bundle_id = bundles.bundle_id(options.bundle)
-    report = DeployReport(host=target.destination, bundle_id=bundle_id)
+    bundle_id = report.bundle_id = bundles.bundle_id(options.bundle)
     with Remote(target) as remote:
         reporter.step(f"probing {target.host}")
         facts = probe(remote, layout)
