@@ -117,8 +117,7 @@ def _deploy(target: Target, options: DeployOptions, reporter: Reporter, report: 
         if found := problems(facts, manifest, incoming):
             report.outcome = "refused"
             raise EdgekitError(f"{target.host} cannot take {bundle_id}:\n  - " + "\n  - ".join(found))
-        staged = f"{layout.incoming}/{bundle_id}"
-        steps = _plan(options, layout, facts, bundle_id, report.device_id, staged)
+        steps = _plan(options, manifest, facts, bundle_id, report.device_id)
         if options.dry_run:
             report.steps = [{"title": s.title, "detail": s.detail} for s in steps]
             report.outcome = "dry-run"
@@ -132,8 +131,8 @@ def _deploy(target: Target, options: DeployOptions, reporter: Reporter, report: 
                            sorted(p.name for p in options.wheelhouse.iterdir() if p.is_file()))
             elif step.kind == "bundle":
                 _stage_existing(remote, layout, bundle_id)
-                _copy_bundle(remote, options.bundle, staged, report, reporter)
-                _verify_on_device(remote, options.bundle, layout, bundle_id, report, reporter)
+                _copy_bundle(remote, options.bundle, manifest, layout.staged(bundle_id), report, reporter)
+                _verify_on_device(remote, options.bundle, manifest, layout, bundle_id, report, reporter)
             elif step.kind == "restart":
                 try:
                     started = int(_run(remote, layout, step).split()[0])
@@ -150,18 +149,19 @@ def _deploy(target: Target, options: DeployOptions, reporter: Reporter, report: 
     return report
 
 
-def _plan(options: DeployOptions, layout: DeviceLayout, facts: DeviceFacts, bundle_id: str, device_id: str,
-          staged: str) -> list[Step]:
-    """The steps of this deploy, in order (the copy is a placeholder the runner does itself)."""
-    profile = bundles.read_manifest(options.bundle)["profile"]
+def _plan(options: DeployOptions, manifest: dict[str, Any], facts: DeviceFacts, bundle_id: str,
+          device_id: str) -> list[Step]:
+    """The steps of this deploy, in order (the copies are placeholders the runner does itself)."""
+    layout = options.layout
     steps = [provision.prepare(layout), *provision.trust_keys(layout, options.trust)]
     if options.wheelhouse:
         steps.append(Step(f"copy the wheelhouse {options.wheelhouse} to {layout.wheelhouse}", "", kind="wheelhouse"))
     steps.append(provision.install_runtime(layout, __version__, options.wheelhouse is not None, options.index_url))
-    steps.append(Step(f"copy {bundle_id} to {staged} (resumable) and verify every sha256 there", "", kind="bundle"))
+    steps.append(Step(f"copy {bundle_id} to {layout.staged(bundle_id)} (resumable) and verify every sha256 there", "",
+                      kind="bundle"))
     steps += provision.config_steps(layout, options.broker, device_id, options.pools, options.trust, facts.trusted_keys > 0)
-    steps.append(provision.install_unit(layout, provision.memory_limit(facts.ram_total, profile["ram_share"])))
-    steps.append(provision.activate(layout, bundle_id, staged))
+    steps.append(provision.install_unit(layout, provision.memory_limit(facts.ram_total, manifest["profile"]["ram_share"])))
+    steps.append(provision.activate(layout, bundle_id))
     steps.append(provision.enable_and_restart())
     steps.append(provision.prune())
     return steps
@@ -172,9 +172,10 @@ def _run(remote: Remote, layout: DeviceLayout, step: Step) -> str:
     return result.stdout.decode(errors="replace")
 
 
-def _copy_bundle(remote: Remote, folder: Path, staged: str, report: DeployReport, reporter: Reporter) -> None:
+def _copy_bundle(remote: Remote, folder: Path, manifest: dict[str, Any], staged: str, report: DeployReport,
+                 reporter: Reporter) -> None:
     """Send what the device lacks of the bundle, appending to partial files from an interrupted copy."""
-    names = [bundles.MANIFEST] + [f["path"] for f in bundles.read_manifest(folder)["files"]]
+    names = [bundles.MANIFEST] + [f["path"] for f in manifest["files"]]
     if (folder / bundles.SIGNATURE).is_file():
         names.append(bundles.SIGNATURE)
     _send_tree(remote, folder, staged, report, reporter, names)
@@ -207,30 +208,29 @@ def _send_tree(remote: Remote, local_dir: Path, remote_dir: str, report: DeployR
 def _stage_existing(remote: Remote, layout: DeviceLayout, bundle_id: str) -> None:
     """When the device has this bundle already, stage hard links to it: only what changed is sent, and
     the result is verified like any copy before it replaces the one in place."""
-    final, staged = shlex.quote(layout.bundle(bundle_id)), shlex.quote(f"{layout.incoming}/{bundle_id}")
+    final, staged = shlex.quote(layout.bundle(bundle_id)), shlex.quote(layout.staged(bundle_id))
     remote.run(f"if [ -d {final} ] && [ ! -e {staged} ]; then cp -al {final} {staged}; fi", "staging the bundle on the device")
 
 
-def _verify_on_device(remote: Remote, folder: Path, layout: DeviceLayout, bundle_id: str, report: DeployReport,
-                      reporter: Reporter) -> None:
-    """Check the copy on the device; a copy that fails is sent once more in full, then given up."""
-    staged = f"{layout.incoming}/{bundle_id}"
+def _verify_on_device(remote: Remote, folder: Path, manifest: dict[str, Any], layout: DeviceLayout, bundle_id: str,
+                      report: DeployReport, reporter: Reporter) -> None:
+    """Check the copy on the device; a damaged copy is sent once more in full, then given up. A copy
+    that is refused never stays in the staging folder."""
+    staged = layout.staged(bundle_id)
     step = provision.verify_bundle(layout, bundle_id)
-    try:
-        _run(remote, layout, step)
-    except EdgekitError as first:
-        damaged = ("differs from the manifest", "incomplete bundle", "files not in the manifest")
-        if not any(words in str(first) for words in damaged):  # a signature refusal: sending again cannot help
-            _run(remote, layout, Step("remove the refused copy", f"rm -rf {shlex.quote(staged)}"))
-            raise
-        reporter.step(f"copy did not verify ({first}); copying again from scratch")
-        _run(remote, layout, Step("remove the bad copy", f"rm -rf {shlex.quote(staged)}"))
-        _copy_bundle(remote, folder, staged, report, reporter)
+    remove = Step("remove the refused copy", f"rm -rf {shlex.quote(staged)}")
+    for attempt in (1, 2):
         try:
             _run(remote, layout, step)
-        except EdgekitError:
-            _run(remote, layout, Step("remove the bad copy", f"rm -rf {shlex.quote(staged)}"))
-            raise
+            return
+        except EdgekitError as exc:
+            _run(remote, layout, remove)
+            damaged = any(words in str(exc) for words in ("differs from the manifest", "incomplete bundle",
+                                                           "files not in the manifest"))
+            if attempt == 2 or not damaged:  # a signature refusal: sending again cannot help
+                raise
+            reporter.step(f"copy did not verify ({exc}); copying again from scratch")
+            _copy_bundle(remote, folder, manifest, staged, report, reporter)
 
 
 def _wait_online(remote: Remote, layout: DeviceLayout, device_id: str, bundle_name: str, since: int,
@@ -246,9 +246,7 @@ def _roll_back(remote: Remote, layout: DeviceLayout, facts: DeviceFacts) -> None
     """Put the previous bundle and config back and restart; on a first deploy, stop and disable the service."""
     if facts.current:
         script = f"""
-ln -sfn {shlex.quote(facts.current)} "$EK_CURRENT.new"
-mv -T "$EK_CURRENT.new" "$EK_CURRENT"
-if [ -f "$EK_CONFIG.previous" ]; then mv -f "$EK_CONFIG.previous" "$EK_CONFIG"; fi
+{provision.switch_current(facts.current)}if [ -f "$EK_CONFIG.previous" ]; then mv -f "$EK_CONFIG.previous" "$EK_CONFIG"; fi
 systemctl restart --no-block {UNIT_NAME}
 """
     else:

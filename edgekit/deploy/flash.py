@@ -77,7 +77,6 @@ def provision_steps(options: FlashOptions, bundle_id: str) -> list[Step]:
     layout = options.layout
     manifest = bundles.read_manifest(options.bundle)
     profile = manifest["profile"]
-    staged = f"{layout.incoming}/{bundle_id}"
     steps = [provision.prepare(layout), *provision.trust_keys(layout, options.trust),
              provision.install_runtime(layout, __version__, options.wheelhouse is not None, options.index_url)]
     if options.bundle_url:
@@ -87,7 +86,7 @@ def provision_steps(options: FlashOptions, bundle_id: str) -> list[Step]:
     steps += provision.config_steps(layout, options.broker, options.device_id, options.pools, options.trust, False)
     memory = provision.memory_limit(int(profile["ram_gb"] * 1024**3), profile["ram_share"])
     steps.append(provision.install_unit(layout, memory))
-    steps.append(provision.activate(layout, bundle_id, staged))
+    steps.append(provision.activate(layout, bundle_id))
     steps.append(provision.enable_and_restart())
     steps.append(provision.prune())
     return steps
@@ -126,7 +125,7 @@ def flash(options: FlashOptions, out: Path) -> FlashResult:
     result = FlashResult(user_data=user_data(options, script), script=script, bundle_id=bundle_id)
     if options.rootfs:
         layout = options.layout
-        result.copied_to.append(_copy_into(options.rootfs, options.bundle, f"{layout.incoming}/{bundle_id}"))
+        result.copied_to.append(_copy_into(options.rootfs, options.bundle, layout.staged(bundle_id)))
         if options.wheelhouse:
             result.copied_to.append(_copy_into(options.rootfs, options.wheelhouse, layout.wheelhouse))
     tmp = out.with_name(f".{out.name}.partial")

@@ -75,6 +75,10 @@ class DeviceLayout:
     def bundle(self, bundle_id: str) -> str:
         return self._path("opt", "edgekit", "bundles", bundle_id)
 
+    def staged(self, bundle_id: str) -> str:
+        """Where a copy of ``bundle_id`` waits until it is verified."""
+        return self._path("opt", "edgekit", "bundles", ".incoming", bundle_id)
+
     def shell_vars(self) -> str:
         """The layout as shell assignments, the preamble of every provisioning script."""
         values = {"EK_HOME": self.home, "EK_VENV": self.venv, "EK_BUNDLES": self.bundles, "EK_INCOMING": self.incoming,

@@ -13,7 +13,6 @@ from typing import Any
 
 from edgekit.deploy.layout import DeviceLayout
 from edgekit.deploy.ssh import Remote
-from edgekit.errors import EdgekitError
 
 MIB = 1024**2
 # What a fresh runtime venv takes on disk (onnxruntime, numpy, tokenizers, ...), measured on x86_64
@@ -89,11 +88,6 @@ class DeviceFacts:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def describe(self) -> str:
-        return (f"{self.hostname}: {self.machine} ({self.userland_bits}-bit userland), {self.os}, {self.cores} cores, "
-                f"{self.ram_total / MIB:.0f} MiB RAM, {self.disk_free / MIB:.0f} MiB free at {self.disk_path}, "
-                f"Python {'.'.join(map(str, self.python))}")
-
 
 def probe(remote: Remote, layout: DeviceLayout) -> DeviceFacts:
     """Ask the device about itself (read-only; as root, since the config folder is not world-readable)."""
@@ -137,9 +131,3 @@ def problems(facts: DeviceFacts, manifest: dict[str, Any], incoming_bytes: int) 
     if not facts.systemd:
         found.append(f"{facts.hostname} has no systemctl: the daemon runs as a systemd service")
     return found
-
-
-def require_fit(facts: DeviceFacts, manifest: dict[str, Any], incoming_bytes: int) -> None:
-    """Raise with every problem at once, so one attempt shows all that needs fixing."""
-    if found := problems(facts, manifest, incoming_bytes):
-        raise EdgekitError("the bundle does not fit this device:\n  - " + "\n  - ".join(found))

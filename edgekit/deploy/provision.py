@@ -191,7 +191,7 @@ def memory_limit(ram_total: int, ram_share: float) -> int:
 def verify_bundle(layout: DeviceLayout, bundle_id: str) -> Step:
     """Check every sha256 on the device with the device's own runtime, and the signature where keys are
     trusted; the staged copy when there is one, else the bundle already in place."""
-    staged, final = f"{layout.incoming}/{bundle_id}", layout.bundle(bundle_id)
+    staged, final = layout.staged(bundle_id), layout.bundle(bundle_id)
     script = f"""
 if [ -d {_q(staged)} ]; then set -- {_q(staged)}; else set -- {_q(final)}; fi
 if ls "$EK_ETC"/trusted-keys/*.pem >/dev/null 2>&1; then set -- "$@" --trusted-key "$EK_ETC/trusted-keys"; fi
@@ -200,20 +200,23 @@ if ls "$EK_ETC"/trusted-keys/*.pem >/dev/null 2>&1; then set -- "$@" --trusted-k
     return Step(f"verify every file's sha256 (and the signature, where the device trusts keys) of {bundle_id}", script)
 
 
-def activate(layout: DeviceLayout, bundle_id: str, staged: str) -> Step:
-    """Move the verified bundle into place and switch ``current`` to it atomically (rename of a new link)."""
-    final = layout.bundle(bundle_id)
+def switch_current(target: str) -> str:
+    """Shell lines that point ``current`` at ``target`` atomically: a new link renamed over the old one."""
+    return f'ln -sfn {_q(target)} "$EK_CURRENT.new"\nmv -T "$EK_CURRENT.new" "$EK_CURRENT"\n'
+
+
+def activate(layout: DeviceLayout, bundle_id: str) -> Step:
+    """Move the verified bundle into place and switch ``current`` to it."""
+    staged, final = layout.staged(bundle_id), layout.bundle(bundle_id)
     script = f"""
 if [ -d {_q(staged)} ]; then
-  # Replacing a bundle already here (a new signature, say): swap by rename, so the current one never goes missing.
+  # Replacing a bundle already here (a new signature, say): two renames, so it is never half-replaced.
   if [ -e {_q(final)} ]; then mv {_q(final)} {_q(final)}.old; mv {_q(staged)} {_q(final)}; rm -rf {_q(final)}.old
   else mv {_q(staged)} {_q(final)}; fi
 fi
 chmod -R a+rX,go-w {_q(final)}
 if [ -L "$EK_CURRENT" ]; then readlink "$EK_CURRENT" > "$EK_HOME/previous"; fi
-ln -sfn {_q(final)} "$EK_CURRENT.new"
-mv -T "$EK_CURRENT.new" "$EK_CURRENT"
-"""
+{switch_current(final)}"""
     return Step(f"switch {layout.current} -> {final}", script)
 
 
