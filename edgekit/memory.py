@@ -68,7 +68,7 @@ def estimate(shape: ModelShape, profile: DeviceProfile, context_length: int | No
     io_bytes = 4 if profile.execution_provider == "cpu" or q.precision == "fp32" else 2
     return MemoryEstimate(
         weights=weight_bytes(shape, q.precision, q.block_size, io_bytes),
-        kv_cache=shape.kv_bytes_per_token(io_bytes) * context,
+        kv_cache=shape.kv_bytes_per_token(2 if q.kv_cache == "fp16" else io_bytes) * context,
         state=shape.state_bytes(io_bytes),
         # One step's logits over the vocabulary plus a prefill chunk's hidden activations.
         activations=shape.vocab * 4 * 2 + 512 * shape.intermediate * 4 * 4,

@@ -21,6 +21,7 @@ from edgekit.validation import Fields
 ARCHES = ("aarch64", "x86_64")
 PROVIDERS = ("cpu", "cuda")
 PRECISIONS = ("int4", "int8", "fp16", "fp32")
+KV_CACHE_TYPES = ("fp16", "fp32")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 ALGORITHMS = ("default", "rtn", "k_quant")
 MODELS = ("Qwen/Qwen3.5-0.8B", "Qwen/Qwen3.5-2B")
@@ -35,6 +36,10 @@ class Quantization:
     accuracy_level: int
     algorithm: str = "default"
     mixed_precision: str | None = None
+    # The full-attention layers' KV cache; fp16 halves the memory that grows with the context.
+    kv_cache: str = "fp16"
+    # The LM head's own block size (and the tied embedding's); None: block_size like every weight.
+    lm_head_block_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -141,6 +146,9 @@ def parse_profile(data: Any, where: str) -> DeviceProfile:
             accuracy_level=quant.choice("accuracy_level", (0, 1, 2, 3, 4), 4 if provider == "cpu" else 0),
             algorithm=quant.choice("algorithm", ALGORITHMS, "default"),
             mixed_precision=quant.get("mixed_precision", str, "a builder matmul_mixed_precision spec", None),
+            # An fp32 build is the exact reference: nothing in it is rounded unless asked.
+            kv_cache=quant.choice("kv_cache", KV_CACHE_TYPES, "fp32" if precision == "fp32" else "fp16"),
+            lm_head_block_size=quant.choice("lm_head_block_size", BLOCK_SIZES, None),
         ),
         quality=Quality(
             min_top1_agreement=quality.number("min_top1_agreement", 0.0, 1.0),

@@ -34,6 +34,8 @@ class Fields:
 
     def choice(self, key: str, allowed: tuple, default: Any = ...) -> Any:
         value = self.get(key, object, f"one of {', '.join(map(str, allowed))}", default)
+        if value is default and default is not ...:  # absent and optional: the default stands
+            return value
         if value not in allowed:
             raise self._fail(key, f"one of {', '.join(map(str, allowed))}", value)
         return value

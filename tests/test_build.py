@@ -342,3 +342,22 @@ def test_k_quant_recipe_from_a_user_profile(tiny_checkpoint_no_mtp: Path, tmp_pa
     manifest = bundle.verify(Path(json.loads(result.stdout)["bundle"]))
     assert manifest["recipe"]["builder_options"]["algo_config"] == "k_quant"
     assert manifest["profile"]["name"] == "kq-board" and manifest["quality"]["passed"]
+
+
+def test_lm_head_block_size_from_a_user_profile(tiny_checkpoint_no_mtp: Path, tmp_path: Path) -> None:
+    """The LM head, and the tied embedding lookup reading its bytes, get their own block size."""
+    import onnx
+
+    profile = write_profile(tmp_path, "head-board", block_size=32, lm_head_block_size=64)
+    result = CliRunner().invoke(main, ["build", "--profile", str(profile), "--model", str(tiny_checkpoint_no_mtp),
+                                       "-o", str(tmp_path / "out"), "--json", *GATE_FLAGS])
+    assert result.exit_code == 0, result.output
+    folder = Path(json.loads(result.stdout)["bundle"])
+    manifest = bundle.verify(folder)
+    assert manifest["profile"]["quantization"]["lm_head_block_size"] == 64 and manifest["quality"]["passed"]
+    blocks = {n.name: onnx.helper.get_attribute_value(next(a for a in n.attribute if a.name == "block_size"))
+              for n in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node
+              if n.op_type in ("MatMulNBits", "GatherBlockQuantized")}
+    assert blocks.pop("/lm_head/MatMul_Q4") == 64 and blocks.pop("/model/embed_tokens/GatherBlockQuantized") == 64
+    assert set(blocks.values()) == {32}
+    assert len(list(Engine(folder).generate([248045, 846, 198], 4))) == 4

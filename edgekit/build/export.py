@@ -82,8 +82,10 @@ def run_builder(
     layers: int = 0,
 ) -> None:
     """Run the model builder from ``source`` into ``output``; raise with the log's tail if it fails."""
-    command = [
-        sys.executable, "-m", "edgekit.build.lowmem_quant",
+    command = [sys.executable, "-m", "edgekit.build.lowmem_quant"]
+    if profile.quantization.lm_head_block_size:
+        command += ["--lm-head-block-size", str(profile.quantization.lm_head_block_size)]
+    command += [
         "-i", str(source), "-o", str(output),
         "-p", profile.quantization.precision, "-e", profile.execution_provider,
         "-c", str(cache_dir),

@@ -7,12 +7,18 @@ quantizer, with the same quantizer applied node by node on the builder's in-memo
 each float weight as soon as its quantized form exists. The result is the same graph with the same
 bytes; other quantization setups (RTN, k-quant, mixed precision, QDQ) keep the builder's own pass.
 
-Run as ``python -m edgekit.build.lowmem_quant <model builder arguments>``.
+It also takes one option of its own, ``--lm-head-block-size N``: the LM head (and, when the
+embedding is tied, the embedding lookup that shares its bytes) quantized with blocks of N while every
+other weight keeps the builder's block size. The head is the largest single weight (a quarter of the
+0.8B's) and is read in full for every generated token.
+
+Run as ``python -m edgekit.build.lowmem_quant [--lm-head-block-size N] <model builder arguments>``.
 """
 
 from __future__ import annotations
 
 import runpy
+import sys
 from typing import Any
 
 import onnx
@@ -33,12 +39,13 @@ def _streamable(model: Any) -> bool:
     )
 
 
-def quantize_in_place(model: Any) -> ir.Model:
-    """Quantize ``model.model``'s eligible MatMul weights node by node; return the graph."""
-    attrs = model.quant_attrs
-    quantizer = DefaultWeightOnlyQuantizer(
+LM_HEAD = "/lm_head/MatMul"
+
+
+def _quantizer(attrs: dict, block_size: int) -> DefaultWeightOnlyQuantizer:
+    return DefaultWeightOnlyQuantizer(
         DefaultWeightOnlyQuantConfig(
-            block_size=attrs["matmul_block_size"],
+            block_size=block_size,
             is_symmetric=attrs["is_symmetric"],
             accuracy_level=attrs["accuracy_level"],
             quant_format=QuantFormat.QOperator,
@@ -46,6 +53,16 @@ def quantize_in_place(model: Any) -> ir.Model:
             bits=attrs["bits"],
         )
     )
+
+
+def quantize_in_place(model: Any, lm_head_block_size: int | None = None) -> ir.Model:
+    """Quantize ``model.model``'s eligible MatMul weights node by node; return the graph.
+
+    ``lm_head_block_size`` quantizes the LM head with its own block size (see the module notes).
+    """
+    attrs = model.quant_attrs
+    quantizer = _quantizer(attrs, attrs["matmul_block_size"])
+    head_quantizer = _quantizer(attrs, lm_head_block_size) if lm_head_block_size else quantizer
     graph = model.model.graph
     excluded = set(attrs["nodes_to_exclude"])
     for node in list(graph):
@@ -57,7 +74,8 @@ def quantize_in_place(model: Any) -> ir.Model:
         # The float weight exists in full only here, for this one tensor.
         holder = onnx.GraphProto()
         holder.initializer.append(ir.serde.serialize_tensor(weight.const_value))
-        [replacement] = quantizer.quantize(ir.serde.serialize_node(node), [holder])
+        chosen = head_quantizer if node.name == LM_HEAD else quantizer
+        [replacement] = chosen.quantize(ir.serde.serialize_node(node), [holder])
         if replacement.op_type == "MatMul":
             continue  # the quantizer declined (e.g. not 2-D): keep the float MatMul
         inputs = [node.inputs[0]]
@@ -87,7 +105,19 @@ def quantize_in_place(model: Any) -> ir.Model:
             graph.initializers.pop(weight.name)
             model.values.pop(weight.name, None)
             weight.const_value = None
+    if lm_head_block_size:
+        _match_tied_lookup(graph, lm_head_block_size)
     return model.model
+
+
+def _match_tied_lookup(graph: ir.Graph, block_size: int) -> None:
+    """Give the tied embedding's GatherBlockQuantized the LM head's block size: it reads the head's
+    quantized weight and scales, whose layout the block size decides."""
+    for node in graph:
+        if node.op_type == "GatherBlockQuantized" and any(
+            value is not None and value.name.startswith("lm_head.") for value in node.inputs
+        ):
+            node.attributes["block_size"] = ir.AttrInt64("block_size", block_size)
 
 
 def main() -> None:
@@ -95,10 +125,19 @@ def main() -> None:
     import onnxruntime_genai.models.builder  # noqa: F401  (puts the builder's own modules on sys.path)
     from builders import base
 
+    lm_head_block_size = None
+    if "--lm-head-block-size" in sys.argv:
+        at = sys.argv.index("--lm-head-block-size")
+        lm_head_block_size = int(sys.argv[at + 1])
+        del sys.argv[at : at + 2]
     original = base.Model.to_nbits
 
     def to_nbits(self: Any) -> ir.Model:
-        return quantize_in_place(self) if _streamable(self) else original(self)
+        if _streamable(self):
+            return quantize_in_place(self, lm_head_block_size)
+        if lm_head_block_size:
+            raise SystemExit("--lm-head-block-size needs the default quantization algorithm (no k_quant, rtn or mixed precision)")
+        return original(self)
 
     base.Model.to_nbits = to_nbits
     runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__", alter_sys=True)

@@ -1,0 +1,153 @@
+"""Rewrites of the model builder's graph that cut what it holds in memory on the device.
+
+Both work on ``model.onnx`` alone (the weights file is never rewritten) and are bit-exact or
+measured:
+
+**Reshaped weights as second names for the same bytes.**
+The builder shares Qwen3.5's tied embedding between the LM head and the embedding lookup: the LM
+head's MatMulNBits reads ``lm_head.MatMul.weight_Q4`` [vocab, blocks, blob] and the
+GatherBlockQuantized reads a ``Reshape`` of it to [vocab, K/2]. ONNX Runtime constant-folds that
+Reshape at load time into a new in-memory tensor: a private copy of the whole quantized vocabulary
+(121 MiB on the 0.8B, 242 MiB on the 2B) that stays resident, although a token's lookup reads one row.
+
+A reshape of a contiguous tensor only changes its dims, so the reshaped tensor can be declared as
+another initializer over the same offset and length of ``model.onnx.data``. ONNX Runtime maps
+external data from the file, so the lookup then reads the page cache's copy, and only the rows
+prompts touch stay resident. The data file is not rewritten; only ``model.onnx`` changes.
+
+**An fp16 KV cache.**
+The KV cache is the one part of a Qwen3.5 bundle's memory that grows with the context: 24 KiB per
+token in fp32 on the 0.8B (96 MiB at 4,096 tokens). llama.cpp keeps it in fp16 by default; so do we.
+Each GroupQueryAttention gets its query, key and value cast to fp16 (ONNX Runtime's CPU kernel runs
+in fp16 then, reading and appending the cache in place) and its output cast back to fp32; the
+``past_key_values.*`` inputs and ``present.*`` outputs become fp16. Measured on the 0.8B int4 after
+a 3,000-token prompt: mean KL 0.0002 against the fp32 cache (the int4 weights cost 0.19), prefill
+and decode speed within noise. Everything else in the graph stays as it was.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+_ATTENTION = "GroupQueryAttention"
+
+
+def _save(model: onnx.ModelProto, model_path: Path) -> None:
+    """Replace ``model_path`` atomically: a failed write leaves the old graph."""
+    tmp = model_path.with_suffix(".onnx.tmp")
+    onnx.save(model, str(tmp))
+    tmp.replace(model_path)
+
+
+def _target_dims(dims: list[int], shape: np.ndarray, allowzero: bool) -> list[int] | None:
+    """ONNX Reshape's output dims for input ``dims`` and ``shape``, or None when they are inconsistent."""
+    # A 0 copies the input's dim at that index unless allowzero is set.
+    out = [dims[i] if d == 0 and not allowzero and i < len(dims) else d for i, d in enumerate(shape.tolist())]
+    if out.count(-1) > 1:
+        return None
+    total = int(np.prod(dims))
+    if -1 in out:
+        known = int(np.prod([d for d in out if d != -1]))
+        if known == 0 or total % known:
+            return None
+        out[out.index(-1)] = total // known
+    return out if int(np.prod(out)) == total else None
+
+
+def alias_reshaped_weights(model_path: Path) -> int:
+    """Rewrite ``model_path`` so each Reshape of an external-data initializer by a constant shape
+    becomes an initializer over the same stored bytes; return how many Reshapes were replaced."""
+    model = onnx.load(str(model_path), load_external_data=False)
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    constants = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
+    consumers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+
+    outputs = {o.name for o in graph.output}
+    replaced: dict[str, str] = {}  # Reshape output -> alias initializer name
+    dropped = []
+    for node in graph.node:
+        if node.op_type != "Reshape" or node.input[0] not in initializers or node.output[0] in outputs:
+            continue
+        weight = initializers[node.input[0]]
+        if weight.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        shape_source = constants.get(node.input[1])
+        if shape_source is None:
+            continue
+        shape = numpy_helper.to_array(shape_source.attribute[0].t)
+        allowzero = any(a.name == "allowzero" and a.i for a in node.attribute)
+        dims = _target_dims(list(weight.dims), shape, allowzero)
+        if dims is None:
+            continue
+        alias = onnx.TensorProto()
+        alias.CopyFrom(weight)
+        alias.name = f"{weight.name}.as_{'x'.join(map(str, dims))}"
+        del alias.dims[:]
+        alias.dims.extend(dims)
+        graph.initializer.append(alias)
+        replaced[node.output[0]] = alias.name
+        dropped.append(node)
+        if consumers.get(node.input[1]) == 1:
+            dropped.append(shape_source)
+    if not replaced:
+        return 0
+    for node in dropped:
+        graph.node.remove(node)
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in replaced:
+                node.input[i] = replaced[name]
+    _save(model, model_path)
+    return len(replaced)
+
+
+def _kv_name(name: str) -> bool:
+    return name.startswith(("past_key_values.", "present.")) and name.endswith((".key", ".value"))
+
+
+def store_kv_cache_fp16(model_path: Path) -> int:
+    """Rewrite ``model_path`` so its KV cache is fp16; return how many attention nodes changed.
+
+    A graph whose cache is already fp16 (CUDA exports) is left alone.
+    """
+    model = onnx.load(str(model_path), load_external_data=False)
+    graph = model.graph
+    caches = [v for v in [*graph.input, *graph.output] if _kv_name(v.name)]
+    if not caches or all(v.type.tensor_type.elem_type == TensorProto.FLOAT16 for v in caches):
+        return 0
+    if any(v.type.tensor_type.elem_type != TensorProto.FLOAT for v in caches):
+        raise ValueError(f"{model_path}: KV cache tensors are neither all fp32 nor all fp16")
+    nodes = []
+    changed = 0
+    for node in graph.node:
+        if node.op_type != _ATTENTION:
+            nodes.append(node)
+            continue
+        # query, key, value: the cache inputs (3, 4) are graph inputs, retyped below.
+        for index in range(3):
+            half = f"{node.input[index]}/fp16"
+            nodes.append(helper.make_node("Cast", [node.input[index]], [half], to=TensorProto.FLOAT16, name=f"{half}/Cast"))
+            node.input[index] = half
+        output = node.output[0]
+        node.output[0] = f"{output}/fp16"
+        nodes.append(node)
+        nodes.append(helper.make_node("Cast", [node.output[0]], [output], to=TensorProto.FLOAT, name=f"{output}/Cast"))
+        changed += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    for value in caches:
+        value.type.tensor_type.elem_type = TensorProto.FLOAT16
+    # Shape-inference records of the cache would now contradict the retyped graph outputs.
+    kept = [v for v in graph.value_info if not _kv_name(v.name)]
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
+    _save(model, model_path)
+    return changed
