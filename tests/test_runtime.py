@@ -48,7 +48,8 @@ def test_snapshot_restores_state(engine: Engine) -> None:
     state = engine.new_state()
     engine.forward(state, [248045, 846, 198, 9419])
     snapshot = state.copy()
-    a = engine.forward(state, [11, 12, 13])
+    # Single steps swap the state between its two buffer sets: a snapshot must share neither.
+    a = [engine.forward(state, [token]) for token in (11, 12, 13)][-1]
     b = engine.forward(snapshot, [11, 12, 13])
     np.testing.assert_array_equal(a, b)
 
@@ -144,3 +145,14 @@ def test_session_store_evicts_least_recently_used_and_idle(engine: Engine) -> No
     assert store.take("b") is not None  # taken for a turn...
     time.sleep(0.3)
     assert store.take("c") is None and "idle" in store.evicted_reason("c")
+
+
+def test_stored_session_keeps_one_state_buffer_set(engine: Engine) -> None:
+    from edgekit.runtime.sessions import Session, SessionStore
+
+    session = Session(engine.new_state())
+    engine.forward(session.state, [11, 12])
+    working = session.nbytes()
+    assert session.state.spare  # a step made the second buffer set...
+    SessionStore(max_bytes=10 * working, idle_s=60).put("s", session)
+    assert not session.state.spare and session.nbytes() < working  # ...which a resting session does not keep

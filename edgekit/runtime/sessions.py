@@ -24,7 +24,7 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
 
     def nbytes(self) -> int:
-        return sum(array.nbytes for array in self.state.past.values())
+        return self.state.nbytes()
 
 
 class SessionStore:
@@ -47,6 +47,7 @@ class SessionStore:
             return self._evicted.get(session_id)
 
     def put(self, session_id: str, session: Session) -> None:
+        session.state.compact()
         with self._lock:
             session.last_used = time.monotonic()
             self._sessions[session_id] = session

@@ -27,7 +27,6 @@ from edgekit.bundle import verify
 from edgekit.errors import ContextExceeded, EdgekitError
 from edgekit.runtime.conversation import SessionEvicted, Turn, run_turn
 from edgekit.runtime.engine import Engine
-from edgekit.runtime.resident import trim_heap
 from edgekit.runtime.sessions import SessionStore
 from edgekit.runtime.tokenizer import ChatTokenizer
 from edgekit.serve import protocol
@@ -263,7 +262,7 @@ class Daemon:
                 # Give a finished request's memory back once the device has been idle for a while:
                 # trimming between back-to-back requests made the next first token ~10 ms later.
                 if last_job is not None and time.monotonic() - last_job > TRIM_AFTER_IDLE_S:
-                    trim_heap()
+                    self.engine.release_memory()
                     last_job = None
                 continue
             self.active = job
