@@ -66,19 +66,33 @@ def mqtt_run(client: DeviceClient, device: str, prompt_len: int, new_tokens: int
             "server_decode_tps": final["timings"]["decode_tokens_per_s"], "prompt_tokens": final["usage"]["prompt_tokens"]}
 
 
-def _full_context_rss(client: DeviceClient, device: str, process: psutil.Process, context: int) -> float:
-    """The daemon's RSS right after a request that fills the context to within a few tokens."""
+def _full_context_rss(client: DeviceClient, device: str, process: psutil.Process, context: int) -> dict[str, float | None]:
+    """The daemon's memory over a request that fills the context to within a few tokens: its peak RSS
+    during the request (Linux; the high-water mark is reset first, so load-time transients are out),
+    and its RSS and private (anonymous) RSS right after it."""
+    reset = _reset_peak(process)
     _timed_request(client, device, {"prompt": " a" * (context - 64), "max_tokens": 8})
-    return process.memory_info().rss / 2**20
+    return {"daemon_rss_full_context_mb": process.memory_info().rss / 2**20,
+            "daemon_anon_rss_full_context_mb": _status_mb(process, "RssAnon"),
+            "daemon_peak_rss_full_context_mb": _status_mb(process, "VmHWM") if reset else None}
 
 
-def _peak_rss_mb(process: psutil.Process) -> float | None:
-    """The process's high-water RSS (Linux), load-time transients included."""
+def _reset_peak(process: psutil.Process) -> bool:
+    """Reset the process's high-water RSS (Linux ``clear_refs``); False where that is not possible."""
+    try:
+        Path(f"/proc/{process.pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _status_mb(process: psutil.Process, field: str) -> float | None:
+    """A memory field of ``/proc/PID/status`` (Linux) in MiB, e.g. VmHWM (peak RSS) or RssAnon."""
     try:
         status = Path(f"/proc/{process.pid}/status").read_text()
     except OSError:
         return None
-    return int(status.split("VmHWM:")[1].split()[0]) / 1024
+    return int(status.split(f"{field}:")[1].split()[0]) / 1024
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -115,10 +129,10 @@ def run(bundle: Path, runs: int, prompt_len: int, new_tokens: int, threads: int 
                 direct.append(direct_run(engine, prompt_len, new_tokens))
                 remote.append(mqtt_run(client, device, prompt_len, new_tokens))
             report["daemon_rss_mb"] = process.memory_info().rss / 2**20
-            report["daemon_rss_full_context_mb"] = _full_context_rss(client, device, process, engine.context_length)
+            report["daemon_peak_rss_mb"] = _status_mb(process, "VmHWM")  # loading included
+            report.update(_full_context_rss(client, device, process, engine.context_length))
             time.sleep(TRIM_AFTER_IDLE_S + 1)
             report["daemon_rss_idle_mb"] = process.memory_info().rss / 2**20  # after it gave memory back
-            report["daemon_peak_rss_mb"] = _peak_rss_mb(process)
             itl = [gap for r in direct for gap in r["itl"]]
             med = statistics.median
             report["direct"] = {"prefill_tps": med(r["prefill_tps"] for r in direct),

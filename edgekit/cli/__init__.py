@@ -412,11 +412,12 @@ def bench_command(bundle_dir: Path, runs: int, prompt_tokens: int, new_tokens: i
               f"inter-token p50 {d['itl_p50_ms']:.1f} ms / p99 {d['itl_p99_ms']:.1f} ms")
     out.print(f"mqtt:   decode {m['decode_tps']:.1f} tok/s ({report['mqtt_over_direct_decode']:.3f}x direct), "
               f"TTFT {m['ttft_ms']:.0f} ms, added by the broker {report['added_ttft_ms']:.1f} ms")
-    peak = report["daemon_peak_rss_mb"]
-    out.print(f"daemon: idle CPU {report['idle_cpu_percent']:.1f} %, RSS {report['daemon_rss_mb']:.0f} MiB, "
-              f"{report['daemon_rss_full_context_mb']:.0f} MiB with the context full, "
-              f"{report['daemon_rss_idle_mb']:.0f} MiB idle"
-              + (f", peak {peak:.0f} MiB (loading included)" if peak else ""))
+    peak, full_peak = report["daemon_peak_rss_mb"], report["daemon_peak_rss_full_context_mb"]
+    out.print(f"daemon: idle CPU {report['idle_cpu_percent']:.1f} %, RSS {report['daemon_rss_mb']:.0f} MiB after the runs, "
+              f"{report['daemon_rss_full_context_mb']:.0f} MiB with the context full"
+              + (f" (peak {full_peak:.0f} MiB during that request)" if full_peak else "")
+              + f", {report['daemon_rss_idle_mb']:.0f} MiB idle"
+              + (f", peak {peak:.0f} MiB with loading" if peak else ""))
     out.print(f"session turn 2 after {sess['history_tokens']} tokens: first token {sess['kept_ttft_ms']:.0f} ms kept vs "
               f"{sess['replay_ttft_ms']:.0f} ms replayed ({sess['speedup']:.1f}x)")
 
