@@ -391,4 +391,7 @@ def test_bench_report(host_bundle: Path) -> None:
     assert report["mqtt"]["prompt_tokens"] == 32
     assert report["direct"]["decode_tps"] > 0 and report["mqtt"]["decode_tps"] > 0
     assert report["daemon_rss_mb"] > 0 and report["session"]["history_tokens"] > 2000
+    # Linux: the peak over the full-context request alone (the load-time peak reset first).
+    assert 0 < report["daemon_peak_rss_full_context_mb"] <= report["daemon_peak_rss_mb"] + 1024
+    assert 0 < report["daemon_anon_rss_full_context_mb"] <= report["daemon_rss_full_context_mb"]
     assert report["session"]["kept_ttft_ms"] < report["session"]["replay_ttft_ms"]
