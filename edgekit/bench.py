@@ -21,7 +21,6 @@ from edgekit.client import DeviceClient
 from edgekit.errors import EdgekitError
 from edgekit.runtime.engine import Engine, GenerationStats
 from edgekit.serve import embedded_broker
-from edgekit.serve.daemon import TRIM_AFTER_IDLE_S
 
 # Distinct ordinary tokens: a fixed-length prompt without template effects.
 FILLER = 1000
@@ -69,9 +68,10 @@ def mqtt_run(client: DeviceClient, device: str, prompt_len: int, new_tokens: int
 def _full_context_rss(client: DeviceClient, device: str, process: psutil.Process, context: int) -> dict[str, float | None]:
     """The daemon's memory over a request that fills the context to within a few tokens: its peak RSS
     during the request (Linux; the high-water mark is reset first, so load-time transients are out),
-    and its RSS and private (anonymous) RSS right after it."""
+    and its RSS and private (anonymous) RSS right after it, while a session keeps that context."""
     reset = _reset_peak(process)
-    _timed_request(client, device, {"prompt": " a" * (context - 64), "max_tokens": 8})
+    _timed_request(client, device, {"prompt": " a" * (context - 64), "max_tokens": 8,
+                                    "session": "bench-full-context", "new_session": True})
     return {"daemon_rss_full_context_mb": process.memory_info().rss / 2**20,
             "daemon_anon_rss_full_context_mb": _status_mb(process, "RssAnon"),
             "daemon_peak_rss_full_context_mb": _status_mb(process, "VmHWM") if reset else None}
@@ -131,8 +131,8 @@ def run(bundle: Path, runs: int, prompt_len: int, new_tokens: int, threads: int 
             report["daemon_rss_mb"] = process.memory_info().rss / 2**20
             report["daemon_peak_rss_mb"] = _status_mb(process, "VmHWM")  # loading included
             report.update(_full_context_rss(client, device, process, engine.context_length))
-            time.sleep(TRIM_AFTER_IDLE_S + 1)
-            report["daemon_rss_idle_mb"] = process.memory_info().rss / 2**20  # after it gave memory back
+            time.sleep(2)
+            report["daemon_rss_idle_mb"] = process.memory_info().rss / 2**20
             itl = [gap for r in direct for gap in r["itl"]]
             med = statistics.median
             report["direct"] = {"prefill_tps": med(r["prefill_tps"] for r in direct),

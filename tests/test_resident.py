@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from edgekit.runtime.resident import drop_clean_pages, trim_heap
+from edgekit.runtime.resident import clean_mappings, drop_pages, trim_heap
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Linux memory interfaces")
 
@@ -24,7 +24,7 @@ def _resident(path: Path) -> int:
     return total
 
 
-def test_clean_pages_are_dropped_and_dirty_mappings_kept(tmp_path: Path) -> None:
+def test_clean_pages_are_dropped_and_changed_mappings_kept(tmp_path: Path) -> None:
     clean_file, dirty_file = tmp_path / "clean.data", tmp_path / "dirty.data"
     payload = bytes(range(256)) * (16 * 4096)  # 16 MiB
     clean_file.write_bytes(payload)
@@ -35,11 +35,15 @@ def test_clean_pages_are_dropped_and_dirty_mappings_kept(tmp_path: Path) -> None
         assert clean[:] == payload and dirty[:] == payload  # touch every page
         dirty[0] = 7  # one private change: this mapping must not be dropped
         assert _resident(clean_file) >= len(payload) // 2
-        dropped = drop_clean_pages(clean_file) + drop_clean_pages(dirty_file)
-        assert dropped >= len(payload) // 2
+        mappings = clean_mappings(clean_file)
+        assert len(mappings) == 1 and clean_mappings(dirty_file) == []
+        drop_pages(mappings)
         assert _resident(clean_file) < len(payload) // 8
         assert _resident(dirty_file) >= len(payload) // 2 and dirty[0] == 7
         assert clean[:] == payload  # dropped pages read back from the file
+        assert _resident(clean_file) >= len(payload) // 2
+        drop_pages(mappings)  # the same mappings again, without another look at /proc
+        assert _resident(clean_file) < len(payload) // 8
         clean.close()
         dirty.close()
     trim_heap()  # callable any time
