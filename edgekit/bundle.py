@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from edgekit.errors import EdgekitError
+from edgekit.errors import BundleDamaged, EdgekitError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -82,13 +82,13 @@ def verify(folder: Path, trusted_keys: Sequence[Path] = ()) -> dict[str, Any]:
     listed = {entry["path"]: entry for entry in manifest["files"]}
     present = {p.relative_to(folder).as_posix() for p in _listable(folder)}
     if missing := sorted(set(listed) - present):
-        raise EdgekitError(f"{folder}: incomplete bundle, missing {', '.join(missing)}")
+        raise BundleDamaged(f"{folder}: incomplete bundle, missing {', '.join(missing)}")
     if extra := sorted(present - set(listed)):
-        raise EdgekitError(f"{folder}: files not in the manifest: {', '.join(extra)}")
+        raise BundleDamaged(f"{folder}: files not in the manifest: {', '.join(extra)}")
     for name, entry in listed.items():
         path = folder / name
         if path.stat().st_size != entry["size"]:
-            raise EdgekitError(f"{path}: size {path.stat().st_size} differs from the manifest's {entry['size']} (truncated or tampered)")
+            raise BundleDamaged(f"{path}: size {path.stat().st_size} differs from the manifest's {entry['size']} (truncated or tampered)")
         if sha256_file(path) != entry["sha256"]:
-            raise EdgekitError(f"{path}: sha256 differs from the manifest (corrupted or tampered)")
+            raise BundleDamaged(f"{path}: sha256 differs from the manifest (corrupted or tampered)")
     return manifest

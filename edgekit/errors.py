@@ -4,6 +4,15 @@
 class EdgekitError(Exception):
     """A failure caused by input or environment, with a message that names what was wrong."""
 
+    exit_code = 1  # the CLI's exit status for it
+
+
+class BundleDamaged(EdgekitError):
+    """A bundle's files do not match its manifest: missing, extra, truncated or changed. Unlike an
+    unsigned or wrongly signed bundle, a damaged copy is worth sending again."""
+
+    exit_code = 3
+
 
 class ContextExceeded(EdgekitError):
     """A sequence would not fit the bundle's context length; the message has the numbers."""

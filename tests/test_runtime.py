@@ -156,3 +156,20 @@ def test_stored_session_keeps_one_state_buffer_set(engine: Engine) -> None:
     assert session.state.spare  # a step made the second buffer set...
     SessionStore(max_bytes=10 * working, idle_s=60).put("s", session)
     assert not session.state.spare and session.nbytes() < working  # ...which a resting session does not keep
+
+
+def test_verify_exit_status_tells_a_damaged_copy_from_a_refused_one(bundle_copy: Path, tmp_path: Path) -> None:
+    """Deploy resends a copy only on status 3; a signature refusal (1) would be refused again."""
+    from click.testing import CliRunner
+
+    from edgekit import signing
+    from edgekit.cli import main
+
+    signing.create_keys(tmp_path / "release.key", tmp_path / "release.pub")
+    runner = CliRunner()
+    assert runner.invoke(main, ["verify", str(bundle_copy)]).exit_code == 0
+    unsigned = runner.invoke(main, ["verify", str(bundle_copy), "--trusted-key", str(tmp_path / "release.pub")])
+    assert unsigned.exit_code == 1 and "not signed" in unsigned.output
+    (bundle_copy / "tokenizer_config.json").write_text("{}")
+    damaged = runner.invoke(main, ["verify", str(bundle_copy)])
+    assert damaged.exit_code == 3 and "tokenizer_config.json" in damaged.output

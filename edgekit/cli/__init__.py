@@ -184,6 +184,9 @@ def build(profile_name: str, model: str | None, revision: str | None, output: Pa
 def verify(bundle_dir: Path, trusted_keys: tuple[Path, ...], as_json: bool) -> None:
     """Check a bundle's files against its manifest (sizes and sha256), and its signature when keys are given.
 
+    Exit status: 0 verified; 3 files missing, extra or different from the manifest (a damaged copy);
+    1 anything else (no manifest, unsigned or untrusted signature, unreadable key).
+
     \b
     Example:
       edgekit verify dist/qwen3.5-0.8b-raspberry-pi-5-int4

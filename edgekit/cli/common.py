@@ -18,7 +18,7 @@ out = Console()
 
 
 def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn an EdgekitError into one line on stderr and exit status 1."""
+    """Turn an EdgekitError into one line on stderr and its exit status (1, or the error's own)."""
 
     @wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -26,7 +26,7 @@ def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
             return command(*args, **kwargs)
         except EdgekitError as exc:
             err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            sys.exit(1)
+            sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             err.print("[bold red]interrupted[/]")
             sys.exit(130)

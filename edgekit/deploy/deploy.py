@@ -20,8 +20,8 @@ from edgekit.deploy import provision
 from edgekit.deploy.layout import UNIT_NAME, DeviceLayout
 from edgekit.deploy.probe import VENV_BYTES, DeviceFacts, probe, problems
 from edgekit.deploy.provision import Broker, Step
-from edgekit.deploy.ssh import Remote, Target
-from edgekit.errors import EdgekitError
+from edgekit.deploy.ssh import Remote, RemoteCommandFailed, Target
+from edgekit.errors import BundleDamaged, EdgekitError
 
 _SIZES = r'''
 import json, os, sys
@@ -225,9 +225,10 @@ def _verify_on_device(remote: Remote, folder: Path, manifest: dict[str, Any], la
             return
         except EdgekitError as exc:
             _run(remote, layout, remove)
-            damaged = any(words in str(exc) for words in ("differs from the manifest", "incomplete bundle",
-                                                           "files not in the manifest"))
-            if attempt == 2 or not damaged:  # a signature refusal: sending again cannot help
+            # `edgekit verify` exits 3 for a damaged copy; anything else (a signature refusal) stays
+            # refused however often it is sent.
+            damaged = isinstance(exc, RemoteCommandFailed) and exc.status == BundleDamaged.exit_code
+            if attempt == 2 or not damaged:
                 raise
             reporter.step(f"copy did not verify ({exc}); copying again from scratch")
             _copy_bundle(remote, folder, manifest, staged, report, reporter)

@@ -36,6 +36,14 @@ class Target:
         return self.destination.rsplit("@", 1)[-1]
 
 
+class RemoteCommandFailed(EdgekitError):
+    """A command ran on the device and exited non-zero; ``status`` is its exit status."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class Remote:
     """One device reached over ssh; commands run as root (directly or through ``sudo -n``)."""
 
@@ -76,7 +84,7 @@ class Remote:
                 return EdgekitError(f"cannot reach {where}: {text.splitlines()[-1]}")
             return EdgekitError(f"ssh to {where} failed: {text or 'connection closed'}")
         tail = "\n".join(text.splitlines()[-8:])
-        return EdgekitError(f"{what} failed on {self.target.host} (exit {result.returncode}): {tail}")
+        return RemoteCommandFailed(f"{what} failed on {self.target.host} (exit {result.returncode}): {tail}", result.returncode)
 
     def _exec(self, command: str, stdin: bytes | None, timeout: float | None) -> subprocess.CompletedProcess[bytes]:
         try:
