@@ -21,6 +21,7 @@ from edgekit.client import DeviceClient
 from edgekit.errors import EdgekitError
 from edgekit.runtime.engine import Engine, GenerationStats
 from edgekit.serve import embedded_broker
+from edgekit.serve.daemon import TRIM_AFTER_IDLE_S
 
 # Distinct ordinary tokens: a fixed-length prompt without template effects.
 FILLER = 1000
@@ -131,8 +132,8 @@ def run(bundle: Path, runs: int, prompt_len: int, new_tokens: int, threads: int 
             report["daemon_rss_mb"] = process.memory_info().rss / 2**20
             report["daemon_peak_rss_mb"] = _status_mb(process, "VmHWM")  # loading included
             report.update(_full_context_rss(client, device, process, engine.context_length))
-            time.sleep(2)
-            report["daemon_rss_idle_mb"] = process.memory_info().rss / 2**20
+            time.sleep(TRIM_AFTER_IDLE_S + 1)
+            report["daemon_rss_idle_mb"] = process.memory_info().rss / 2**20  # after the idle trim
             itl = [gap for r in direct for gap in r["itl"]]
             med = statistics.median
             report["direct"] = {"prefill_tps": med(r["prefill_tps"] for r in direct),

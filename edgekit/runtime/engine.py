@@ -139,15 +139,17 @@ class Engine:
             if share and i.name.startswith("past") and len(i.shape) == 4 and i.shape[2] == "past_sequence_length"
         )
 
-    def release_memory(self) -> None:
-        """Give back what the device need not keep resident: freed heap, and clean pages of the
-        weights file. Prepacking reads every weight page once; afterwards only the tied embedding's
-        rows are read from the file, and the kernel maps whole large folios around each row looked up
-        (a token from anywhere in the vocabulary maps ~1 MiB): 64 random tokens left 25-100 MiB mapped.
-        3-4 ms on the 0.8B: cheap enough after every request."""
+    def release_memory(self, heap: bool = True) -> None:
+        """Give back what the device need not keep resident: clean pages of the weights file, and
+        (``heap``) freed heap. Prepacking reads every weight page once; afterwards only the tied
+        embedding's rows are read from the file, and the kernel maps whole large folios around each
+        row looked up (a token from anywhere in the vocabulary maps ~1 MiB): 64 random tokens left
+        25-100 MiB mapped. Dropping those takes 3-4 ms on the 0.8B; trimming the heap made the next
+        request's first token ~8 ms later through the daemon, so it waits for an idle spell."""
         for data, mappings in self._file_pages.items():
             drop_pages(data, mappings)
-        trim_heap()
+        if heap:
+            trim_heap()
 
     def _zero_shape(self, shape: list) -> tuple[int, ...]:
         sizes = {"batch_size": 1, "past_sequence_length": 0, "kv_cache_dim": self._head_size}
