@@ -1,7 +1,7 @@
 """Rewrites of the model builder's graph that cut what it holds in memory on the device.
 
-Both work on ``model.onnx`` alone (the weights file is never rewritten) and are bit-exact or
-measured:
+Both change ``model.onnx`` alone (the weights file is never rewritten), loaded and saved once by
+:func:`lighten`, and are bit-exact or measured:
 
 **Reshaped weights as second names for the same bytes.**
 The builder shares Qwen3.5's tied embedding between the LM head and the embedding lookup: the LM
@@ -33,14 +33,22 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from edgekit.errors import EdgekitError
+
 _ATTENTION = "GroupQueryAttention"
 
 
-def _save(model: onnx.ModelProto, model_path: Path) -> None:
-    """Replace ``model_path`` atomically: a failed write leaves the old graph."""
-    tmp = model_path.with_suffix(".onnx.tmp")
-    onnx.save(model, str(tmp))
-    tmp.replace(model_path)
+def lighten(model_path: Path, kv_cache_fp16: bool) -> None:
+    """Apply the rewrites to ``model_path`` (the fp16 KV cache when ``kv_cache_fp16``), replacing it
+    atomically when anything changed: a failed write leaves the old graph."""
+    model = onnx.load(str(model_path), load_external_data=False)
+    changed = alias_reshaped_weights(model)
+    if kv_cache_fp16:
+        changed += store_kv_cache_fp16(model)
+    if changed:
+        tmp = model_path.with_suffix(".onnx.tmp")
+        onnx.save(model, str(tmp))
+        tmp.replace(model_path)
 
 
 def _target_dims(dims: list[int], shape: np.ndarray, allowzero: bool) -> list[int] | None:
@@ -58,10 +66,9 @@ def _target_dims(dims: list[int], shape: np.ndarray, allowzero: bool) -> list[in
     return out if int(np.prod(out)) == total else None
 
 
-def alias_reshaped_weights(model_path: Path) -> int:
-    """Rewrite ``model_path`` so each Reshape of an external-data initializer by a constant shape
-    becomes an initializer over the same stored bytes; return how many Reshapes were replaced."""
-    model = onnx.load(str(model_path), load_external_data=False)
+def alias_reshaped_weights(model: onnx.ModelProto) -> int:
+    """Turn each Reshape of an external-data initializer by a constant shape into an initializer over
+    the same stored bytes, in place; return how many Reshapes were replaced."""
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
     constants = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
@@ -105,7 +112,6 @@ def alias_reshaped_weights(model_path: Path) -> int:
         for i, name in enumerate(node.input):
             if name in replaced:
                 node.input[i] = replaced[name]
-    _save(model, model_path)
     return len(replaced)
 
 
@@ -113,18 +119,17 @@ def _kv_name(name: str) -> bool:
     return name.startswith(("past_key_values.", "present.")) and name.endswith((".key", ".value"))
 
 
-def store_kv_cache_fp16(model_path: Path) -> int:
-    """Rewrite ``model_path`` so its KV cache is fp16; return how many attention nodes changed.
+def store_kv_cache_fp16(model: onnx.ModelProto) -> int:
+    """Make the graph's KV cache fp16, in place; return how many attention nodes changed.
 
     A graph whose cache is already fp16 (CUDA exports) is left alone.
     """
-    model = onnx.load(str(model_path), load_external_data=False)
     graph = model.graph
     caches = [v for v in [*graph.input, *graph.output] if _kv_name(v.name)]
     if not caches or all(v.type.tensor_type.elem_type == TensorProto.FLOAT16 for v in caches):
         return 0
     if any(v.type.tensor_type.elem_type != TensorProto.FLOAT for v in caches):
-        raise ValueError(f"{model_path}: KV cache tensors are neither all fp32 nor all fp16")
+        raise EdgekitError("model.onnx: the KV cache tensors (past_key_values.*, present.*) are neither all fp32 nor all fp16")
     nodes = []
     changed = 0
     for node in graph.node:
@@ -149,5 +154,4 @@ def store_kv_cache_fp16(model_path: Path) -> int:
     kept = [v for v in graph.value_info if not _kv_name(v.name)]
     del graph.value_info[:]
     graph.value_info.extend(kept)
-    _save(model, model_path)
     return changed

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from edgekit import __version__, bundle
 from edgekit.build import export, parity
-from edgekit.build.graph_memory import alias_reshaped_weights, store_kv_cache_fp16
+from edgekit.build.graph_memory import lighten
 from edgekit.checkpoint import Checkpoint, inspect, read_config, resolve
 from edgekit.errors import EdgekitError
 from edgekit.memory import MIB, MemoryEstimate, check_fits, estimate
@@ -129,9 +129,7 @@ def build(request: BuildRequest, reporter: Reporter | None = None) -> BuildResul
         source = export.prepare_input(checkpoint, work / "input", context)
         export.run_builder(source, staging, profile, extra, work / "cache", work / "builder.log",
                            report.progress, checkpoint.shape.layers)
-        alias_reshaped_weights(staging / "model.onnx")
-        if profile.quantization.kv_cache == "fp16":
-            store_kv_cache_fp16(staging / "model.onnx")
+        lighten(staging / "model.onnx", kv_cache_fp16=profile.quantization.kv_cache == "fp16")
         export.tune_genai_config(staging, profile, context)
         export.compact_tokenizer_files(staging)
         timings["export"] = time.perf_counter() - t

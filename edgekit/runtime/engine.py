@@ -125,10 +125,9 @@ class Engine:
         outputs = [o.name for o in self.session.get_outputs()]
         if "logits" not in outputs:
             raise EdgekitError(f"{folder / decoder['filename']}: the graph has no 'logits' output")
-        # present.3.key -> past_key_values.3.key, present.0.conv -> past.0.conv. Other outputs (an MTP
+        # past_key_values.3.key -> present.3.key, past.0.conv -> present.0.conv. Other outputs (an MTP
         # head's hidden states) are not bound, so not computed.
-        self._present_to_past = {name: _past_name(name) for name in outputs if name.startswith("present")}
-        self._past_to_present = {past: present for present, past in self._present_to_past.items()}
+        self._past_to_present = {_past_name(name): name for name in outputs if name.startswith("present")}
         # KV caches grow along the past sequence axis. With past_present_share_buffer (the builder
         # sets it for CPU), GroupQueryAttention appends new keys in place when past and present are
         # the same buffer: no per-token copy of the whole cache (decode +24% at 3,000 tokens of

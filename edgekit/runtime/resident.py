@@ -42,6 +42,14 @@ def trim_heap() -> None:
         _libc.malloc_trim(0)
 
 
+def _range_of(head: list[str], target: str) -> tuple[int, int] | None:
+    """(start, end) of a ``/proc/self/maps`` or ``smaps`` header line, split in six, mapping ``target``."""
+    if len(head) == 6 and head[5] == target:
+        start, end = head[0].split("-")
+        return int(start, 16), int(end, 16)
+    return None
+
+
 def clean_mappings(path: Path) -> list[tuple[int, int]]:
     """This process's mappings of ``path`` that hold no anonymous page: (start, end) each.
 
@@ -70,8 +78,7 @@ def clean_mappings(path: Path) -> list[tuple[int, int]]:
         if "-" in head[0] and len(head) >= 5 and ":" not in head[0]:  # a mapping's header line
             flush()
             anonymous = 1
-            span = head[0].split("-")
-            mapping = (int(span[0], 16), int(span[1], 16)) if len(head) == 6 and head[5] == target else None
+            mapping = _range_of(head, target)
         elif mapping and head[0] == "Anonymous:" and len(head) >= 2 and head[1].isdigit():
             anonymous = int(head[1])
     flush()
@@ -90,12 +97,7 @@ def drop_pages(path: Path, mappings: list[tuple[int, int]]) -> None:
         lines = Path("/proc/self/maps").read_text().splitlines()
     except OSError:
         return
-    live = set()
-    for line in lines:
-        head = line.split(None, 5)
-        if len(head) == 6 and head[5] == target:
-            start, end = head[0].split("-")
-            live.add((int(start, 16), int(end, 16)))
+    live = {_range_of(line.split(None, 5), target) for line in lines}
     for start, end in mappings:
         if (start, end) in live:
             _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
