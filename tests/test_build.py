@@ -36,7 +36,8 @@ def _leftovers(folder: Path) -> list[str]:
 def test_host_bundle_is_complete_and_self_describing(host_bundle: Path, tiny_checkpoint: Path) -> None:
     manifest = bundle.verify(host_bundle)
     files = {f["path"] for f in manifest["files"]}
-    assert {"model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json", "chat_template.jinja"} <= files
+    assert {"model.onnx", "model.embeds.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json",
+            "chat_template.jinja"} <= files
     assert manifest["model"]["id"] == str(tiny_checkpoint) and manifest["model"]["mtp_included"] is False
     assert manifest["profile"]["name"] == "host"
     assert manifest["recipe"]["precision"] == "int4" and manifest["recipe"]["builder_options"]["exclude_mtp"] == "true"

@@ -1,4 +1,5 @@
-"""The build's memory rewrites of the exported graph: shared weight bytes and the fp16 KV cache."""
+"""The build's memory rewrites of the exported graph: shared weight bytes, the fp16 KV cache and the
+embeds variant whose token embeddings the engine reads from the weights file."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgekit.build.graph_memory import alias_reshaped_weights, store_kv_cache_fp16
+from edgekit.build.graph_memory import alias_reshaped_weights, store_kv_cache_fp16, without_embedding_lookup
+from edgekit.errors import EdgekitError
+from edgekit.runtime.embedding import INPUT, LAYOUT_KEY, EmbeddingTable, embeds_graph
 from edgekit.runtime.engine import Engine
 
 
@@ -71,6 +75,8 @@ def test_bundle_embedding_reads_the_lm_head_bytes(host_bundle: Path) -> None:
 def test_fp16_kv_cache_is_close_to_fp32(fp32_bundle: Path, tmp_path: Path) -> None:
     """The fp16 cache changes the logits far less than int4 weights do, through prefill and decode."""
     half = Path(shutil.copytree(fp32_bundle, tmp_path / "half"))
+    # fp32 exports look rows up in a Transpose of the LM head: no embeds variant, the engine runs model.onnx.
+    assert not embeds_graph(half / "model.onnx").exists()
     assert _rewrite(half / "model.onnx", store_kv_cache_fp16) > 0
     assert _rewrite(half / "model.onnx", store_kv_cache_fp16) == 0  # already fp16
     exact, rounded = Engine(fp32_bundle), Engine(half)
@@ -92,3 +98,88 @@ def test_fp16_kv_cache_is_close_to_fp32(fp32_bundle: Path, tmp_path: Path) -> No
     assert np.abs(a - b).max() > 0  # the cache really is rounded...
     p, q = log_softmax(a), log_softmax(b)
     assert float((np.exp(p) * (p - q)).sum(-1).mean()) < 1e-3  # ...at a cost far below int4's (~0.19 on the 0.8B)
+
+
+def _lookup_model(folder: Path, kind: str) -> Path:
+    """A graph whose ``input_ids`` feed one embedding lookup over a table in external data, as the
+    builder writes them: a plain Gather (fp32), or GatherBlockQuantized at 4 or 8 bits."""
+    rng = np.random.default_rng(0)
+    rows, hidden, block = 300, 48, 16
+    if kind == "gather":
+        tables = [numpy_helper.from_array(rng.standard_normal((rows, hidden)).astype(np.float32), "table")]
+        lookup = helper.make_node("Gather", ["table", "input_ids"], ["embedded"])
+    else:
+        bits = int(kind[-1])
+        data = rng.integers(0, 256, (rows, hidden * bits // 8), dtype=np.uint8)
+        scales = rng.random((rows, hidden // block)).astype(np.float32)
+        tables = [numpy_helper.from_array(data, "table"), numpy_helper.from_array(scales, "scales")]
+        lookup = helper.make_node("GatherBlockQuantized", ["table", "input_ids", "scales"], ["embedded"],
+                                  domain="com.microsoft", bits=bits, block_size=block, gather_axis=0, quantize_axis=1)
+    graph = helper.make_graph(
+        [lookup, helper.make_node("Mul", ["embedded", "two"], ["out"])], "g",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+        [*tables, numpy_helper.from_array(np.array(2, np.float32), "two")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    path = folder / "model.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["gather", "block4", "block8"])
+def test_embeds_variant_reads_the_same_rows(tmp_path: Path, kind: str) -> None:
+    """Rows read from the weights file, dequantized in numpy, equal the lookup op's output bit for bit."""
+    path = _lookup_model(tmp_path, kind)
+    variant = without_embedding_lookup(onnx.load(str(path), load_external_data=False))
+    assert variant is not None
+    assert [i.name for i in variant.graph.input] == [INPUT]
+    assert [n.op_type for n in variant.graph.node] == ["Mul"]
+    assert "table" not in {t.name for t in variant.graph.initializer}  # nothing left to map it
+    onnx.save(variant, str(embeds_graph(path)))
+    session = ort.InferenceSession(str(embeds_graph(path)))
+    table = EmbeddingTable.from_metadata(tmp_path, session.get_modelmeta().custom_metadata_map)
+    ids = [[0, 299, 7, 7, 150, 3]]
+    expected = ort.InferenceSession(str(path)).run(None, {"input_ids": np.array(ids, np.int64)})[0]
+    got = session.run(None, {INPUT: table.lookup(ids[0])})[0]
+    assert got.dtype == expected.dtype and np.array_equal(got, expected)
+    with pytest.raises(EdgekitError, match="token id 300 is outside the embedding table"):
+        table.lookup([1, 300])
+
+
+def test_no_variant_when_the_ids_feed_more_than_the_lookup(tmp_path: Path) -> None:
+    path = _lookup_model(tmp_path, "block4")
+    model = onnx.load(str(path), load_external_data=False)
+    model.graph.node.append(helper.make_node("Shape", ["input_ids"], ["ids_shape"]))
+    assert without_embedding_lookup(model) is None
+
+
+def test_table_shorter_than_recorded_is_refused(tmp_path: Path) -> None:
+    path = _lookup_model(tmp_path, "block4")
+    variant = without_embedding_lookup(onnx.load(str(path), load_external_data=False))
+    layout = {p.key: p.value for p in variant.metadata_props}
+    with (tmp_path / "model.onnx.data").open("r+b") as data:
+        data.truncate(1000)
+    with pytest.raises(EdgekitError, match="model.onnx.data: 1000 bytes, too short for the embedding table"):
+        EmbeddingTable.from_metadata(tmp_path, layout)
+    with pytest.raises(EdgekitError, match=LAYOUT_KEY):
+        EmbeddingTable.from_metadata(tmp_path, {})
+
+
+def test_bundle_engine_runs_the_embeds_graph_exactly(host_bundle: Path, tmp_path: Path) -> None:
+    """The bundle carries the embeds variant; the engine runs it, and its logits through prefill and
+    decode equal those of the graph that looks tokens up itself (what onnxruntime-genai runs)."""
+    assert embeds_graph(host_bundle / "model.onnx").is_file()
+    lookup = Path(shutil.copytree(host_bundle, tmp_path / "lookup"))
+    embeds_graph(lookup / "model.onnx").unlink()
+    ours, theirs = Engine(host_bundle), Engine(lookup)
+    assert INPUT in {i.name for i in ours.session.get_inputs()}
+    assert "input_ids" in {i.name for i in theirs.session.get_inputs()}
+    prompt = [int(i) for i in np.random.default_rng(3).integers(0, 248000, 200)]
+
+    def run(engine: Engine) -> np.ndarray:
+        state = engine.new_state()
+        steps = [engine.forward(state, prompt)]
+        steps += [engine.forward(state, [int(np.argmax(steps[-1]))]) for _ in range(6)]
+        return np.stack(steps)
+
+    assert np.array_equal(run(ours), run(theirs))

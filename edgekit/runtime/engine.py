@@ -17,6 +17,8 @@ import numpy as np
 import onnxruntime as ort
 
 from edgekit.errors import ContextExceeded, EdgekitError
+from edgekit.runtime.embedding import INPUT as EMBEDS_INPUT
+from edgekit.runtime.embedding import EmbeddingTable, embeds_graph
 from edgekit.runtime.resident import clean_mappings, drop_pages, return_large_blocks, trim_heap
 from edgekit.runtime.sampling import Sampler, Sampling
 
@@ -110,12 +112,25 @@ class Engine:
                 f"(available: {', '.join(ort.get_available_providers())})"
             )
         return_large_blocks()
+        # The build writes an embeds variant beside the graph where it can: same weights, but the
+        # token embeddings come from reads of the weights file instead of a mapping (embedding.py).
+        graph = folder / decoder["filename"]
+        if embeds_graph(graph).is_file():
+            graph = embeds_graph(graph)
         try:
-            self.session = ort.InferenceSession(str(folder / decoder["filename"]), options, providers=providers)
+            self.session = ort.InferenceSession(str(graph), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types per failure
-            raise EdgekitError(f"{folder / decoder['filename']}: cannot load the graph ({exc})") from exc
+            raise EdgekitError(f"{graph}: cannot load the graph ({exc})") from exc
+        inputs = {i.name for i in self.session.get_inputs()}
+        self._embedding = (EmbeddingTable.from_metadata(folder, self.session.get_modelmeta().custom_metadata_map)
+                           if EMBEDS_INPUT in inputs and "input_ids" not in inputs else None)
         self._file_pages = {data: clean_mappings(data) for data in sorted(folder.glob("*.data"))}
         self.release_memory()
+        if self._embedding is not None:
+            # Prepacking read every page once (dropped just now); per token, only the lookup's rows
+            # came back through the mapping, and those are read with pread now. Later drops would
+            # just make the small weights fault in again.
+            self._file_pages = {}
         self._head_size = int(decoder["head_size"])
         self._past_specs = {
             i.name: (self._zero_shape(i.shape), _ORT_TYPES[i.type])
@@ -124,7 +139,7 @@ class Engine:
         }
         outputs = [o.name for o in self.session.get_outputs()]
         if "logits" not in outputs:
-            raise EdgekitError(f"{folder / decoder['filename']}: the graph has no 'logits' output")
+            raise EdgekitError(f"{graph}: the graph has no 'logits' output")
         # past_key_values.3.key -> present.3.key, past.0.conv -> present.0.conv. Other outputs (an MTP
         # head's hidden states) are not bound, so not computed.
         self._past_to_present = {_past_name(name): name for name in outputs if name.startswith("present")}
@@ -140,11 +155,13 @@ class Engine:
 
     def release_memory(self, heap: bool = True) -> None:
         """Give back what the device need not keep resident: clean pages of the weights file, and
-        (``heap``) freed heap. Prepacking reads every weight page once; afterwards only the tied
-        embedding's rows are read from the file, and the kernel maps whole large folios around each
-        row looked up (a token from anywhere in the vocabulary maps ~1 MiB): 64 random tokens left
-        25-100 MiB mapped. Dropping those takes 3-4 ms on the 0.8B; trimming the heap made the next
-        request's first token ~8 ms later through the daemon, so it waits for an idle spell."""
+        (``heap``) freed heap. Prepacking reads every weight page once. Afterwards, a graph that looks
+        embeddings up itself reads the table's rows through the mapping, and the kernel maps whole
+        large folios around each row (64 random tokens left 25-100 MiB mapped on the 0.8B); dropping
+        those takes 3-4 ms. The embeds graph reads no rows through it (embedding.py). Trimming the
+        heap made the next request's first token ~8 ms later through the daemon, so it waits for an
+        idle spell.
+        """
         for data, mappings in self._file_pages.items():
             drop_pages(data, mappings)
         if heap:
@@ -181,7 +198,10 @@ class Engine:
         n = len(ids)
         positions = np.arange(state.length, state.length + n, dtype=np.int64)
         binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
+        if self._embedding is not None:
+            binding.bind_cpu_input(EMBEDS_INPUT, self._embedding.lookup(ids))
+        else:
+            binding.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
         binding.bind_cpu_input("attention_mask", np.ones((1, state.length + n), dtype=np.int64))
         # Text-only M-RoPE: the same position on the temporal, height and width rows.
         binding.bind_cpu_input("position_ids", np.broadcast_to(positions, (3, 1, n)).copy())
