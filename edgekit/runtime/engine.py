@@ -32,27 +32,23 @@ ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 @dataclass
 class State:
-    """One sequence's model state: the ``past.*`` tensors and how many positions they cover."""
+    """One sequence's model state: the ``past.*`` tensors and how many positions they cover.
+
+    Each step writes its ``present.*`` outputs over these same arrays (see ``Engine._run``).
+    """
 
     past: dict[str, np.ndarray]
     length: int = 0
     kv: frozenset[str] = frozenset()  # names in ``past`` that are KV caches with spare capacity on axis 2
-    # Where the next step writes the recurrent and conv state: the two sets swap after each step, so
-    # a step allocates no state tensors (19 MiB on the 0.8B, which the heap would otherwise churn).
-    spare: dict[str, np.ndarray] = field(default_factory=dict)
 
     def copy(self) -> State:
         """An independent snapshot: every tensor copied (KV caches up to the length in use)."""
         return State({name: np.array(value[:, :, : self.length]) if name in self.kv else value.copy()
                       for name, value in self.past.items()}, self.length, self.kv)
 
-    def compact(self) -> None:
-        """Free the spare set while the sequence rests (a stored session); the next step remakes it."""
-        self.spare.clear()
-
     def nbytes(self) -> int:
-        """Bytes this state holds, spare set and KV capacity included."""
-        return sum(a.nbytes for a in self.past.values()) + sum(a.nbytes for a in self.spare.values())
+        """Bytes this state holds, KV capacity included."""
+        return sum(a.nbytes for a in self.past.values())
 
 
 @dataclass
@@ -148,14 +144,17 @@ class Engine:
         # the same buffer: no per-token copy of the whole cache (decode +24% at 3,000 tokens of
         # context, bit-exact) and no second cache-sized buffer during a step.
         share = self.provider == "cpu" and bool(config.get("search", {}).get("past_present_share_buffer"))
-        self._kv = frozenset(
+        caches = frozenset(
             i.name for i in self.session.get_inputs()
-            if share and i.name.startswith("past") and len(i.shape) == 4 and i.shape[2] == "past_sequence_length"
+            if i.name.startswith("past") and len(i.shape) == 4 and i.shape[2] == "past_sequence_length"
         )
 
     def release_memory(self, heap: bool = True) -> None:
         """Give back what the device need not keep resident: clean pages of the weights file, and
         (``heap``) freed heap. Prepacking reads every weight page once. Afterwards, a graph that looks
+        self._kv = caches if share else frozenset()
+        # Without a shared buffer each step returns a longer cache, in a new array.
+        self._growing = caches - self._kv
         embeddings up itself reads the table's rows through the mapping, and the kernel maps whole
         large folios around each row (64 random tokens left 25-100 MiB mapped on the 0.8B); dropping
         those takes 3-4 ms. The embeds graph reads no rows through it (embedding.py). Trimming the
@@ -206,25 +205,26 @@ class Engine:
         # Text-only M-RoPE: the same position on the temporal, height and width rows.
         binding.bind_cpu_input("position_ids", np.broadcast_to(positions, (3, 1, n)).copy())
         names = list(state.past)
-        for name in names:
-            if name in state.kv:
-                cache = ort.OrtValue.ortvalue_from_numpy(state.past[name])
-                binding.bind_ortvalue_input(name, cache)
-                binding.bind_ortvalue_output(self._past_to_present[name], cache)
+        for name, array in state.past.items():
+            if name in self._growing:
+                binding.bind_cpu_input(name, array)
+                binding.bind_output(self._past_to_present[name])
             else:
-                past = state.past[name]
-                spare = state.spare.get(name)
-                if spare is None:
-                    spare = state.spare[name] = np.empty_like(past)
-                binding.bind_cpu_input(name, past)
-                binding.bind_ortvalue_output(self._past_to_present[name], ort.OrtValue.ortvalue_from_numpy(spare))
+        # Each state tensor is the step's input and output in one buffer: KV caches are appended in
+        # place (see __init__), the recurrent and conv state overwritten in place (bit-exact against
+        # fresh outputs, tested). A second set would add 19 MiB on the 0.8B to every request, and
+        # fresh arrays every step cost ~5% of decode.
+                value = ort.OrtValue.ortvalue_from_numpy(array)
+                binding.bind_ortvalue_input(name, value)
+                binding.bind_ortvalue_output(self._past_to_present[name], value)
         binding.bind_output("logits")
         self.session.run_with_iobinding(binding)
-        for name in names:
-            if name not in state.kv:  # the KV caches were updated in place
-                state.past[name], state.spare[name] = state.spare[name], state.past[name]
+        outputs = binding.get_outputs()  # in binding order: the state's, then the logits
+        for name, value in zip(names, outputs):
+            if name in self._growing:
+                state.past[name] = value.numpy()
         state.length += n
-        return binding.get_outputs()[-1].numpy()[0, -1]
+        return outputs[-1].numpy()[0, -1]
 
     def _reserve(self, state: State, needed: int) -> None:
         """Make every KV cache of ``state`` hold ``needed`` positions: each one too small is replaced

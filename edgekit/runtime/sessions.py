@@ -47,7 +47,6 @@ class SessionStore:
             return self._evicted.get(session_id)
 
     def put(self, session_id: str, session: Session) -> None:
-        session.state.compact()
         with self._lock:
             session.last_used = time.monotonic()
             self._sessions[session_id] = session
