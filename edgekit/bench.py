@@ -7,6 +7,7 @@ machine noise, and their ratios come from the same run.
 from __future__ import annotations
 
 import json
+import random
 import signal
 import statistics
 import subprocess
@@ -20,6 +21,7 @@ import psutil
 from edgekit.client import DeviceClient
 from edgekit.errors import EdgekitError
 from edgekit.runtime.engine import Engine, GenerationStats
+from edgekit.runtime.tokenizer import ChatTokenizer
 from edgekit.serve import embedded_broker
 from edgekit.serve.daemon import TRIM_AFTER_IDLE_S
 
@@ -66,12 +68,28 @@ def mqtt_run(client: DeviceClient, device: str, prompt_len: int, new_tokens: int
             "server_decode_tps": final["timings"]["decode_tokens_per_s"], "prompt_tokens": final["usage"]["prompt_tokens"]}
 
 
-def _full_context_rss(client: DeviceClient, device: str, process: psutil.Process, context: int) -> dict[str, float | None]:
-    """The daemon's memory over a request that fills the context to within a few tokens: its peak RSS
-    during the request (Linux; the high-water mark is reset first, so load-time transients are out),
-    and its RSS and private (anonymous) RSS right after it, while a session keeps that context."""
+def varied_text(tokenizer: ChatTokenizer, tokens: int, seed: int = 0) -> str:
+    """Text of about ``tokens`` tokens (never more) drawn from the whole ordinary vocabulary: the worst
+    case for anything that keeps per-token pages resident, where a repeated word would hide it."""
+    rng = random.Random(seed)
+    ordinary = tokenizer.tokenizer.get_vocab_size(with_added_tokens=False)
+    ids = [rng.randrange(ordinary) for _ in range(tokens)]
+    while True:
+        text = tokenizer.decode(ids)
+        excess = len(tokenizer.encode(text)) - tokens  # decoded pieces may merge or split on re-encoding
+        if excess <= 0:
+            return text
+        del ids[-excess - 8 :]
+
+
+def _full_context_rss(client: DeviceClient, device: str, process: psutil.Process, bundle: Path,
+                      context: int) -> dict[str, float | None]:
+    """The daemon's memory over a request of varied text that fills the context to within a few tokens:
+    its peak RSS during the request (Linux; the high-water mark is reset first, so load-time transients
+    are out), and its RSS and private (anonymous) RSS right after it, while a session keeps that context."""
+    prompt = varied_text(ChatTokenizer(bundle), context - 64)
     reset = _reset_peak(process)
-    _timed_request(client, device, {"prompt": " a" * (context - 64), "max_tokens": 8,
+    _timed_request(client, device, {"prompt": prompt, "max_tokens": 8,
                                     "session": "bench-full-context", "new_session": True})
     return {"daemon_rss_full_context_mb": process.memory_info().rss / 2**20,
             "daemon_anon_rss_full_context_mb": _status_mb(process, "RssAnon"),
@@ -131,7 +149,7 @@ def run(bundle: Path, runs: int, prompt_len: int, new_tokens: int, threads: int 
                 remote.append(mqtt_run(client, device, prompt_len, new_tokens))
             report["daemon_rss_mb"] = process.memory_info().rss / 2**20
             report["daemon_peak_rss_mb"] = _status_mb(process, "VmHWM")  # loading included
-            report.update(_full_context_rss(client, device, process, engine.context_length))
+            report.update(_full_context_rss(client, device, process, bundle, engine.context_length))
             time.sleep(TRIM_AFTER_IDLE_S + 1)
             report["daemon_rss_idle_mb"] = process.memory_info().rss / 2**20  # after the idle trim
             itl = [gap for r in direct for gap in r["itl"]]
