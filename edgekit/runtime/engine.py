@@ -26,6 +26,11 @@ from edgekit.runtime.sampling import Sampler, Sampling
 # lower than 512 at the same speed; 128 another ~47 MiB lower at the end of a 4,000-token prompt,
 # for ~1.5% of prefill speed on a 2,000-token prompt.
 PREFILL_CHUNK = 128
+# Attention scores take chunk x KV capacity x heads x 4 bytes (16 MiB per full-attention layer at
+# 128 x 4,096 on the 0.8B), so past this capacity chunks shrink to keep that product. With the heap
+# trimmed between chunks, a 4,032-token prompt peaked 101 MiB above the loaded engine (67 of them
+# the state) instead of 139, for ~3-5% of its prefill speed; prompts within this capacity keep 128.
+LONG_CONTEXT = 2048
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -148,13 +153,13 @@ class Engine:
             i.name for i in self.session.get_inputs()
             if i.name.startswith("past") and len(i.shape) == 4 and i.shape[2] == "past_sequence_length"
         )
+        self._kv = caches if share else frozenset()
+        # Without a shared buffer each step returns a longer cache, in a new array.
+        self._growing = caches - self._kv
 
     def release_memory(self, heap: bool = True) -> None:
         """Give back what the device need not keep resident: clean pages of the weights file, and
         (``heap``) freed heap. Prepacking reads every weight page once. Afterwards, a graph that looks
-        self._kv = caches if share else frozenset()
-        # Without a shared buffer each step returns a longer cache, in a new array.
-        self._growing = caches - self._kv
         embeddings up itself reads the table's rows through the mapping, and the kernel maps whole
         large folios around each row (64 random tokens left 25-100 MiB mapped on the 0.8B); dropping
         those takes 3-4 ms. The embeds graph reads no rows through it (embedding.py). Trimming the
@@ -186,10 +191,17 @@ class Engine:
         # Room for the whole prompt at once: growing chunk by chunk would leave each outgrown cache
         # behind in the heap (a 4,000-token prefill peaked ~50 MiB higher).
         self._reserve(state, state.length + len(ids))
+        capacity = max([state.past[name].shape[2] for name in state.kv], default=state.length + len(ids))
+        step = PREFILL_CHUNK
+        while step > 16 and step * capacity > PREFILL_CHUNK * LONG_CONTEXT:
+            step //= 2
         logits = None
-        for start in range(0, len(ids), PREFILL_CHUNK):
-            chunk = ids[start : start + PREFILL_CHUNK]
-            logits = self._run(state, chunk)
+        for start in range(0, len(ids), step):
+            if start:
+                # Each chunk's activations come and go in sub-MiB pieces that glibc keeps; over a long
+                # prompt they pile up (~40 MiB at 4,000 tokens). A trim costs ~1-2 ms per chunk.
+                trim_heap()
+            logits = self._run(state, ids[start : start + step])
         assert logits is not None, "forward needs at least one token"
         return logits
 
@@ -204,16 +216,16 @@ class Engine:
         binding.bind_cpu_input("attention_mask", np.ones((1, state.length + n), dtype=np.int64))
         # Text-only M-RoPE: the same position on the temporal, height and width rows.
         binding.bind_cpu_input("position_ids", np.broadcast_to(positions, (3, 1, n)).copy())
+        # Each state tensor is the step's input and output in one buffer: KV caches are appended in
+        # place (see __init__), the recurrent and conv state overwritten in place (bit-exact against
+        # fresh outputs, tested). A second set would add 19 MiB on the 0.8B to every request, and
+        # fresh arrays every step cost ~5% of decode.
         names = list(state.past)
         for name, array in state.past.items():
             if name in self._growing:
                 binding.bind_cpu_input(name, array)
                 binding.bind_output(self._past_to_present[name])
             else:
-        # Each state tensor is the step's input and output in one buffer: KV caches are appended in
-        # place (see __init__), the recurrent and conv state overwritten in place (bit-exact against
-        # fresh outputs, tested). A second set would add 19 MiB on the 0.8B to every request, and
-        # fresh arrays every step cost ~5% of decode.
                 value = ort.OrtValue.ortvalue_from_numpy(array)
                 binding.bind_ortvalue_input(name, value)
                 binding.bind_ortvalue_output(self._past_to_present[name], value)
