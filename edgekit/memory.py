@@ -75,8 +75,8 @@ def estimate(shape: ModelShape, profile: DeviceProfile, context_length: int | No
     return MemoryEstimate(
         weights=weight_bytes(shape, q, io_bytes, block_sums=profile.execution_provider == "cpu" and q.accuracy_level == 4),
         kv_cache=shape.kv_bytes_per_token(2 if q.kv_cache == "fp16" else io_bytes) * context,
-        # The running sequence holds two sets: the step reads one and writes the other.
-        state=2 * shape.state_bytes(io_bytes),
+        # Each step overwrites the state in place: one set per sequence.
+        state=shape.state_bytes(io_bytes),
         # One step's logits over the vocabulary plus a prefill chunk's hidden activations.
         activations=shape.vocab * 4 * 2 + 512 * shape.intermediate * 4 * 4,
         overhead=RUNTIME_OVERHEAD,
