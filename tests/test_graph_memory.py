@@ -3,6 +3,7 @@ embeds variant whose token embeddings the engine reads from the weights file."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -163,6 +164,10 @@ def test_table_shorter_than_recorded_is_refused(tmp_path: Path) -> None:
         EmbeddingTable.from_metadata(tmp_path, layout)
     with pytest.raises(EdgekitError, match=LAYOUT_KEY):
         EmbeddingTable.from_metadata(tmp_path, {})
+    outside = json.loads(layout[LAYOUT_KEY])
+    outside["weights"]["file"] = "../model.onnx.data"
+    with pytest.raises(EdgekitError, match="must be a file of the bundle folder"):
+        EmbeddingTable(tmp_path, outside)
 
 
 def test_bundle_engine_runs_the_embeds_graph_exactly(host_bundle: Path, tmp_path: Path) -> None:

@@ -38,6 +38,8 @@ class _Rows:
     """Fixed-size rows of one tensor stored row-major in a file."""
 
     def __init__(self, folder: Path, spec: dict[str, Any], rows: int) -> None:
+        if Path(spec["file"]).name != spec["file"]:
+            raise EdgekitError(f"{folder}: embedding table file {spec['file']!r} must be a file of the bundle folder")
         self.path = folder / spec["file"]
         self.offset = int(spec["offset"])
         self.row_bytes = int(spec["row_bytes"])
