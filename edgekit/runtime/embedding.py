@@ -105,5 +105,5 @@ class EmbeddingTable:
         else:
             values = weights
         scales = np.repeat(self._scales.read(unique).astype(np.float32), self.block_size, axis=1)[:, : self.hidden]
-        rows = ((values[:, : self.hidden].astype(np.float32) - np.float32(self.zero_point)) * scales).astype(self.dtype)
+        rows = ((values.astype(np.float32) - np.float32(self.zero_point)) * scales).astype(self.dtype)
         return rows[inverse][None]
