@@ -1,14 +1,16 @@
-"""Dropping clean file pages and trimming the heap: resident memory goes down, data stays intact."""
+"""Dropping clean file pages, trimming the heap and bounding per-thread heaps: resident memory goes
+down, data stays intact."""
 
 from __future__ import annotations
 
 import mmap
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from edgekit.runtime.resident import clean_mappings, drop_pages, trim_heap
+from edgekit.runtime.resident import HEAPS, clean_mappings, drop_pages, trim_heap
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Linux memory interfaces")
 
@@ -55,3 +57,37 @@ def test_clean_pages_are_dropped_and_changed_mappings_kept(tmp_path: Path) -> No
         assert live[:] == payload
         dirty.close()
     trim_heap()  # callable any time
+
+
+_COUNT_HEAPS = """
+import ctypes, sys, tempfile, threading
+from edgekit.runtime.resident import tune_allocator
+if sys.argv[1] == "tuned":
+    tune_allocator()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.fopen.restype = ctypes.c_void_p
+barrier = threading.Barrier(8)
+def work():
+    block = libc.malloc(64 * 1024)  # every thread allocates while all are alive
+    barrier.wait()
+    libc.free(ctypes.c_void_p(block))
+threads = [threading.Thread(target=work) for _ in range(8)]
+for t in threads: t.start()
+for t in threads: t.join()
+with tempfile.NamedTemporaryFile("r") as out:
+    handle = libc.fopen(out.name.encode(), b"w")
+    libc.malloc_info(0, ctypes.c_void_p(handle))
+    libc.fclose(ctypes.c_void_p(handle))
+    print(out.read().count("<heap nr="))
+"""
+
+
+@pytest.mark.parametrize(("mode", "most"), [("tuned", HEAPS), ("default", None)])
+def test_threads_share_a_bounded_number_of_heaps(mode: str, most: int | None) -> None:
+    heaps = int(subprocess.run([sys.executable, "-c", _COUNT_HEAPS, mode], capture_output=True, text=True,
+                               check=True).stdout)
+    if most is None:
+        assert heaps > HEAPS  # glibc's own limit is 8 per core: the bound is ours
+    else:
+        assert heaps <= most

@@ -19,7 +19,7 @@ import onnxruntime as ort
 from edgekit.errors import ContextExceeded, EdgekitError
 from edgekit.runtime.embedding import INPUT as EMBEDS_INPUT
 from edgekit.runtime.embedding import EmbeddingTable, embeds_graph
-from edgekit.runtime.resident import clean_mappings, drop_pages, return_large_blocks, trim_heap
+from edgekit.runtime.resident import clean_mappings, drop_pages, trim_heap, tune_allocator
 from edgekit.runtime.sampling import Sampler, Sampling
 
 # Bounds prefill activations; chunked prefill is exact. On the 0.8B (2 threads), 256 peaked ~70 MiB
@@ -112,7 +112,7 @@ class Engine:
                 f"{folder}: this bundle needs {', '.join(missing)}, which this onnxruntime build lacks "
                 f"(available: {', '.join(ort.get_available_providers())})"
             )
-        return_large_blocks()
+        tune_allocator()
         # The build writes an embeds variant beside the graph where it can: same weights, but the
         # token embeddings come from reads of the weights file instead of a mapping (embedding.py).
         graph = folder / decoder["filename"]

@@ -1,12 +1,17 @@
 """Give back memory that loading leaves resident but no longer needs (Linux; a no-op elsewhere).
 
-Three things stay resident that the device does not need to keep:
+Four things stay resident that the device does not need to keep:
 
 - freed large blocks: glibc serves big allocations from their own mappings, returned on free, but
   raises that threshold (up to 32 MiB) each time such a block is freed; from then on a request's
   activations come from the heap and stay there after the request (~110 MiB after 128-token
   requests on the 0.8B, and after a 4,000-token prefill). A fixed 1 MiB threshold keeps them
   returning, at ~1.5% of decode speed (same-process A/B, 8 rounds);
+- per-thread heaps: glibc gives threads that allocate at the same time heaps of their own (up to
+  8 per core), and each keeps its own freed and fragmented pages. The daemon's generation worker,
+  ONNX Runtime's pool threads and the MQTT network thread all allocate; with two heaps in all
+  the daemon held 9-14 MiB less after a 4,032-token request on the 0.8B and peaked 4 MiB lower,
+  MQTT decode unchanged (alternating benches, docs/benchmarks.md);
 - freed heap: parsing ``tokenizer.json`` and prepacking weights allocate and free hundreds of MB,
   and glibc keeps freed pages mapped until ``malloc_trim`` hands them back;
 - clean pages of the weights file: onnxruntime maps external data, and prepacking reads every
@@ -25,15 +30,19 @@ from pathlib import Path
 
 _MADV_DONTNEED = 4
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+HEAPS = 2
 LARGE_BLOCK = 1 << 20
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform == "linux" else None
 
 
-def return_large_blocks() -> None:
+def tune_allocator() -> None:
     """Have allocations of :data:`LARGE_BLOCK` bytes or more go back to the system as soon as they are
-    freed (glibc ``mallopt(M_MMAP_THRESHOLD)``; process-wide, so called once by the engine)."""
+    freed, and threads share at most :data:`HEAPS` heaps (glibc ``mallopt``; process-wide, so called
+    once by the engine, before its threads start)."""
     if _libc is not None and hasattr(_libc, "mallopt"):
         _libc.mallopt(_M_MMAP_THRESHOLD, LARGE_BLOCK)
+        _libc.mallopt(_M_ARENA_MAX, HEAPS)
 
 
 def trim_heap() -> None:
