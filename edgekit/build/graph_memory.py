@@ -127,11 +127,23 @@ def alias_reshaped_weights(model: onnx.ModelProto) -> int:
         return 0
     for node in dropped:
         graph.node.remove(node)
+    _rename_inputs(graph, replaced)
+    return len(replaced)
+
+
+def _rename_inputs(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
+    """Point every node input named in ``renames`` at its new name."""
     for node in graph.node:
         for i, name in enumerate(node.input):
-            if name in replaced:
-                node.input[i] = replaced[name]
-    return len(replaced)
+            if name in renames:
+                node.input[i] = renames[name]
+
+
+def _keep(field: Any, wanted: Any) -> None:
+    """Keep the entries of a repeated protobuf ``field`` for which ``wanted(entry)`` holds, in order."""
+    kept = [entry for entry in field if wanted(entry)]
+    del field[:]
+    field.extend(kept)
 
 
 def _kv_name(name: str) -> bool:
@@ -170,9 +182,7 @@ def store_kv_cache_fp16(model: onnx.ModelProto) -> int:
     for value in caches:
         value.type.tensor_type.elem_type = TensorProto.FLOAT16
     # Shape-inference records of the cache would now contradict the retyped graph outputs.
-    kept = [v for v in graph.value_info if not _kv_name(v.name)]
-    del graph.value_info[:]
-    graph.value_info.extend(kept)
+    _keep(graph.value_info, lambda v: not _kv_name(v.name))
     return changed
 
 
@@ -239,21 +249,14 @@ def without_embedding_lookup(model: onnx.ModelProto) -> onnx.ModelProto | None:
     variant.CopyFrom(model)
     graph = variant.graph
     graph.node.remove(next(n for n in graph.node if n.name == lookup.name and n.output == lookup.output))
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name == lookup.output[0]:
-                node.input[i] = EMBEDS_INPUT
+    _rename_inputs(graph, {lookup.output[0]: EMBEDS_INPUT})
     if not any(lookup.input[0] in n.input for n in graph.node):
-        kept = [t for t in graph.initializer if t.name != lookup.input[0]]
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
+        _keep(graph.initializer, lambda t: t.name != lookup.input[0])
     # The lookup yields the scales' type (the table's own for a plain Gather).
     element = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}[layout.get("scales", layout["weights"])["dtype"]]
     position = [i.name for i in graph.input].index("input_ids")
     embeds = helper.make_tensor_value_info(EMBEDS_INPUT, element, ["batch_size", "sequence_length", layout["hidden"]])
     graph.input[position].CopyFrom(embeds)
-    kept_info = [v for v in graph.value_info if v.name != lookup.output[0]]
-    del graph.value_info[:]
-    graph.value_info.extend(kept_info)
+    _keep(graph.value_info, lambda v: v.name != lookup.output[0])
     variant.metadata_props.add(key=LAYOUT_KEY, value=json.dumps(layout))
     return variant
