@@ -262,7 +262,10 @@ def test_interrupted_build_leaves_nothing(tiny_checkpoint: Path, tmp_path: Path)
     out = tmp_path / "out"
     child = subprocess.Popen([sys.executable, "-m", "edgekit.cli", "build", "--profile", "host", "--model",
                               str(tiny_checkpoint), "-o", str(out), *GATE_FLAGS],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                             # A shell's background job (CI launched with `&`) inherits SIGINT ignored;
+                             # the build must see Ctrl-C as a user's terminal delivers it.
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     # Interrupt once the staging folder exists, i.e. mid-export.
     while not any(p.name.endswith(f"partial-{child.pid}") for p in (out.iterdir() if out.exists() else [])):
