@@ -74,7 +74,7 @@ def estimate(shape: ModelShape, profile: DeviceProfile, context_length: int | No
     io_bytes = 4 if profile.execution_provider == "cpu" or q.precision == "fp32" else 2
     return MemoryEstimate(
         weights=weight_bytes(shape, q, io_bytes, block_sums=profile.execution_provider == "cpu" and q.accuracy_level == 4),
-        kv_cache=shape.kv_bytes_per_token(2 if q.kv_cache == "fp16" else io_bytes) * context,
+        kv_cache=shape.kv_bytes_per_token({"int8": 1, "fp16": 2}.get(q.kv_cache, io_bytes)) * context,
         # Each step overwrites the state in place: one set per sequence.
         state=shape.state_bytes(io_bytes),
         # One step's logits over the vocabulary plus a prefill chunk's hidden activations.

@@ -22,6 +22,7 @@ from edgekit.build.pipeline import BuildRequest, build
 from edgekit.cli import main
 from edgekit.errors import EdgekitError
 from edgekit.profiles import Quality, load_profile
+from edgekit.runtime.embedding import embeds_graph
 from edgekit.runtime.engine import Engine
 
 from .conftest import RANDOM_WEIGHT_GATE, write_profile
@@ -41,6 +42,7 @@ def test_host_bundle_is_complete_and_self_describing(host_bundle: Path, tiny_che
     assert manifest["model"]["id"] == str(tiny_checkpoint) and manifest["model"]["mtp_included"] is False
     assert manifest["profile"]["name"] == "host"
     assert manifest["recipe"]["precision"] == "int4" and manifest["recipe"]["builder_options"]["exclude_mtp"] == "true"
+    assert manifest["recipe"]["kv_cache"] == "int8" and manifest["timings"]["kv_calibration"] > 0
     assert manifest["quality"]["passed"] and manifest["quality"]["positions"] == 72
     assert manifest["estimated_ram"]["total"] > manifest["estimated_ram"]["weights"] > 0
     assert manifest["tools"]["onnxruntime-genai"] and manifest["tools"]["transformers"]
@@ -61,14 +63,16 @@ def test_fp32_export_reproduces_reference_greedy_tokens(fp32_bundle: Path) -> No
     assert quality["greedy_match"] and quality["top1_agreement"] == 1.0 and quality["mean_kl"] < 1e-5
 
 
-def test_bundle_stays_loadable_by_onnxruntime_genai(host_bundle: Path) -> None:
-    """Users may run bundles with genai directly; its greedy tokens match our engine's."""
+def test_bundle_stays_loadable_by_onnxruntime_genai(bundle_copy: Path) -> None:
+    """Users may run bundles with genai directly; its greedy tokens match our engine's on the same graph
+    (model.onnx, fp16 cache: the int8 cache is the engine's own graph)."""
     from edgekit.runtime.tokenizer import ChatTokenizer
 
-    tokenizer = ChatTokenizer(host_bundle)
+    tokenizer = ChatTokenizer(bundle_copy)
     ids = tokenizer.encode(tokenizer.render([{"role": "user", "content": "Hi there"}]))
-    ours = list(Engine(host_bundle).generate(ids, 8))
-    model = og.Model(str(host_bundle))
+    model = og.Model(str(bundle_copy))
+    embeds_graph(bundle_copy / "model.onnx").unlink()
+    ours = list(Engine(bundle_copy).generate(ids, 8))
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(ids) + 8, do_sample=False)
     generator = og.Generator(model, params)
@@ -346,6 +350,9 @@ def test_k_quant_recipe_from_a_user_profile(tiny_checkpoint_no_mtp: Path, tmp_pa
     manifest = bundle.verify(Path(json.loads(result.stdout)["bundle"]))
     assert manifest["recipe"]["builder_options"]["algo_config"] == "k_quant"
     assert manifest["profile"]["name"] == "kq-board" and manifest["quality"]["passed"]
+    # k_quant's embedding lookup has no embeds graph, where the int8 cache would live: the manifest
+    # says the cache stayed fp16.
+    assert manifest["profile"]["quantization"]["kv_cache"] == "int8" and manifest["recipe"]["kv_cache"] == "fp16"
 
 
 def test_lm_head_block_size_from_a_user_profile(tiny_checkpoint_no_mtp: Path, tmp_path: Path) -> None:

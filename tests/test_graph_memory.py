@@ -1,5 +1,5 @@
-"""The build's memory rewrites of the exported graph: shared weight bytes, the fp16 KV cache and the
-embeds variant whose token embeddings the engine reads from the weights file."""
+"""The build's memory rewrites of the exported graph: shared weight bytes, the fp16 and int8 KV caches
+and the embeds variant whose token embeddings the engine reads from the weights file."""
 
 from __future__ import annotations
 
@@ -13,7 +13,16 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgekit.build.graph_memory import alias_reshaped_weights, store_kv_cache_fp16, without_embedding_lookup
+from edgekit.build.graph_memory import (
+    alias_reshaped_weights,
+    rotary_pairs,
+    save,
+    store_kv_cache_fp16,
+    store_kv_cache_int8,
+    without_embedding_lookup,
+)
+from edgekit.build.kv_quant import kv_scales
+from edgekit.checkpoint import read_config
 from edgekit.errors import EdgekitError
 from edgekit.runtime.embedding import INPUT, LAYOUT_KEY, EmbeddingTable, embeds_graph
 from edgekit.runtime.engine import Engine
@@ -91,14 +100,71 @@ def test_fp16_kv_cache_is_close_to_fp32(fp32_bundle: Path, tmp_path: Path) -> No
         steps += [engine.forward(state, [2000 + i]) for i in range(8)]
         return np.stack(steps)
 
-    def log_softmax(x: np.ndarray) -> np.ndarray:
-        x = x - x.max(-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
     a, b = run(exact), run(rounded)
     assert np.abs(a - b).max() > 0  # the cache really is rounded...
-    p, q = log_softmax(a), log_softmax(b)
+    p, q = _log_softmax(a), _log_softmax(b)
     assert float((np.exp(p) * (p - q)).sum(-1).mean()) < 1e-3  # ...at a cost far below int4's (~0.19 on the 0.8B)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_int8_kv_cache_is_close_to_fp16(host_bundle: Path, tmp_path: Path) -> None:
+    """The engine's graph keeps its cache in int8 with calibrated scales, at a cost far below int4
+    weights through prefill and decode; model.onnx keeps fp16 for onnxruntime-genai."""
+    graphs = {path.name: onnx.load(str(path), load_external_data=False)
+              for path in (host_bundle / "model.onnx", embeds_graph(host_bundle / "model.onnx"))}
+    types = {name: {v.type.tensor_type.elem_type for v in m.graph.input if v.name.startswith("past_key_values.")}
+             for name, m in graphs.items()}
+    assert types == {"model.onnx": {TensorProto.FLOAT16}, "model.embeds.onnx": {TensorProto.INT8}}
+    half = Path(shutil.copytree(host_bundle, tmp_path / "half"))
+    embeds_graph(half / "model.onnx").unlink()  # the engine now runs model.onnx: the same export, fp16 cache
+    quantized = Engine(host_bundle)
+    assert {a.dtype for name, a in quantized.new_state().past.items() if name.startswith("past_key_values")} == {
+        np.dtype(np.int8)}
+
+    def run(engine: Engine) -> np.ndarray:
+        state = engine.new_state()
+        steps = [engine.forward(state, list(range(1000, 1300)))]
+        steps += [engine.forward(state, [2000 + i]) for i in range(8)]
+        return np.stack(steps)
+
+    a, b = run(Engine(half)), run(quantized)
+    assert np.abs(a - b).max() > 0  # the cache really is quantized...
+    p, q = _log_softmax(a), _log_softmax(b)
+    assert float((np.exp(p) * (p - q)).sum(-1).mean()) < 1e-3  # ...at a cost far below int4's (~0.19 on the 0.8B)
+
+
+def test_calibration_gives_each_rotary_pair_its_norm(bundle_copy: Path, tiny_checkpoint: Path) -> None:
+    """Every key cache is found behind its rotary op, and both channels of a rotary pair get the
+    pair's largest norm: at another position the rotation can put all of it in either channel."""
+    _, shape = read_config(tiny_checkpoint)
+    model = onnx.load(str(bundle_copy / "model.onnx"), load_external_data=False)
+    pairs = rotary_pairs(model)
+    keys = sorted(n.input[3] for n in model.graph.node if n.op_type == "GroupQueryAttention")
+    assert sorted(pairs) == keys and len(keys) == shape.full_attention_layers
+    [(dims, interleaved)] = set(pairs.values())
+    assert 0 < dims <= shape.head_dim and not interleaved
+    with pytest.raises(EdgekitError, match="calibration needs the graph's float cache"):
+        kv_scales(bundle_copy, pairs)  # the engine's graph is int8 already
+    embeds_graph(bundle_copy / "model.onnx").unlink()  # as calibration sees it: model.onnx's fp16 cache
+    scales = kv_scales(bundle_copy, pairs)
+    assert sorted(scales) == sorted(keys + [k.replace(".key", ".value") for k in keys])
+    for key in keys:
+        first, second = scales[key][..., : dims // 2], scales[key][..., dims // 2 : dims]
+        np.testing.assert_array_equal(first, second)
+        assert scales[key].shape == (1, shape.kv_heads, 1, shape.head_dim)
+        value = scales[key.replace(".key", ".value")]
+        assert not np.array_equal(value[..., : dims // 2], value[..., dims // 2 : dims])  # values are not rotated
+
+
+def test_int8_kv_cache_needs_a_scale_for_every_cache(host_bundle: Path) -> None:
+    model = onnx.load(str(host_bundle / "model.onnx"), load_external_data=False)
+    key = next(n.input[3] for n in model.graph.node if n.op_type == "GroupQueryAttention")
+    with pytest.raises(EdgekitError, match=f"no KV cache scales for {key}"):
+        store_kv_cache_int8(model, {})
 
 
 def _lookup_model(folder: Path, kind: str) -> Path:
@@ -171,12 +237,16 @@ def test_table_shorter_than_recorded_is_refused(tmp_path: Path) -> None:
 
 
 def test_bundle_engine_runs_the_embeds_graph_exactly(host_bundle: Path, tmp_path: Path) -> None:
-    """The bundle carries the embeds variant; the engine runs it, and its logits through prefill and
-    decode equal those of the graph that looks tokens up itself (what onnxruntime-genai runs)."""
-    assert embeds_graph(host_bundle / "model.onnx").is_file()
+    """The bundle carries the embeds variant and the engine runs it; before its cache became int8,
+    its logits through prefill and decode equal those of the graph that looks tokens up itself (what
+    onnxruntime-genai runs)."""
+    assert INPUT in {i.name for i in Engine(host_bundle).session.get_inputs()}
+    plain = Path(shutil.copytree(host_bundle, tmp_path / "plain"))
+    save(without_embedding_lookup(onnx.load(str(plain / "model.onnx"), load_external_data=False)),
+         embeds_graph(plain / "model.onnx"))
     lookup = Path(shutil.copytree(host_bundle, tmp_path / "lookup"))
     embeds_graph(lookup / "model.onnx").unlink()
-    ours, theirs = Engine(host_bundle), Engine(lookup)
+    ours, theirs = Engine(plain), Engine(lookup)
     assert INPUT in {i.name for i in ours.session.get_inputs()}
     assert "input_ids" in {i.name for i in theirs.session.get_inputs()}
     prompt = [int(i) for i in np.random.default_rng(3).integers(0, 248000, 200)]

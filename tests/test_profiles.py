@@ -29,10 +29,14 @@ def test_bundled_profiles_load() -> None:
     assert load_profile("raspberry-pi-5").arch == "aarch64"
 
 
-def test_kv_cache_is_fp16_unless_the_build_is_the_fp32_reference(tmp_path: Path) -> None:
-    assert load_profile("raspberry-pi-5").quantization.kv_cache == "fp16"
+def test_kv_cache_is_int8_on_cpu_fp16_on_cuda_and_fp32_for_the_fp32_reference(tmp_path: Path) -> None:
+    assert load_profile("raspberry-pi-5").quantization.kv_cache == "int8"
+    assert load_profile("host").quantization.kv_cache == "int8"
+    assert load_profile("jetson-orin-nano").quantization.kv_cache == "fp16"
     fp32 = _write(tmp_path, lambda d: d["quantization"].update(precision="fp32"))
     assert load_profile(str(fp32)).quantization.kv_cache == "fp32"
+    chosen = _write(tmp_path, lambda d: d["quantization"].update(kv_cache="fp16"))
+    assert load_profile(str(chosen)).quantization.kv_cache == "fp16"
 
 
 def test_host_profile_measures_this_machine() -> None:
@@ -62,7 +66,7 @@ def _write(tmp_path: Path, edit) -> Path:
         (lambda d: d.update(ram_share=1.5), "ram_share", "from 0.05 to 1.0"),
         (lambda d: d["quantization"].update(precision="int3"), "quantization.precision", "one of int4, int8, fp16, fp32"),
         (lambda d: d["quantization"].update(block_size=48), "quantization.block_size", "one of 16, 32, 64, 128, 256"),
-        (lambda d: d["quantization"].update(kv_cache="int8"), "quantization.kv_cache", "one of fp16, fp32"),
+        (lambda d: d["quantization"].update(kv_cache="int4"), "quantization.kv_cache", "one of int8, fp16, fp32"),
         (lambda d: d["cpu"].update(arch="armv7l"), "cpu.arch", "one of aarch64, x86_64"),
         (lambda d: d.update(execution_provider="tpu"), "execution_provider", "one of cpu, cuda"),
         (lambda d: d.update(colour="red"), "colour", "unknown field"),

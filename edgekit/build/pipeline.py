@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from edgekit import __version__, bundle
-from edgekit.build import export, parity
+from edgekit.build import export, kv_quant, parity
 from edgekit.build.graph_memory import lighten
 from edgekit.checkpoint import Checkpoint, inspect, read_config, resolve
 from edgekit.errors import EdgekitError
 from edgekit.memory import MIB, MemoryEstimate, check_fits, estimate
 from edgekit.profiles import DeviceProfile, Quality
+from edgekit.runtime.embedding import embeds_graph
 
 TOOLS = ("onnxruntime", "onnxruntime-genai", "transformers", "torch", "tokenizers")
 
@@ -129,10 +130,21 @@ def build(request: BuildRequest, reporter: Reporter | None = None) -> BuildResul
         source = export.prepare_input(checkpoint, work / "input", context)
         export.run_builder(source, staging, profile, extra, work / "cache", work / "builder.log",
                            report.progress, checkpoint.shape.layers)
-        lighten(staging / "model.onnx", kv_cache_fp16=profile.quantization.kv_cache == "fp16")
+        # An int8 cache starts as fp16 (onnxruntime-genai's model.onnx keeps that) and is calibrated on it.
+        lighten(staging / "model.onnx", kv_cache_fp16=profile.quantization.kv_cache in ("fp16", "int8"))
         export.tune_genai_config(staging, profile, context)
         export.compact_tokenizer_files(staging)
         timings["export"] = time.perf_counter() - t
+        kv_cache = profile.quantization.kv_cache
+        if kv_cache == "int8" and not embeds_graph(staging / "model.onnx").is_file():
+            # The int8 cache lives in the engine's own graph; model.onnx stays loadable by genai.
+            kv_cache = "fp16"
+            report.note("this export's embedding lookup has no embeds graph (e.g. k_quant's), so its KV cache stays fp16")
+        if kv_cache == "int8":
+            report.step("calibrating the int8 KV cache")
+            t = time.perf_counter()
+            kv_quant.quantize_kv_cache(staging)
+            timings["kv_calibration"] = time.perf_counter() - t
 
         report.step("checking quality against the PyTorch reference")
         t = time.perf_counter()
@@ -144,7 +156,7 @@ def build(request: BuildRequest, reporter: Reporter | None = None) -> BuildResul
 
         report.step("writing manifest")
         manifest = bundle.write_manifest(staging, _manifest_fields(name, request, profile, checkpoint, context, memory,
-                                                                    extra, quality, timings, started))
+                                                                    extra, kv_cache, quality, timings, started))
         if request.sign_key:
             from edgekit import signing
 
@@ -182,6 +194,7 @@ def _manifest_fields(
     context: int,
     memory: MemoryEstimate,
     extra: dict[str, str],
+    kv_cache: str,
     quality: parity.ParityReport,
     timings: dict[str, float],
     started: float,
@@ -209,6 +222,7 @@ def _manifest_fields(
             "execution_provider": profile.execution_provider,
             "context_length": context,
             "threads": profile.threads,
+            "kv_cache": kv_cache,
             "builder_options": extra,
         },
         "estimated_ram": memory.to_dict(),

@@ -31,7 +31,7 @@ PREFILL_CHUNK = 128
 # trimmed between chunks, a 4,032-token prompt peaked 101 MiB above the loaded engine (67 of them
 # the state) instead of 139, for ~3-5% of its prefill speed; prompts within this capacity keep 128.
 LONG_CONTEXT = 2048
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
 ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
