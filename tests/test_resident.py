@@ -91,3 +91,12 @@ def test_threads_share_a_bounded_number_of_heaps(mode: str, most: int | None) ->
         assert heaps > HEAPS  # glibc's own limit is 8 per core: the bound is ours
     else:
         assert heaps <= most
+
+
+def test_the_daemon_imports_no_build_or_terminal_ui_modules() -> None:
+    """``edgekit serve`` stays resident for months: what it imports stays resident with it. rich (the
+    CLI's progress and tables) and the build's torch, transformers and onnx have no place there."""
+    code = ("import sys, edgekit.cli, edgekit.serve.daemon; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'rich', 'torch', 'transformers', 'onnx'}))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"

@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from edgekit import __version__
 from edgekit.cli.common import broker_options, broker_settings, connect, err, friendly, out
 from edgekit.errors import EdgekitError
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 
 @click.group()
@@ -49,6 +50,8 @@ def profiles(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         out.print_json(json.dumps([p.to_dict() for p in loaded]))
         return
+    from rich.table import Table
+
     table = Table(title="device profiles (host: this machine, measured)")
     table.caption = "Values for devices we could not measure are estimates; see `edgekit profiles show NAME`."
     for column in ("name", "arch", "provider", "RAM", "threads", "model", "precision", "block", "context"):
@@ -77,6 +80,8 @@ def profiles_show(name: str, as_json: bool) -> None:
     if as_json:
         out.print_json(json.dumps(data))
         return
+    from rich.table import Table
+
     table = Table(show_header=False, title=f"profile {profile.name}")
     for key, value in data.items():
         table.add_row(key, json.dumps(value) if isinstance(value, dict | list) else str(value))
@@ -160,8 +165,10 @@ def build(profile_name: str, model: str | None, revision: str | None, output: Pa
     request = BuildRequest(profile=profile, model=model or profile.default_model, output=output, revision=revision,
                            name=name, overwrite=overwrite, force=force, include_mtp=include_mtp,
                            context_length=context_length, quality=quality, sign_key=sign_key)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err, transient=as_json) as bar:
+    with Progress(*columns, console=err.rich, transient=as_json) as bar:
         result = run_build(request, _RichReporter(bar))
     manifest = result.manifest
     if as_json:
@@ -377,6 +384,8 @@ def status(config_file: Path | None, device_id: str | None, wait: float, wait_on
     if as_json:
         click.echo(json.dumps(found[device_id] if wait_online and device_id else found, indent=2))
         return
+    from rich.table import Table
+
     table = Table(title="devices")
     for column in ("device", "state", "bundle", "profile", "version", "cpu %", "mem avail", "tokens"):
         table.add_column(column)

@@ -9,12 +9,33 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
 
 from edgekit.errors import EdgekitError
 
-err = Console(stderr=True)
-out = Console()
+
+class LazyConsole:
+    """A rich Console made on first use. ``edgekit serve`` runs for months without drawing one, and
+    rich's import would stay resident in the daemon (2.3 MiB)."""
+
+    def __init__(self, stderr: bool = False) -> None:
+        self._stderr = stderr
+        self._console: Any = None
+
+    @property
+    def rich(self) -> Any:
+        """The Console itself, for rich objects that take one (Progress)."""
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(stderr=self._stderr)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.rich, name)
+
+
+err = LazyConsole(stderr=True)
+out = LazyConsole()
 
 
 def friendly(command: Callable[..., Any]) -> Callable[..., Any]:

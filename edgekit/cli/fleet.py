@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TransferSpeedColumn
 
 from edgekit.cli.common import err, friendly, out
 
@@ -107,8 +106,10 @@ class _RichDeploy:
     def copy(self, total: int) -> Callable[[int], None]:
         if self.quiet or total == 0:
             return lambda n: None
+        from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TransferSpeedColumn
+
         bar = Progress(SpinnerColumn(), TextColumn("copying"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                       console=err, transient=True)
+                       console=err.rich, transient=True)
         task = bar.add_task("copy", total=total)
         bar.start()
 
