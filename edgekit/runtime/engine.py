@@ -196,12 +196,20 @@ class Engine:
         while step > 16 and step * capacity > PREFILL_CHUNK * LONG_CONTEXT:
             step //= 2
         logits = None
-        for start in range(0, len(ids), step):
+        start = 0
+        while start < len(ids):
             if start:
                 # Each chunk's activations come and go in sub-MiB pieces that glibc keeps; over a long
                 # prompt they pile up (~40 MiB at 4,000 tokens). A trim costs ~1-2 ms per chunk.
                 trim_heap()
-            logits = self._run(state, ids[start : start + step])
+            size = step
+            if capacity > LONG_CONTEXT and 2 * state.length >= capacity:
+                # The KV cache becomes resident as it fills, so a long prompt peaks near its end: the
+                # second half runs in half-size chunks. 4,032 tokens on the 0.8B (int8 cache): peak
+                # 11 MiB lower, prefill 8% slower (57.4 vs 62.4 tok/s, alternating, 3 runs), exact.
+                size = max(16, step // 2)
+            logits = self._run(state, ids[start : start + size])
+            start += size
         assert logits is not None, "forward needs at least one token"
         return logits
 
