@@ -27,11 +27,11 @@ and decode speed within noise. Everything else in the graph stays as it was.
 **An int8 KV cache in the engine's graph.**
 ONNX Runtime's GroupQueryAttention also keeps its cache in int8 with one fixed scale per channel
 (``k_quant_type``/``v_quant_type`` PER_CHANNEL), quantizing new keys and values as it appends them.
-The scales come from calibration at build time (:mod:`edgekit.build.kv_calibration`). On the 0.8B
-int4 with a 4,032-token prompt: mean KL 0.0002 against an fp32 cache (the same as fp16), the cache
-24 MiB instead of 48, the prefill's peak 25 MiB lower still, prefill 17% and decode at that context
-3.4x faster than the fp16 cache (docs/benchmarks.md). Only the embeds graph gets it: onnxruntime-genai
-keeps the fp16 cache of ``model.onnx``.
+The scales come from calibration at build time (:mod:`edgekit.build.kv_quant`). On the 0.8B int4
+with a 4,032-token prompt: mean KL 0.0002 against an fp32 cache (the same as fp16), the cache 24 MiB
+instead of 48, the prefill's peak 25 MiB lower still, and decode at that context 3.5x as fast as
+with the fp16 cache (docs/benchmarks.md). Only the embeds graph gets it: onnxruntime-genai keeps the
+fp16 cache of ``model.onnx``.
 
 **A second graph without the embedding lookup.**
 Even reading the page cache's copy, the lookup maps whole folios around each row it reads (~150 MiB

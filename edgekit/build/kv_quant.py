@@ -34,15 +34,9 @@ def _peaks(cache: np.ndarray, rotary: tuple[int, bool] | None) -> np.ndarray:
     values = np.abs(cache.astype(np.float32))
     if rotary:
         dims, interleaved = rotary
-        if interleaved:
-            first, second = values[..., 0:dims:2], values[..., 1:dims:2]
-        else:
-            first, second = values[..., : dims // 2], values[..., dims // 2 : dims]
-        norm = np.sqrt(first**2 + second**2)
-        if interleaved:
-            values[..., 0:dims:2] = values[..., 1:dims:2] = norm
-        else:
-            values[..., : dims // 2] = values[..., dims // 2 : dims] = norm
+        first, second = ((slice(0, dims, 2), slice(1, dims, 2)) if interleaved
+                         else (slice(0, dims // 2), slice(dims // 2, dims)))
+        values[..., first] = values[..., second] = np.sqrt(values[..., first] ** 2 + values[..., second] ** 2)
     return values.max(axis=2, keepdims=True)
 
 
