@@ -44,6 +44,21 @@ def test_chunked_prefill_is_exact(engine: Engine, tokenizer: ChatTokenizer, monk
     np.testing.assert_array_equal(engine.forward(engine.new_state(), ids), whole)
 
 
+def test_long_prompt_chunks_shrink_for_its_second_half_and_stay_exact(engine: Engine, tokenizer: ChatTokenizer,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past LONG_CONTEXT positions, chunks shrink with the capacity, and halve again once the KV cache
+    is half full, where a long prompt's peak memory is: same logits as one pass of big chunks."""
+    ids = tokenizer.encode("A long prompt " * 80)[:240]
+    whole = engine.forward(engine.new_state(), ids)
+    monkeypatch.setattr(engine_module, "LONG_CONTEXT", 64)  # the capacity for 240 tokens is 256
+    sizes: list[int] = []
+    run = engine._run
+    monkeypatch.setattr(engine, "_run", lambda state, chunk: sizes.append(len(chunk)) or run(state, chunk))
+    np.testing.assert_array_equal(engine.forward(engine.new_state(), ids), whole)
+    # 128 x 256 > 128 x 64: 32-token chunks, then 16 from position 128 (half of 256) on.
+    assert sizes == [32] * 4 + [16] * 7
+
+
 def test_snapshot_restores_state(engine: Engine) -> None:
     state = engine.new_state()
     engine.forward(state, [248045, 846, 198, 9419])
