@@ -161,13 +161,26 @@ def _kv_name(name: str) -> bool:
     return name.startswith(("past_key_values.", "present.")) and name.endswith((".key", ".value"))
 
 
+def _kv_values(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
+    """The KV cache's graph inputs and outputs."""
+    return [v for v in [*graph.input, *graph.output] if _kv_name(v.name)]
+
+
+def _retype_kv_cache(graph: onnx.GraphProto, element: int) -> None:
+    """Declare the KV cache's graph inputs and outputs as ``element``."""
+    for value in _kv_values(graph):
+        value.type.tensor_type.elem_type = element
+    # Shape-inference records of the cache would now contradict the retyped graph outputs.
+    _keep(graph.value_info, lambda v: not _kv_name(v.name))
+
+
 def store_kv_cache_fp16(model: onnx.ModelProto) -> int:
     """Make the graph's KV cache fp16, in place; return how many attention nodes changed.
 
     A graph whose cache is already fp16 (CUDA exports) is left alone.
     """
     graph = model.graph
-    caches = [v for v in [*graph.input, *graph.output] if _kv_name(v.name)]
+    caches = _kv_values(graph)
     if not caches or all(v.type.tensor_type.elem_type == TensorProto.FLOAT16 for v in caches):
         return 0
     if any(v.type.tensor_type.elem_type != TensorProto.FLOAT for v in caches):
@@ -190,10 +203,7 @@ def store_kv_cache_fp16(model: onnx.ModelProto) -> int:
         changed += 1
     del graph.node[:]
     graph.node.extend(nodes)
-    for value in caches:
-        value.type.tensor_type.elem_type = TensorProto.FLOAT16
-    # Shape-inference records of the cache would now contradict the retyped graph outputs.
-    _keep(graph.value_info, lambda v: not _kv_name(v.name))
+    _retype_kv_cache(graph, TensorProto.FLOAT16)
     return changed
 
 
@@ -227,8 +237,7 @@ def store_kv_cache_int8(model: onnx.ModelProto, scales: dict[str, np.ndarray]) -
     (a stored value is ``round(x / scale)`` clipped to int8). The cache must be fp16 or fp32 before.
     """
     graph = model.graph
-    caches = [v for v in [*graph.input, *graph.output] if _kv_name(v.name)]
-    if any(v.type.tensor_type.elem_type not in (TensorProto.FLOAT, TensorProto.FLOAT16) for v in caches):
+    if any(v.type.tensor_type.elem_type not in (TensorProto.FLOAT, TensorProto.FLOAT16) for v in _kv_values(graph)):
         raise EdgekitError("model.onnx: the KV cache to quantize must be fp32 or fp16")
     changed = 0
     for node in graph.node:
@@ -247,9 +256,7 @@ def store_kv_cache_int8(model: onnx.ModelProto, scales: dict[str, np.ndarray]) -
                                helper.make_attribute("v_quant_type", "PER_CHANNEL"),
                                helper.make_attribute("kv_cache_bit_width", 8)])
         changed += 1
-    for value in caches:
-        value.type.tensor_type.elem_type = TensorProto.INT8
-    _keep(graph.value_info, lambda v: not _kv_name(v.name))
+    _retype_kv_cache(graph, TensorProto.INT8)
     return changed
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 
 from edgekit.build.graph_memory import rotary_pairs, save, store_kv_cache_int8
-from edgekit.build.parity import PROMPTS
+from edgekit.build.parity import prompt_ids
 from edgekit.errors import EdgekitError
 from edgekit.runtime.embedding import embeds_graph
 from edgekit.runtime.engine import Engine
@@ -43,37 +43,37 @@ def _peaks(cache: np.ndarray, rotary: tuple[int, bool] | None) -> np.ndarray:
 def calibration_prompts(bundle: Path) -> list[list[int]]:
     """Token ids to calibrate on: the parity prompts through the chat template, then random ordinary tokens."""
     tokenizer = ChatTokenizer(bundle)
-    prompts = [tokenizer.encode(tokenizer.render([{"role": "user", "content": text}], thinking=thinking))
-               for text, thinking in PROMPTS]
     ordinary = tokenizer.tokenizer.get_vocab_size(with_added_tokens=False)
     rng = random.Random(0)
-    return [*prompts, [rng.randrange(ordinary) for _ in range(RANDOM_TOKENS)]]
+    return [*prompt_ids(tokenizer), [rng.randrange(ordinary) for _ in range(RANDOM_TOKENS)]]
 
 
 def kv_scales(bundle: Path, rotary: dict[str, tuple[int, bool]], threads: int | None = None) -> dict[str, np.ndarray]:
     """Per-channel int8 scales [1, kv_heads, 1, head_size] for every KV cache input of ``bundle``'s graph."""
     engine = Engine(bundle, threads=threads)
+    empty = engine.new_state().past
+    caches = [name for name in empty if name.startswith("past_key_values.")]
+    for name in caches:
+        if empty[name].dtype.kind != "f":
+            raise EdgekitError(f"{bundle}: calibration needs the graph's float cache; {name} is {empty[name].dtype}")
     peaks: dict[str, np.ndarray] = {}
     for ids in calibration_prompts(bundle):
         state = engine.new_state()
         engine.forward(state, ids)
-        for name, cache in state.past.items():
-            if name.startswith("past_key_values."):
-                if cache.dtype.kind != "f":
-                    raise EdgekitError(f"{bundle}: calibration needs the graph's float cache; {name} is {cache.dtype}")
-                seen = _peaks(cache[:, :, : state.length], rotary.get(name))
-                peaks[name] = np.maximum(peaks[name], seen) if name in peaks else seen
+        for name in caches:
+            seen = _peaks(state.past[name][:, :, : state.length], rotary.get(name))
+            peaks[name] = np.maximum(peaks[name], seen) if name in peaks else seen
     # A channel that stayed zero keeps a tiny scale: whatever it later holds stays near zero.
     return {name: np.maximum(peak, 1e-6) / _INT8_MAX for name, peak in peaks.items()}
 
 
 def quantize_kv_cache(bundle: Path, threads: int | None = None) -> int:
     """Calibrate and store the KV cache of ``bundle``'s engine graph (its embeds variant) in int8;
-    return how many attention layers changed. ``model.onnx`` keeps its cache for onnxruntime-genai."""
+    return how many attention layers changed: none where the export has no embeds graph (k_quant's
+    lookup), since ``model.onnx`` keeps its cache for onnxruntime-genai."""
     graph = embeds_graph(bundle / "model.onnx")
     if not graph.is_file():
-        raise EdgekitError(f"{bundle}: an int8 KV cache needs the engine's graph {graph.name}, which this export "
-                           "lacks; set quantization.kv_cache to fp16 in the profile")
+        return 0
     model = onnx.load(str(graph), load_external_data=False)
     scales = kv_scales(bundle, rotary_pairs(model), threads)
     changed = store_kv_cache_int8(model, scales)

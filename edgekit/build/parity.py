@@ -50,6 +50,12 @@ class ParityReport:
         return asdict(self)
 
 
+def prompt_ids(tokenizer: ChatTokenizer) -> list[list[int]]:
+    """:data:`PROMPTS` as token ids, each a user message through the chat template."""
+    return [tokenizer.encode(tokenizer.render([{"role": "user", "content": text}], thinking=thinking))
+            for text, thinking in PROMPTS]
+
+
 def reference_runs(checkpoint: Path, prompts: list[list[int]], new_tokens: int) -> list[tuple[list[int], np.ndarray]]:
     """Greedy tokens and their step logits from transformers in fp32, one (tokens, [n, vocab]) per prompt."""
     import torch
@@ -121,11 +127,7 @@ def check(
     fp32 exports must reproduce the reference's greedy tokens; quantized ones must meet the
     profile's top-1 agreement and mean-KL thresholds.
     """
-    tokenizer = ChatTokenizer(bundle)
-    prompts = [
-        tokenizer.encode(tokenizer.render([{"role": "user", "content": text}], thinking=thinking))
-        for text, thinking in PROMPTS
-    ]
+    prompts = prompt_ids(ChatTokenizer(bundle))
     if progress:
         progress("running the PyTorch reference")
     runs = reference_runs(checkpoint, prompts, NEW_TOKENS)

@@ -24,7 +24,6 @@ from edgekit.checkpoint import Checkpoint, inspect, read_config, resolve
 from edgekit.errors import EdgekitError
 from edgekit.memory import MIB, MemoryEstimate, check_fits, estimate
 from edgekit.profiles import DeviceProfile, Quality
-from edgekit.runtime.embedding import embeds_graph
 
 TOOLS = ("onnxruntime", "onnxruntime-genai", "transformers", "torch", "tokenizers")
 
@@ -136,14 +135,12 @@ def build(request: BuildRequest, reporter: Reporter | None = None) -> BuildResul
         export.compact_tokenizer_files(staging)
         timings["export"] = time.perf_counter() - t
         kv_cache = profile.quantization.kv_cache
-        if kv_cache == "int8" and not embeds_graph(staging / "model.onnx").is_file():
-            # The int8 cache lives in the engine's own graph; model.onnx stays loadable by genai.
-            kv_cache = "fp16"
-            report.note("this export's embedding lookup has no embeds graph (e.g. k_quant's), so its KV cache stays fp16")
         if kv_cache == "int8":
             report.step("calibrating the int8 KV cache")
             t = time.perf_counter()
-            kv_quant.quantize_kv_cache(staging)
+            if not kv_quant.quantize_kv_cache(staging):
+                kv_cache = "fp16"
+                report.note("this export's embedding lookup has no embeds graph (e.g. k_quant's), so its KV cache stays fp16")
             timings["kv_calibration"] = time.perf_counter() - t
 
         report.step("checking quality against the PyTorch reference")

@@ -38,8 +38,8 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platfo
 
 def tune_allocator() -> None:
     """Have allocations of :data:`LARGE_BLOCK` bytes or more go back to the system as soon as they are
-    freed, and threads share at most :data:`HEAPS` heaps (glibc ``mallopt``; process-wide, so called
-    once by the engine, before its threads start)."""
+    freed, and threads share at most :data:`HEAPS` heaps (glibc ``mallopt``; process-wide, and it
+    must come before threads start: the engine calls it, and the daemon before it loads its tokenizer)."""
     if _libc is not None and hasattr(_libc, "mallopt"):
         _libc.mallopt(_M_MMAP_THRESHOLD, LARGE_BLOCK)
         _libc.mallopt(_M_ARENA_MAX, HEAPS)
