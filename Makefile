@@ -14,7 +14,7 @@ RANDOM := $(if $(findstring fixtures/,$(MODEL)),--random-weights,)
 # torch from the CPU build: an unpinned torch pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install system-deps run test bench fixtures lint clean
+.PHONY: install system-deps run test test-fast bench fixtures lint clean
 
 $(BIN)/edgekit: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,8 +47,13 @@ system-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
+# The full suite (CI's): needs root, as it creates users, mounts a tmpfs and runs sshd.
 test: install system-deps
 	$(BIN)/python -m pytest -q
+
+# The fast tier: everything not marked slow (no SSH deploys, no extra bundle builds).
+test-fast: install system-deps
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # Build benchmarks on the full-size 0.8B and 2B fixtures, then the serve benchmark on the 0.8B
 # bundle (4096-token context, threads = this machine's cores).
@@ -59,8 +64,10 @@ bench: install fixtures/qwen3.5-0.8b/config.json fixtures/qwen3.5-2b/config.json
 	$(BIN)/edgekit bench bench-results/bench-0.8b --threads $$(nproc) --runs 5 --json > bench-results/serve.json
 	cat bench-results/serve.json
 
+# Style and types: ruff over the tree, mypy as pyproject.toml sets it (strict on the contract modules).
 lint: install
 	$(BIN)/ruff check edgekit tests bench
+	$(BIN)/mypy
 
 clean:
 	rm -rf dist bench-results .pytest_cache

@@ -20,6 +20,7 @@ import psutil
 
 from edgekit.client import DeviceClient
 from edgekit.errors import EdgekitError
+from edgekit.runtime import machine
 from edgekit.runtime.engine import Engine, GenerationStats
 from edgekit.runtime.tokenizer import ChatTokenizer
 from edgekit.serve import embedded_broker
@@ -33,7 +34,7 @@ def _prompt(length: int) -> list[int]:
     return [FILLER + i for i in range(length)]
 
 
-def direct_run(engine: Engine, prompt_len: int, new_tokens: int) -> dict[str, float]:
+def direct_run(engine: Engine, prompt_len: int, new_tokens: int) -> dict[str, Any]:
     """One generation on the engine: prefill/decode tok/s, TTFT and inter-token latencies."""
     stats = GenerationStats()
     started = time.perf_counter()
@@ -114,6 +115,11 @@ def _status_mb(process: psutil.Process, field: str) -> float | None:
     return int(status.split(f"{field}:")[1].split()[0]) / 1024
 
 
+def _spread(values: list[float]) -> dict[str, float]:
+    """Minimum, median and maximum over the runs."""
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -126,15 +132,16 @@ def run(bundle: Path, runs: int, prompt_len: int, new_tokens: int, threads: int 
     broker = embedded_broker.start()
     device = "bench"
     command = [sys.executable, "-m", "edgekit.cli", "serve", str(bundle), "--device-id", device, "--port",
-               str(broker.port), "--mqtt", broker.protocol, "--telemetry-interval", "3600"]
+               str(broker.port), "--mqtt", broker.protocol.value, "--telemetry-interval", "3600"]
     if threads:
         command += ["--threads", str(threads)]
     daemon = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    used_threads = threads or json.loads((bundle / "genai_config.json").read_text())["model"]["decoder"][
+        "session_options"].get("intra_op_num_threads")
     report: dict[str, Any] = {"bundle": str(bundle), "prompt_tokens": prompt_len, "new_tokens": new_tokens,
-                              "threads": threads or json.loads((bundle / "genai_config.json").read_text())
-                              ["model"]["decoder"]["session_options"].get("intra_op_num_threads"), "runs": runs}
+                              "threads": used_threads, "runs": runs, "machine": machine.facts(used_threads)}
     try:
-        with DeviceClient(port=broker.port, mqtt_version=broker.protocol) as client:
+        with DeviceClient(broker.settings) as client:
             client.wait_for_state(device, "online", timeout=120, alive=lambda: daemon.poll() is None)
             process = psutil.Process(daemon.pid)
             process.cpu_percent()
@@ -162,6 +169,13 @@ def run(bundle: Path, runs: int, prompt_len: int, new_tokens: int, threads: int 
                               "ttft_ms": 1000 * med(r["ttft_s"] for r in remote),
                               "server_ttft_ms": 1000 * med(r["server_ttft_s"] for r in remote),
                               "prompt_tokens": remote[0]["prompt_tokens"]}
+            report["spread"] = {
+                "direct_prefill_tps": _spread([r["prefill_tps"] for r in direct]),
+                "direct_decode_tps": _spread([r["decode_tps"] for r in direct]),
+                "direct_ttft_ms": _spread([1000 * r["ttft_s"] for r in direct]),
+                "mqtt_decode_tps": _spread([r["decode_tps"] for r in remote]),
+                "mqtt_ttft_ms": _spread([1000 * r["ttft_s"] for r in remote]),
+            }
             ratios = [m["decode_tps"] / d["decode_tps"] for d, m in zip(direct, remote)]
             report["mqtt_over_direct_decode"] = med(ratios)
             # Added TTFT: what the broker round trip adds to the daemon's own time to first token.

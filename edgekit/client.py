@@ -1,4 +1,14 @@
-"""A small MQTT client for edgekit devices, used by ``edgekit ask`` / ``edgekit status`` and by programs."""
+"""A small MQTT client for edgekit devices, used by ``edgekit ask`` / ``edgekit status`` and by programs.
+
+Example::
+
+    from edgekit.client import DeviceClient
+    from edgekit.mqtt.settings import BrokerSettings
+
+    with DeviceClient(BrokerSettings(host="broker.local")) as client:
+        final = client.ask("kitchen", {"messages": [{"role": "user", "content": "Is the oven on?"}]},
+                           on_text=lambda text: print(text, end=""))
+"""
 
 from __future__ import annotations
 
@@ -8,8 +18,7 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -17,48 +26,52 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgekit.errors import EdgekitError
-from edgekit.serve import protocol
-from edgekit.serve.mqtt import configure_transport, negotiate_protocol
+from edgekit.mqtt import protocol
+from edgekit.mqtt.connection import negotiate_protocol, new_client
+from edgekit.mqtt.settings import BrokerSettings, MqttVersion
+from edgekit.mqtt.topics import DeviceTopics, PoolTopics, all_devices
 
 
 class DeviceClient:
-    """Connects to a broker; sends requests to devices and collects their streamed replies."""
+    """Connects to a broker; sends requests to devices and collects their streamed replies.
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 1883, prefix: str = "edgekit", mqtt_version: str = "5",
-                 timeout: float = 10.0, username: str | None = None, password: str | None = None,
-                 tls_ca: Path | None = None, tls_cert: Path | None = None, tls_key: Path | None = None) -> None:
-        if mqtt_version == "auto":
-            mqtt_version = negotiate_protocol(host, port, username, password, tls_ca, tls_cert, tls_key, timeout)
-        self.prefix, self.v5 = prefix, mqtt_version == "5"
+    Statuses and telemetry of the devices under the prefix are kept up to date as they arrive, once
+    asked for (:meth:`statuses`, :meth:`device_status`).
+    """
+
+    def __init__(self, settings: BrokerSettings | None = None, timeout: float = 10.0) -> None:
+        self.settings = settings = negotiate_protocol(settings or BrokerSettings(), timeout)
+        self.prefix, self.v5 = settings.prefix, settings.protocol is MqttVersion.V5
         self.client_id = f"edgekit-client-{uuid.uuid4().hex[:12]}"
         # Under the user name when there is one, so a broker ACL can give each client user its own replies.
-        owner = f"{username}/" if username else ""
-        self.reply_base = f"{prefix}/{protocol.VERSION}/replies/{owner}{self.client_id}"
+        owner = f"{settings.username}/" if settings.username else ""
+        self.reply_base = f"{settings.reply_prefix}{owner}{self.client_id}"
         self._inbox: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
         self._held: dict[str, list[dict[str, Any]]] = {}  # replies read while waiting for another request
         self._connected = threading.Event()
         self._subscriptions: list[str] = []
-        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                                   protocol=mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311)
+        self._status: dict[str, dict[str, Any]] = {}  # device id -> latest status
+        self._telemetry: dict[str, dict[str, Any]] = {}  # device id -> latest telemetry
+        self._news = threading.Condition()
+        self._client = new_client(settings, self.client_id)
         self._client.on_connect = self._on_connect
-        self._client.on_message = lambda c, u, message: self._inbox.put(message)
+        self._client.on_message = self._on_message
         self._client.reconnect_delay_set(min_delay=1, max_delay=10)
         self._refusal: str | None = None
-        configure_transport(self._client, username, password, tls_ca, tls_cert, tls_key)
         properties = None
         if self.v5:
             # Replies published while a broker restarts wait in this session for a few minutes.
             properties = Properties(PacketTypes.CONNECT)
             properties.SessionExpiryInterval = 300
         try:
-            self._client.connect(host, port, keepalive=30, properties=properties)
+            self._client.connect(settings.host, settings.port, keepalive=30, properties=properties)
         except (OSError, ssl.SSLError) as exc:
-            raise EdgekitError(f"cannot reach the MQTT broker at {host}:{port} ({exc})") from exc
+            raise EdgekitError(f"cannot reach the MQTT broker at {settings.address} ({exc})") from exc
         self._client.loop_start()
         if not self._connected.wait(timeout):
             self.close()
             why = f"refused: {self._refusal}" if self._refusal else f"no answer within {timeout:g} s"
-            raise EdgekitError(f"the MQTT broker at {host}:{port} did not accept the connection ({why})")
+            raise EdgekitError(f"the MQTT broker at {settings.address} did not accept the connection ({why})")
         self._subscribe(f"{self.reply_base}/#")
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
@@ -70,11 +83,26 @@ class DeviceClient:
             client.subscribe(topic, qos=1)
         self._connected.set()
 
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        levels = message.topic.split("/")
+        kind = levels[-1]
+        # <prefix>/v1/<device>/status|telemetry; replies have more levels below replies/.
+        if kind in ("status", "telemetry") and "/".join(levels[:-2]) == f"{self.prefix}/{protocol.VERSION}":
+            try:
+                data = json.loads(message.payload)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                return
+            with self._news:
+                (self._status if kind == "status" else self._telemetry)[levels[-2]] = data
+                self._news.notify_all()
+            return
+        self._inbox.put(message)
+
     def _subscribe(self, topic: str) -> None:
-        # Subscribing again is how statuses() gets the retained messages anew; remember each topic
-        # once for resubscribing after a reconnect.
-        if topic not in self._subscriptions:
-            self._subscriptions.append(topic)
+        # Remember each topic once, for resubscribing after a reconnect.
+        if topic in self._subscriptions:
+            return
+        self._subscriptions.append(topic)
         done = threading.Event()
         self._client.on_subscribe = lambda *args: done.set()
         self._client.subscribe(topic, qos=1)
@@ -109,18 +137,18 @@ class DeviceClient:
         else:
             request["reply_to"] = reply_topic
         if pool:
-            topic = protocol.pool_topics(self.prefix, pool)["request"]
+            topic = PoolTopics.of(self.prefix, pool).request
         elif device_id:
-            topic = protocol.topics(self.prefix, device_id)["request"]
+            topic = DeviceTopics.of(self.prefix, device_id).request
         else:
             raise EdgekitError("name a device or a pool to send the request to")
         self.publish(topic, json.dumps(request), properties)
-        return request["id"]
+        return str(request["id"])
 
     def cancel(self, device_id: str, request_id: str) -> None:
-        self.publish(protocol.topics(self.prefix, device_id)["cancel"], json.dumps({"id": request_id}))
+        self.publish(DeviceTopics.of(self.prefix, device_id).cancel, json.dumps({"id": request_id}))
 
-    def replies(self, request_id: str, timeout: float = 120.0) -> Any:
+    def replies(self, request_id: str, timeout: float = 120.0) -> Iterator[dict[str, Any]]:
         """Yield reply messages (dicts) for ``request_id`` until its final or error message."""
         deadline = time.monotonic() + timeout
         held = self._held.pop(request_id, [])
@@ -135,9 +163,10 @@ class DeviceClient:
                     message = self._inbox.get(timeout=remaining)
                 except queue.Empty:
                     continue
-                if message.topic.endswith("/status"):
+                try:
+                    reply = json.loads(message.payload)
+                except (json.JSONDecodeError, UnicodeDecodeError):
                     continue
-                reply = json.loads(message.payload)
                 if reply.get("id") != request_id:
                     self._held.setdefault(reply.get("id"), []).append(reply)
                     continue
@@ -147,7 +176,10 @@ class DeviceClient:
 
     def ask(self, device_id: str | None, request: dict[str, Any], on_text: Callable[[str], None] | None = None,
             timeout: float = 120.0, pool: str | None = None) -> dict[str, Any]:
-        """Send a request (to a device or a pool) and wait for its final message; raise on an error reply."""
+        """Send a request (to a device or a pool) and wait for its final message; raise on an error reply,
+        and at once for a device that is unknown to the broker or offline."""
+        if device_id and not pool:
+            self.require_online(device_id)
         request_id = self.send(device_id, request, pool=pool)
         for reply in self.replies(request_id, timeout):
             if reply["type"] == "chunk" and on_text:
@@ -162,40 +194,49 @@ class DeviceClient:
     def wait_for_state(self, device_id: str, state: str, timeout: float = 30.0,
                        alive: Callable[[], bool] = lambda: True,
                        match: Callable[[dict[str, Any]], bool] = lambda status: True) -> dict[str, Any]:
-        """Poll retained statuses until ``device_id`` reports ``state`` (and ``match`` accepts the status);
-        raise after ``timeout`` or once ``alive()`` turns false (e.g. the daemon process exited)."""
+        """Wait until ``device_id`` reports ``state`` (and ``match`` accepts the status); raise after
+        ``timeout`` or once ``alive()`` turns false (e.g. the daemon process exited)."""
+        self._subscribe(DeviceTopics.of(self.prefix, device_id).status)
         deadline = time.monotonic() + timeout
-        last: dict[str, Any] = {}
-        while True:
-            last = self.statuses(0.3).get(device_id, last)
-            if last.get("state") == state and match(last):
-                return last
-            if not alive() or time.monotonic() > deadline:
-                seen = f"last status: {last.get('state')}, bundle {last.get('bundle')}" if last else "no status seen"
-                raise EdgekitError(f"device {device_id} did not become {state} within {timeout:g} s ({seen})")
+        with self._news:
+            while True:
+                last = self._status.get(device_id, {})
+                if last.get("state") == state and match(last):
+                    return dict(last)
+                if not alive() or time.monotonic() > deadline:
+                    seen = f"last status: {last.get('state')}, bundle {last.get('bundle')}" if last else "no status seen"
+                    raise EdgekitError(f"device {device_id} did not become {state} within {timeout:g} s ({seen})")
+                self._news.wait(0.2)
+
+    def device_status(self, device_id: str, wait_s: float = 2.0) -> dict[str, Any] | None:
+        """The device's retained status (None if the broker has none within ``wait_s``)."""
+        self._subscribe(DeviceTopics.of(self.prefix, device_id).status)
+        with self._news:
+            self._news.wait_for(lambda: device_id in self._status, wait_s)
+            status = self._status.get(device_id)
+        return dict(status) if status else None
+
+    def require_online(self, device_id: str, wait_s: float = 2.0) -> dict[str, Any]:
+        """The device's status if it is online; else an error naming the device and the broker."""
+        status = self.device_status(device_id, wait_s)
+        where = f"the broker at {self.settings.address} (prefix {self.prefix})"
+        if status is None:
+            raise EdgekitError(f"device {device_id} is unknown to {where}: it has no retained status; "
+                               f"check the device id and prefix, and that its daemon has connected once")
+        if status.get("state") != "online":
+            raise EdgekitError(f"device {device_id} is {status.get('state', 'not online')} on {where}")
+        return status
 
     def statuses(self, wait_s: float = 1.0) -> dict[str, dict[str, Any]]:
-        """The retained status of every device under the prefix, with its latest telemetry under "telemetry"."""
-        self._subscribe(f"{self.prefix}/{protocol.VERSION}/+/status")
-        self._subscribe(f"{self.prefix}/{protocol.VERSION}/+/telemetry")
-        found: dict[str, dict[str, Any]] = {}
-        telemetry: dict[str, dict[str, Any]] = {}
-        deadline = time.monotonic() + wait_s
-        while (remaining := deadline - time.monotonic()) > 0:
-            try:
-                message = self._inbox.get(timeout=remaining)
-            except queue.Empty:
-                break
-            kind = message.topic.rsplit("/", 1)[-1]
-            if kind not in ("status", "telemetry"):
-                continue
-            try:
-                data = json.loads(message.payload)
-            except json.JSONDecodeError:
-                continue
-            device = message.topic.split("/")[-2]
-            (found if kind == "status" else telemetry)[device] = data
-        for device, status in found.items():
-            if device in telemetry:
-                status["telemetry"] = telemetry[device]
-        return found
+        """The status of every device under the prefix, with its latest telemetry under "telemetry".
+
+        The first call waits ``wait_s`` for the broker's retained messages; later ones return at once.
+        """
+        topics = [all_devices(self.prefix, "status"), all_devices(self.prefix, "telemetry")]
+        if not all(topic in self._subscriptions for topic in topics):
+            for topic in topics:
+                self._subscribe(topic)
+            time.sleep(wait_s)
+        with self._news:
+            return {device: {**status, **({"telemetry": self._telemetry[device]} if device in self._telemetry else {})}
+                    for device, status in self._status.items()}

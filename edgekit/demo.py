@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from edgekit.checkpoint import resolve
+from edgekit.builder.checkpoint import resolve
 from edgekit.errors import EdgekitError
 
 # Random weights give near-flat next-token distributions: top-1 agreement is meaningless for
@@ -84,9 +84,9 @@ def _serve_and_ask(edgekit: list[str], bundle: Path, prompt: str) -> None:
     broker = embedded_broker.start()
     click.secho(f"embedded {broker.kind} broker on 127.0.0.1:{broker.port} (MQTT {broker.protocol})", fg="cyan", err=True)
     daemon = subprocess.Popen([*edgekit, "serve", str(bundle), "--device-id", "demo", "--port", str(broker.port),
-                               "--mqtt", broker.protocol])
+                               "--mqtt", broker.protocol.value])
     try:
-        with DeviceClient(port=broker.port, mqtt_version=broker.protocol) as client:
+        with DeviceClient(broker.settings) as client:
             client.wait_for_state("demo", "online", timeout=60, alive=lambda: daemon.poll() is None)
             click.secho(f"\n> {prompt}", bold=True)
             final = client.ask("demo", {"messages": [{"role": "user", "content": prompt}], "max_tokens": 48},

@@ -116,8 +116,12 @@ def load_profile(name_or_path: str) -> DeviceProfile:
     return parse_profile(data, str(path))
 
 
-def parse_profile(data: Any, where: str) -> DeviceProfile:
-    """Validate a profile mapping; ``where`` names its origin in error messages."""
+def parse_profile(data: Any, where: str, strict: bool = True) -> DeviceProfile:
+    """Validate a profile mapping; ``where`` names its origin in error messages.
+
+    ``strict`` refuses unknown fields (a user's file: a typo must not pass). A bundle's manifest reads
+    its profile with ``strict=False``: a newer build may add fields an older device does not know.
+    """
     top = Fields(data, where)
     cpu = top.nested("cpu")
     quant = top.nested("quantization")
@@ -156,7 +160,7 @@ def parse_profile(data: Any, where: str) -> DeviceProfile:
         ),
         path=where,
     )
-    for fields in (top, cpu, quant, quality):
+    for fields in (top, cpu, quant, quality) if strict else ():
         fields.check_unknown()
     if precision == "fp16" and provider == "cpu":
         raise EdgekitError(f"{where}: field 'quantization.precision' fp16 needs execution_provider cuda (CPU has no fp16 kernels)")

@@ -3,6 +3,10 @@
 The manifest lists every file's sha256, so signing its exact bytes signs the whole bundle. A device
 configured with trusted public keys refuses a bundle that is unsigned or signed by any other key.
 Keys are PEM files (PKCS#8 private, SubjectPublicKeyInfo public), readable by openssl and most tools.
+
+This module decides trust and calls :mod:`edgekit.bundle` for the files; bundle knows nothing of it.
+cryptography is imported inside the functions that use it: it adds ~12 MiB of RSS, which a daemon
+that checks no signatures should not carry.
 """
 
 from __future__ import annotations
@@ -11,21 +15,31 @@ import base64
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-
-from edgekit.bundle import MANIFEST, SIGNATURE
+from edgekit.bundle import MANIFEST, SIGNATURE, Manifest
+from edgekit.bundle import verify as verify_files
 from edgekit.errors import EdgekitError
 
-_RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+
+def verify(folder: Path, trusted_keys: Sequence[Path] = ()) -> Manifest:
+    """Check a bundle's files against its manifest; with ``trusted_keys``, first require a valid
+    signature by one of them. Returns the manifest."""
+    if trusted_keys:
+        check(folder, list(trusted_keys))
+    return verify_files(folder)
 
 
 def key_id(public: Ed25519PublicKey) -> str:
     """A short fingerprint of a public key (first 16 hex digits of the sha256 of its raw bytes)."""
-    return hashlib.sha256(public.public_bytes(*_RAW)).hexdigest()[:16]
+    from cryptography.hazmat.primitives import serialization
+
+    return hashlib.sha256(public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)).hexdigest()[:16]
 
 
 def create_keys(private_path: Path, public_path: Path) -> str:
@@ -33,6 +47,9 @@ def create_keys(private_path: Path, public_path: Path) -> str:
     for path in (private_path, public_path):
         if path.exists():
             raise EdgekitError(f"{path} already exists; refusing to overwrite a key")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     private = Ed25519PrivateKey.generate()
     pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     # Created 0600 from the start: the key is never readable by others, not even for a moment.
@@ -46,6 +63,9 @@ def create_keys(private_path: Path, public_path: Path) -> str:
 
 def load_private(path: Path) -> Ed25519PrivateKey:
     """An ed25519 private key from a PEM file, with a clear error for anything else."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except OSError as exc:
@@ -59,6 +79,9 @@ def load_private(path: Path) -> Ed25519PrivateKey:
 
 def load_public(path: Path) -> Ed25519PublicKey:
     """An ed25519 public key from a PEM file, with a clear error for anything else."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     try:
         key = serialization.load_pem_public_key(path.read_bytes())
     except OSError as exc:
@@ -99,6 +122,8 @@ def check(bundle: Path, trusted: list[Path]) -> str:
         signature = base64.b64decode(record["signature"], validate=True)
     except (ValueError, KeyError, TypeError) as exc:
         raise EdgekitError(f"{path}: malformed signature file ({exc})") from exc
+    from cryptography.exceptions import InvalidSignature
+
     manifest = (bundle / MANIFEST).read_bytes()
     keys = {key_id(key): key for key in map(load_public, trusted_key_files(trusted))}
     for kid, key in keys.items():

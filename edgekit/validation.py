@@ -22,7 +22,8 @@ class Fields:
 
     def get(self, key: str, kind: type | tuple[type, ...], expected: str, default: Any = ...) -> Any:
         self.used.add(key)
-        if key not in self.data:
+        # An explicit null (YAML ``~``, JSON ``null``) of an optional field means its default.
+        if key not in self.data or (self.data[key] is None and default is not ...):
             if default is ...:
                 raise self._fail(key, expected)
             return default
@@ -32,7 +33,7 @@ class Fields:
             raise self._fail(key, expected, value)
         return value
 
-    def choice(self, key: str, allowed: tuple, default: Any = ...) -> Any:
+    def choice(self, key: str, allowed: tuple[Any, ...], default: Any = ...) -> Any:
         value = self.get(key, object, f"one of {', '.join(map(str, allowed))}", default)
         if value is default and default is not ...:  # absent and optional: the default stands
             return value
@@ -57,6 +58,7 @@ class Fields:
         return Fields(self.data[key], self.where, f"{self.prefix}{key}.")
 
     def check_unknown(self) -> None:
+        """Refuse fields nobody read: a typo must not silently fall back to a default."""
         unknown = sorted(set(self.data) - self.used)
         if unknown:
             raise EdgekitError(

@@ -7,24 +7,53 @@ import platform
 import shutil
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
-from edgekit.build.pipeline import BuildRequest, build
+from edgekit.builder.pipeline import BuildRequest, build
 from edgekit.client import DeviceClient
 from edgekit.deploy import wheelhouse
 from edgekit.fixtures.checkpoint import write_checkpoint
+from edgekit.mqtt.settings import BrokerSettings
 from edgekit.profiles import Quality, load_profile
 from edgekit.serve.daemon import Daemon, DaemonConfig
 from edgekit.serve.embedded_broker import free_port, mosquitto_path, wait_for_port
-from tests.sshhost import SSHHost
+from tests.sshhost import SSHD, SSHHost
 
 # Random weights cannot meet real-model quality thresholds (their logits are near-flat, so top-1
 # among 248k tokens is a coin toss); the KL bound still separates sound exports from broken ones.
 RANDOM_WEIGHT_GATE = Quality(min_top1_agreement=0.0, max_mean_kl=0.2)
+
+
+def _edgekit_processes() -> list[psutil.Process]:
+    """Processes running edgekit (a daemon, a client) other than this test process."""
+    found = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or ())
+        if process.pid != os.getpid() and ("edgekit serve" in cmdline or "edgekit.cli" in cmdline):
+            found.append(process)
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_outlives_the_tests() -> Iterator[None]:
+    """Every test stops what it starts: an edgekit process still running once the session's own
+    fixtures are torn down fails the run (on a reused machine they would pile up and skew later runs)."""
+    before = {p.pid for p in _edgekit_processes()}
+    yield
+    deadline = time.monotonic() + 15
+    while (left := [p for p in _edgekit_processes() if p.pid not in before]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if left:
+        described = "; ".join(f"pid {p.pid}: {' '.join(p.info['cmdline'] or ())}" for p in left)
+        for process in left:
+            process.kill()
+        pytest.fail(f"edgekit processes outlived the tests (killed now): {described}")
 
 
 @pytest.fixture(scope="session")
@@ -113,12 +142,17 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     instance.stop()
 
 
+def broker_at(port: int, **fields: object) -> BrokerSettings:
+    """Settings for the test broker on ``port`` (``protocol`` may be given as "5", "3.1.1" or "auto")."""
+    return BrokerSettings.from_layers({"port": port, **fields})
+
+
 def start_daemon(config: DaemonConfig) -> tuple[Daemon, threading.Thread]:
     """Serve ``config`` in a thread of this process; return once its status is online."""
     instance = Daemon(config)
     thread = threading.Thread(target=instance.serve, kwargs={"handle_signals": False}, daemon=True)
     thread.start()
-    with DeviceClient(port=config.port, mqtt_version=instance.config.protocol) as probe:
+    with DeviceClient(instance.config.broker) as probe:
         probe.wait_for_state(config.device_id, "online", timeout=10)
     return instance, thread
 
@@ -126,7 +160,7 @@ def start_daemon(config: DaemonConfig) -> tuple[Daemon, threading.Thread]:
 @pytest.fixture
 def daemon(host_bundle: Path, broker: int) -> Iterator[Daemon]:
     """A daemon serving the host bundle with a unique device id and a queue of one."""
-    instance, thread = start_daemon(DaemonConfig(bundle=host_bundle, port=broker, device_id=f"dev-{uuid.uuid4().hex[:8]}",
+    instance, thread = start_daemon(DaemonConfig(bundle=host_bundle, broker=broker_at(broker), device_id=f"dev-{uuid.uuid4().hex[:8]}",
                                            queue_size=1, telemetry_interval=0.5))
     yield instance
     instance.stop()
@@ -136,6 +170,8 @@ def daemon(host_bundle: Path, broker: int) -> Iterator[Daemon]:
 @pytest.fixture(scope="session")
 def ssh_host() -> Iterator[SSHHost]:
     """The deploy tests' SSH "device" host (sshd on loopback, a sudo user, the systemctl stand-in)."""
+    if not os.path.exists(SSHD):
+        pytest.fail(f"{SSHD} is missing: openssh-server is needed for the deploy tests (make test installs it)")
     host = SSHHost()
     yield host
     host.close()

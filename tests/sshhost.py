@@ -80,7 +80,9 @@ class SSHHost:
                 "--known-hosts", str(self.known_hosts)]
 
     def device(self) -> Path:
-        """A fresh, empty device root, made the one the systemctl shim serves."""
+        """A fresh, empty device root, made the one the systemctl shim serves. The daemon the shim
+        started on the previous device is stopped first: the shim only reaches the current one."""
+        self.stop_service()
         root = Path(tempfile.mkdtemp(prefix="edgekit-device-", dir=self.dir))
         root.chmod(0o755)
         tmp_link = self.dir / "root.new"

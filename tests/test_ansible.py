@@ -14,12 +14,12 @@ import pytest
 
 from edgekit.bundle import bundle_id
 from edgekit.serve.embedded_broker import free_port
-from tests.sshhost import SSHD, SSHHost
+from tests.sshhost import SSHHost
 from tests.test_deploy import ask
 
 PLAYBOOK = Path(__file__).parent.parent / "deploy" / "ansible"
 ANSIBLE = shutil.which("ansible-playbook")
-pytestmark = pytest.mark.skipif(not os.path.exists(SSHD), reason="openssh-server is not installed (make test installs it)")
+pytestmark = pytest.mark.slow
 
 
 def playbook(*args: str) -> subprocess.CompletedProcess[str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from edgekit.checkpoint import inspect, resolve
+from edgekit.builder.checkpoint import inspect, resolve
 from edgekit.errors import EdgekitError
 from edgekit.fixtures.checkpoint import SIZES, make_config
 
@@ -24,11 +24,11 @@ def test_inspect_tiny(tiny_checkpoint: Path) -> None:
 
 
 def test_real_model_shapes_give_measured_state_sizes() -> None:
-    from edgekit.checkpoint import _shape
+    from edgekit.builder.checkpoint import _shape
 
     config = make_config(SIZES["0.8b"])
     shape = _shape(config["text_config"], config, Path("config.json"))
-    # DESIGN.md: KV cache 24 KiB per token (fp32, 6 full-attention layers); state about 19 MiB:
+    # docs/platform-facts.md: KV cache 24 KiB per token (fp32, 6 full-attention layers); state about 19 MiB:
     # 18 layers of 16 x 128 x 128 fp32 recurrent matrices plus their conv windows.
     assert shape.kv_bytes_per_token() == 24 * 1024
     assert 18 * 16 * 128 * 128 * 4 < shape.state_bytes() < 20 * 1024**2
@@ -46,7 +46,7 @@ def _hub_cache(hf_home: Path, repo: str, source: Path) -> str:
 
 RESOLVE = """
 import json, sys
-from edgekit.checkpoint import inspect, resolve
+from edgekit.builder.checkpoint import inspect, resolve
 from edgekit.errors import EdgekitError
 try:
     folder, model_id, revision = resolve(sys.argv[1])

@@ -14,19 +14,22 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from edgekit.bundle import bundle_id
+from edgekit.bundle import Manifest, bundle_id
 from edgekit.client import DeviceClient
 from edgekit.deploy.layout import DeviceLayout
 from edgekit.deploy.probe import DeviceFacts, problems
 from edgekit.deploy.provision import unit_text
+from edgekit.profiles import load_profile
 from edgekit.serve.embedded_broker import free_port
-from tests.sshhost import SSHD, SSHHost, serve_directory
+from tests.conftest import broker_at
+from tests.sshhost import SSHHost, serve_directory
 
-pytestmark = pytest.mark.skipif(not os.path.exists(SSHD), reason="openssh-server is not installed (make test installs it)")
+pytestmark = pytest.mark.slow
 
 
 def edgekit(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -43,7 +46,7 @@ def deploy(ssh_host: SSHHost, bundle: Path, root: Path, *extra: str, broker_port
 
 
 def ask(port: int, device_id: str) -> dict:
-    with DeviceClient(port=port) as client:
+    with DeviceClient(broker_at(port)) as client:
         return client.ask(device_id, {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}, timeout=60)
 
 
@@ -89,7 +92,7 @@ def test_second_bundle_switches_current_and_keeps_the_first(ssh_host: SSHHost, l
     assert json.loads(done.stdout)["bytes_copied"] > 0
     assert Path(os.readlink(lab / "opt/edgekit/current")).name == bundle_id(fp32_bundle)
     assert (lab / "opt/edgekit/bundles" / bundle_id(host_bundle)).is_dir()  # the previous one stays for rollback
-    with DeviceClient(port=broker) as client:
+    with DeviceClient(broker_at(broker)) as client:
         assert client.statuses(1.0)["lab-1"]["bundle"] == json.loads((fp32_bundle / "manifest.json").read_text())["name"]
 
 
@@ -102,7 +105,7 @@ def test_a_device_that_cannot_reach_its_broker_is_rolled_back(ssh_host: SSHHost,
     assert json.loads(done.stdout)["outcome"] == "rolled-back"  # --json reports failures too
     assert os.readlink(lab / "opt/edgekit/current") == before
     assert f"port: {broker}" in (lab / "etc/edgekit/daemon.yaml").read_text()  # the working config is back
-    with DeviceClient(port=broker) as client:
+    with DeviceClient(broker_at(broker)) as client:
         client.wait_for_state("lab-1", "online", timeout=60, match=lambda s: s["bundle"] in before)
     assert ask(broker, "lab-1")["type"] == "final"
 
@@ -214,7 +217,7 @@ def test_full_disk_is_refused_before_anything_is_written(ssh_host: SSHHost, fres
                                                          broker: int) -> None:
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(fresh_device)], capture_output=True, text=True)
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+        pytest.fail(f"cannot mount a small tmpfs ({mounted.stderr.strip()}): the full suite runs as root (README, Development)")
     try:
         done = deploy(ssh_host, host_bundle, fresh_device, broker_port=broker)
         assert done.returncode == 1
@@ -244,9 +247,9 @@ def test_first_deploy_that_fails_stops_and_disables_the_service(ssh_host: SSHHos
     assert subprocess.run([str(shim), "is-enabled", "edgekit.service"], capture_output=True).returncode != 0
 
 
-def test_fit_check_refuses_32_bit_and_small_devices() -> None:
-    manifest = {"name": "b", "profile": {"name": "raspberry-pi-5", "cpu": {"arch": "aarch64"}, "ram_share": 0.6},
-                "estimated_ram": {"total": 900 * 1024**2}}
+def test_fit_check_refuses_32_bit_and_small_devices(host_bundle: Path) -> None:
+    manifest = replace(Manifest.read(host_bundle), name="b", profile=load_profile("raspberry-pi-5"),
+                       estimated_ram={"total": 900 * 1024**2})
     pi = DeviceFacts(hostname="pi", machine="armv7l", userland_bits=32, python=(3, 11, 2), python_path="/usr/bin/python3",
                      os="Raspbian 12", ram_total=1024**3, ram_available=800 * 1024**2, disk_free=10 * 1024**3, disk_path="/",
                      cpu_features=(), cores=4, systemd=True, runtime_version=None, current=None, trusted_keys=0)
@@ -291,6 +294,6 @@ def test_deploy_to_a_tls_broker_with_a_password(ssh_host: SSHHost, fresh_device:
     for path in (etc / "mqtt-password", etc / "tls/key.pem", etc / "daemon.yaml"):
         assert oct(path.stat().st_mode & 0o777) == "0o600" and path.owner() == "edgekit", path
     tls = {"tls_ca": folder / "ca.crt", "tls_cert": folder / "client.crt", "tls_key": folder / "client.key"}
-    with DeviceClient(port=port, username="device", password="correct horse", **tls) as client:
+    with DeviceClient(broker_at(port, username="device", password="correct horse", **tls)) as client:
         final = client.ask("secure-1", {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}, timeout=60)
     assert final["type"] == "final"

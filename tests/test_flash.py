@@ -18,10 +18,11 @@ from edgekit.bundle import bundle_id
 from edgekit.deploy.layout import DeviceLayout
 from edgekit.deploy.provision import fetch_bundle
 from edgekit.deploy.ssh import Remote, Target
-from tests.sshhost import SSHD, SSHHost, serve_directory
+from tests.conftest import broker_at
+from tests.sshhost import SSHHost, serve_directory
 from tests.test_deploy import ask, edgekit
 
-pytestmark = pytest.mark.skipif(not os.path.exists(SSHD), reason="openssh-server is not installed (make test installs it)")
+pytestmark = pytest.mark.slow
 CLOUD_INIT = shutil.which("cloud-init")
 
 
@@ -58,7 +59,7 @@ def test_rootfs_flash_provisions_a_device_that_serves(ssh_host: SSHHost, fresh_d
     assert (fresh_device / "run/shim/edgekit.service.enabled").exists()
     from edgekit.client import DeviceClient
 
-    with DeviceClient(port=broker) as client:
+    with DeviceClient(broker_at(broker)) as client:
         client.wait_for_state("flashed-1", "online", timeout=60)
     assert ask(broker, "flashed-1")["type"] == "final"
 

@@ -13,7 +13,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgekit.build.graph_memory import (
+from edgekit.builder.checkpoint import read_config
+from edgekit.builder.graph_memory import (
     alias_reshaped_weights,
     rotary_pairs,
     save,
@@ -21,8 +22,7 @@ from edgekit.build.graph_memory import (
     store_kv_cache_int8,
     without_embedding_lookup,
 )
-from edgekit.build.kv_quant import kv_scales
-from edgekit.checkpoint import read_config
+from edgekit.builder.kv_quant import kv_scales
 from edgekit.errors import EdgekitError
 from edgekit.runtime.embedding import INPUT, LAYOUT_KEY, EmbeddingTable, embeds_graph
 from edgekit.runtime.engine import Engine

@@ -14,7 +14,7 @@ import pytest
 from edgekit.client import DeviceClient
 from edgekit.serve.daemon import Daemon, DaemonConfig
 
-from .conftest import free_port, start_mosquitto
+from .conftest import broker_at, free_port, start_mosquitto
 
 DEPLOY = Path(__file__).parent.parent / "deploy" / "mosquitto"
 USERS = {"kitchen": "k-pass", "pantry": "p-pass", "client-ha": "c-pass"}
@@ -50,12 +50,12 @@ def _raw(port: int, user: str) -> tuple[mqtt.Client, list[mqtt.MQTTMessage]]:
 
 def test_example_acl_keeps_devices_and_clients_apart(acl_broker: int, host_bundle: Path) -> None:
     port = acl_broker
-    daemon = Daemon(DaemonConfig(bundle=host_bundle, port=port, device_id="kitchen", username="kitchen",
-                                 password=USERS["kitchen"], pools=("house",)))
+    daemon = Daemon(DaemonConfig(bundle=host_bundle, broker=broker_at(port, username="kitchen", password=USERS["kitchen"]),
+                                 device_id="kitchen", pools=("house",)))
     thread = threading.Thread(target=daemon.serve, kwargs={"handle_signals": False}, daemon=True)
     thread.start()
     try:
-        with DeviceClient(port=port, username="client-ha", password=USERS["client-ha"]) as client:
+        with DeviceClient(broker_at(port, username="client-ha", password=USERS["client-ha"])) as client:
             client.wait_for_state("kitchen", "online", timeout=10)
             assert client.ask("kitchen", {"prompt": "hi", "max_tokens": 2})["type"] == "final"
             request_id = client.send(None, {"prompt": "pool", "max_tokens": 2}, pool="house")

@@ -11,8 +11,9 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from edgekit.client import DeviceClient
-from edgekit.serve import protocol
+from edgekit.mqtt import protocol
 from edgekit.serve.daemon import Daemon
+from tests.conftest import broker_at
 
 SCHEMAS = Path(__file__).parent.parent / "docs" / "schema" / "v1"
 
@@ -60,7 +61,7 @@ def test_every_message_the_daemon_sends_matches_its_schema(daemon: Daemon, broke
     watcher.loop_start()
     watcher.subscribe("edgekit/v1/#", qos=1)
     time.sleep(0.3)
-    with DeviceClient(port=broker) as client:
+    with DeviceClient(broker_at(broker)) as client:
         client.ask(daemon.config.device_id, {"prompt": "hi", "max_tokens": 4, "session": "schema"})
         client.publish(f"edgekit/v1/{daemon.config.device_id}/request",
                        json.dumps({"id": "bad", "prompt": 3, "reply_to": f"{client.reply_base}/x"}))

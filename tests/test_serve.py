@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -21,15 +22,15 @@ from edgekit.runtime.engine import Engine
 from edgekit.runtime.tokenizer import ChatTokenizer
 from edgekit.serve.daemon import Daemon, DaemonConfig
 
-from .conftest import Mosquitto, start_daemon
+from .conftest import Mosquitto, broker_at, start_daemon
 
 
 def test_pool_request_reaches_exactly_one_device(host_bundle: Path, broker: int) -> None:
     pool = f"pool-{uuid.uuid4().hex[:6]}"
-    members = [start_daemon(DaemonConfig(bundle=host_bundle, port=broker, device_id=f"{pool}-{i}", pools=(pool,),
+    members = [start_daemon(DaemonConfig(bundle=host_bundle, broker=broker_at(broker), device_id=f"{pool}-{i}", pools=(pool,),
                                    queue_size=8)) for i in range(2)]
     try:
-        with DeviceClient(port=broker) as client:
+        with DeviceClient(broker_at(broker)) as client:
             ids = [client.send(None, {"prompt": f"job {i}", "max_tokens": 2}, pool=pool) for i in range(8)]
             finals = [[r for r in client.replies(i, timeout=60) if r["type"] == "final"] for i in ids]
             with pytest.raises(EdgekitError, match="no final reply"):
@@ -53,7 +54,7 @@ def _greedy_text(bundle: Path, content: str, max_tokens: int) -> str:
 
 @pytest.mark.parametrize("version", ["5", "3.1.1"])
 def test_streams_chunks_then_final(daemon: Daemon, broker: int, host_bundle: Path, version: str) -> None:
-    with DeviceClient(port=broker, mqtt_version=version) as client:
+    with DeviceClient(broker_at(broker, protocol=version)) as client:
         request_id = client.send(daemon.config.device_id, {"messages": [{"role": "user", "content": "Hello"}],
                                                           "max_tokens": 12})
         replies = list(client.replies(request_id, timeout=60))
@@ -65,25 +66,30 @@ def test_streams_chunks_then_final(daemon: Daemon, broker: int, host_bundle: Pat
     assert replies[0]["type"] == "queued" and replies[0]["position"] == 1
 
 
-def test_bad_input_gets_error_and_daemon_keeps_serving(daemon: Daemon, broker: int) -> None:
+def test_bad_input_gets_error_and_daemon_keeps_serving(daemon: Daemon, broker: int,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
     device = daemon.config.device_id
     topic = f"edgekit/v1/{device}/request"
-    with DeviceClient(port=broker, mqtt_version="3.1.1") as client:
+    relayed: list[mqtt.MQTTMessage] = []
+    with DeviceClient(broker_at(broker, protocol="3.1.1")) as client, caplog.at_level(logging.WARNING, "edgekit.serve"):
         reply_to = f"{client.reply_base}/bad"
         raw = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+        raw.on_message = lambda c, u, m: relayed.append(m)
         raw.connect("127.0.0.1", broker)
         raw.loop_start()
-        cases = [
-            (b"{not json", "bad_request"),
-            (json.dumps({"id": "u1", "prompt": "x", "colour": 1, "reply_to": reply_to}).encode(), "bad_request"),
-            (json.dumps({"id": "t1", "prompt": "x", "max_tokens": "many", "reply_to": reply_to}).encode(), "bad_request"),
-        ]
-        for payload, _ in cases:
-            raw.publish(topic, payload if b"reply_to" in payload else payload, qos=1).wait_for_publish(5)
-        # A request whose reply topic is outside the allowed prefix is dropped, not relayed.
-        raw.publish(topic, json.dumps({"id": "r1", "prompt": "x", "reply_to": "home/alarm/disarm"}), qos=1)
-        raw.loop_stop()
-        raw.disconnect()
+        raw.subscribe([("home/#", 1), ("edgekit/v1/replies/#", 1)])
+        time.sleep(0.3)
+        for payload in (
+            b"{not json",  # nothing to answer on: refused in the log
+            json.dumps({"id": "u1", "prompt": "x", "colour": 1, "reply_to": reply_to}).encode(),
+            json.dumps({"id": "t1", "prompt": "x", "max_tokens": "many", "reply_to": reply_to}).encode(),
+            # A reply topic outside the allowed prefix: dropped, never relayed.
+            json.dumps({"id": "r1", "prompt": "x", "reply_to": "home/alarm/disarm"}).encode(),
+            # Inside the prefix but not a topic one can publish to: refused without a publish attempt.
+            json.dumps({"id": "w1", "prompt": "x", "reply_to": "edgekit/v1/replies/x/#"}).encode(),
+            json.dumps({"id": "e1", "prompt": "x", "reply_to": "edgekit/v1/replies//e1"}).encode(),
+        ):
+            raw.publish(topic, payload, qos=1).wait_for_publish(5)
         errors = []
         for request_id in ("u1", "t1"):
             errors.extend(client.replies(request_id, timeout=10))
@@ -91,6 +97,17 @@ def test_bad_input_gets_error_and_daemon_keeps_serving(daemon: Daemon, broker: i
         assert "field 'max_tokens'" in errors[1]["message"] and "unknown field 'colour'" in errors[0]["message"]
         final = client.ask(device, {"prompt": "still there?", "max_tokens": 2})
         assert final["type"] == "final"
+        raw.loop_stop()
+        raw.disconnect()
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("rejected request None: payload is not valid JSON" in line for line in logged), logged
+    assert any("request r1 dropped: reply topic 'home/alarm/disarm' is outside edgekit/v1/replies/" in line
+               for line in logged), logged
+    for request_id, problem in (("w1", "wildcard"), ("e1", "empty level")):
+        assert any(f"refusal of request {request_id} is not sent" in line and problem in line for line in logged), logged
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no traceback from a failed publish
+    assert not [m for m in relayed if m.topic.startswith("home/")]
+    assert {json.loads(m.payload).get("id") for m in relayed} & {"r1", "w1", "e1"} == set()
 
 
 def test_oversized_payload_answered_on_mqtt5_response_topic(daemon: Daemon, broker: int) -> None:
@@ -124,7 +141,7 @@ def test_telemetry_reports_resources_and_inference(daemon: Daemon, broker: int) 
 
     from edgekit.cli import main
 
-    with DeviceClient(port=broker) as client:
+    with DeviceClient(broker_at(broker)) as client:
         client.ask(daemon.config.device_id, {"prompt": "hi", "max_tokens": 3})
         deadline = time.monotonic() + 10
         while True:
@@ -141,7 +158,7 @@ def test_telemetry_reports_resources_and_inference(daemon: Daemon, broker: int) 
 
 def test_redelivered_id_runs_once_and_stale_request_expires(daemon: Daemon, broker: int) -> None:
     device = daemon.config.device_id
-    with DeviceClient(port=broker, mqtt_version="3.1.1") as client:
+    with DeviceClient(broker_at(broker, protocol="3.1.1")) as client:
         topic = f"edgekit/v1/{device}/request"
         payload = json.dumps({"id": "dup-1", "prompt": "once", "max_tokens": 2, "reply_to": f"{client.reply_base}/d"})
         for _ in range(2):  # what a QoS 1 redelivery looks like to the daemon
@@ -158,7 +175,7 @@ def test_redelivered_id_runs_once_and_stale_request_expires(daemon: Daemon, brok
 
 
 def test_cancel_mid_stream(daemon: Daemon, broker: int) -> None:
-    with DeviceClient(port=broker) as client:
+    with DeviceClient(broker_at(broker)) as client:
         request_id = client.send(daemon.config.device_id, {"prompt": "count", "max_tokens": 2000})
         replies = []
         for reply in client.replies(request_id, timeout=60):
@@ -171,7 +188,7 @@ def test_cancel_mid_stream(daemon: Daemon, broker: int) -> None:
 
 def test_full_queue_answers_busy(daemon: Daemon, broker: int) -> None:
     device = daemon.config.device_id
-    with DeviceClient(port=broker) as client:
+    with DeviceClient(broker_at(broker)) as client:
         running = client.send(device, {"prompt": "long", "max_tokens": 400})
         stream = client.replies(running, timeout=120)
         assert next(stream)["type"] == "queued"
@@ -193,7 +210,7 @@ def test_full_queue_answers_busy(daemon: Daemon, broker: int) -> None:
 def test_session_turn_two_is_exact(daemon: Daemon, broker: int, host_bundle: Path) -> None:
     """Turn 2 runs from kept state and matches a fresh engine fed the session's exact token stream."""
     session = f"s-{uuid.uuid4().hex[:6]}"
-    with DeviceClient(port=broker) as client:
+    with DeviceClient(broker_at(broker)) as client:
         texts, finals = [], []
         for content in ("Hi, I am Ada.", "What is my name?"):
             pieces: list[str] = []
@@ -219,7 +236,7 @@ def test_session_turn_two_is_exact(daemon: Daemon, broker: int, host_bundle: Pat
 
 def test_unknown_evicted_session_says_so(daemon: Daemon, broker: int) -> None:
     daemon.sessions._remember("gone", "expired after 900 s idle")  # what the idle sweep records
-    with DeviceClient(port=broker) as client, pytest.raises(EdgekitError, match="session_evicted"):
+    with DeviceClient(broker_at(broker)) as client, pytest.raises(EdgekitError, match="session_evicted"):
         client.ask(daemon.config.device_id, {"prompt": "x", "session": "gone", "max_tokens": 2})
 
 
@@ -227,7 +244,7 @@ def test_sigterm_finishes_in_flight_and_publishes_offline(host_bundle: Path, bro
     device = f"term-{uuid.uuid4().hex[:6]}"
     process = _serve_process(host_bundle, broker, device)
     try:
-        with DeviceClient(port=broker) as client:
+        with DeviceClient(broker_at(broker)) as client:
             client.wait_for_state(device, "online", alive=lambda: process.poll() is None)
             request_id = client.send(device, {"prompt": "go", "max_tokens": 3000})
             replies = client.replies(request_id, timeout=60)
@@ -246,7 +263,7 @@ def test_sigterm_finishes_in_flight_and_publishes_offline(host_bundle: Path, bro
 def test_last_will_marks_a_killed_daemon_offline(host_bundle: Path, broker: int) -> None:
     device = f"kill-{uuid.uuid4().hex[:6]}"
     process = _serve_process(host_bundle, broker, device)
-    with DeviceClient(port=broker) as client:
+    with DeviceClient(broker_at(broker)) as client:
         client.wait_for_state(device, "online", alive=lambda: process.poll() is None)
         process.kill()
         process.wait()
@@ -264,7 +281,7 @@ def test_requests_sent_while_daemon_is_away_are_served_on_return(host_bundle: Pa
     device = f"away-{uuid.uuid4().hex[:6]}"
     process = _serve_process(host_bundle, broker, device)
     try:
-        with DeviceClient(port=broker) as client:
+        with DeviceClient(broker_at(broker)) as client:
             client.wait_for_state(device, "online")
             process.send_signal(signal.SIGTERM)
             assert process.wait(timeout=30) == 0
@@ -282,9 +299,9 @@ def test_requests_sent_while_daemon_is_away_are_served_on_return(host_bundle: Pa
 def test_broker_restart_mid_stream(host_bundle: Path, tmp_path: Path) -> None:
     """The daemon reconnects with its session; the final message (QoS 1) still arrives."""
     broker = Mosquitto(tmp_path)
-    instance, thread = start_daemon(DaemonConfig(bundle=host_bundle, port=broker.port, device_id="restart"))
+    instance, thread = start_daemon(DaemonConfig(bundle=host_bundle, broker=broker_at(broker.port), device_id="restart"))
     try:
-        with DeviceClient(port=broker.port) as client:
+        with DeviceClient(broker_at(broker.port)) as client:
             request_id = client.send("restart", {"prompt": "a long story", "max_tokens": 6000})
             stream = client.replies(request_id, timeout=120)
             assert next(stream)["type"] == "queued" and next(stream)["type"] == "chunk"
@@ -333,11 +350,11 @@ def test_embedded_broker_serves_the_demo(kind: str, host_bundle: Path) -> None:
     assert (broker.kind, broker.protocol) == (kind, "5" if kind == "mosquitto" else "3.1.1")
     try:
         # "auto" finds out what the broker speaks: MQTT 5 on Mosquitto, 3.1.1 on amqtt.
-        instance, thread = start_daemon(DaemonConfig(bundle=host_bundle, port=broker.port, device_id="demo",
-                                                     protocol="auto"))
-        assert instance.config.protocol == broker.protocol
+        instance, thread = start_daemon(DaemonConfig(bundle=host_bundle, broker=broker_at(broker.port, protocol="auto"),
+                                                     device_id="demo"))
+        assert instance.config.broker.protocol == broker.protocol
         try:
-            with DeviceClient(port=broker.port, mqtt_version="auto") as client:
+            with DeviceClient(broker_at(broker.port, protocol="auto")) as client:
                 assert client.v5 == (broker.protocol == "5")
                 assert client.ask("demo", {"prompt": "hi", "max_tokens": 3})["usage"]["completion_tokens"] == 3
         finally:
@@ -347,12 +364,12 @@ def test_embedded_broker_serves_the_demo(kind: str, host_bundle: Path) -> None:
         broker.stop()
 
 
-def test_low_memory_guard_and_context_limit(host_bundle: Path, broker: int) -> None:
-    """Refusals with reasons: a device short of memory, and a prompt longer than the context."""
-    guarded, thread = start_daemon(DaemonConfig(bundle=host_bundle, port=broker, device_id="tight",
+def test_low_memory_guard_refuses_with_the_numbers(host_bundle: Path, broker: int) -> None:
+    """A device short of memory refuses new work, saying how much is available and what the guard is."""
+    guarded, thread = start_daemon(DaemonConfig(bundle=host_bundle, broker=broker_at(broker), device_id="tight",
                                                 min_available_mb=10**9))
     try:
-        with DeviceClient(port=broker) as client, pytest.raises(EdgekitError, match="resources: only .* MiB available"):
+        with DeviceClient(broker_at(broker)) as client, pytest.raises(EdgekitError, match="resources: only .* MiB available"):
             client.ask("tight", {"prompt": "hi", "max_tokens": 2})
     finally:
         guarded.stop()
@@ -361,7 +378,7 @@ def test_low_memory_guard_and_context_limit(host_bundle: Path, broker: int) -> N
 
 def test_prompt_longer_than_context_is_refused_with_numbers(daemon: Daemon, broker: int) -> None:
     too_long = " a" * (daemon.engine.context_length + 10)
-    with DeviceClient(port=broker) as client:
+    with DeviceClient(broker_at(broker)) as client:
         with pytest.raises(EdgekitError, match=f"context_exceeded: .*does not fit the bundle's context of "
                                                f"{daemon.engine.context_length} tokens"):
             client.ask(daemon.config.device_id, {"prompt": too_long, "max_tokens": 2})
@@ -371,7 +388,7 @@ def test_prompt_longer_than_context_is_refused_with_numbers(daemon: Daemon, brok
 def test_mqtt5_message_expiry_answers_expired(daemon: Daemon, broker: int) -> None:
     """A request carrying an MQTT 5 message expiry that passes while it waits in the queue is not run late."""
     device = daemon.config.device_id
-    with DeviceClient(port=broker) as client:
+    with DeviceClient(broker_at(broker)) as client:
         running = client.send(device, {"prompt": "long", "max_tokens": 4000})
         stream = client.replies(running, timeout=60)
         next(stream), next(stream)  # queued, then the first chunk: the worker is busy
@@ -395,3 +412,9 @@ def test_bench_report(host_bundle: Path) -> None:
     assert 0 < report["daemon_peak_rss_full_context_mb"] <= report["daemon_peak_rss_mb"] + 1024
     assert 0 < report["daemon_anon_rss_full_context_mb"] <= report["daemon_rss_full_context_mb"]
     assert report["session"]["kept_ttft_ms"] < report["session"]["replay_ttft_ms"]
+    # What llama-bench records beside its figures, so a figure can be compared later.
+    facts = report["machine"]
+    assert facts["edgekit"] and facts["onnxruntime"] and facts["cpu"]["model"] and facts["cpu"]["flags"]
+    assert facts["threads"] == report["threads"] and len(facts["commit"] or "x" * 40) == 40
+    spread = report["spread"]["direct_decode_tps"]
+    assert spread["min"] <= report["direct"]["decode_tps"] == spread["median"] <= spread["max"]

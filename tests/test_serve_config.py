@@ -15,7 +15,7 @@ from edgekit.errors import EdgekitError
 from edgekit.serve import config as daemon_config
 from edgekit.serve.daemon import Daemon
 
-from .conftest import free_port
+from .conftest import broker_at, free_port
 
 
 def test_yaml_env_and_flags_layer(tmp_path: Path) -> None:
@@ -30,10 +30,11 @@ queue_size: 2
 broker: {{host: broker.local, port: 8883, username: pi, password_file: {secret}, tls: {{ca: /etc/ca.pem}}}}
 sessions: {{memory_mb: 64, idle_s: 120}}
 """)
-    config = daemon_config.load(path, {"queue_size": 3, "host": None}, environ={"EDGEKIT_DEVICE_ID": "pantry"})
-    assert (config.device_id, config.host, config.port, config.queue_size) == ("pantry", "broker.local", 8883, 3)
-    assert config.password == "s3cret" and "s3cret" not in repr(config)
-    assert config.tls_ca == Path("/etc/ca.pem") and config.pools == ("house",) and config.session_memory_mb == 64
+    config = daemon_config.load(path, {"queue_size": 3}, {"host": None}, environ={"EDGEKIT_DEVICE_ID": "pantry"})
+    broker = config.broker
+    assert (config.device_id, broker.host, broker.port, config.queue_size) == ("pantry", "broker.local", 8883, 3)
+    assert broker.password == "s3cret" and "s3cret" not in repr(config)
+    assert broker.tls_ca == Path("/etc/ca.pem") and config.pools == ("house",) and config.session_memory_mb == 64
 
 
 @pytest.mark.parametrize(
@@ -70,13 +71,13 @@ def test_tls_and_password(secure_broker, host_bundle: Path) -> None:
     thread = threading.Thread(target=daemon.serve, kwargs={"handle_signals": False}, daemon=True)
     thread.start()
     try:
-        with DeviceClient(port=port, username="device", password="correct horse", **tls) as client:
+        with DeviceClient(broker_at(port, username="device", password="correct horse", **tls)) as client:
             client.wait_for_state("vault", "online", timeout=15)
             assert client.ask("vault", {"prompt": "secure hello", "max_tokens": 2})["type"] == "final"
         with pytest.raises(EdgekitError, match="did not accept the connection \\(refused"):
-            DeviceClient(port=port, username="device", password="wrong", **tls)
+            DeviceClient(broker_at(port, username="device", password="wrong", **tls))
         with pytest.raises(EdgekitError, match="cannot reach the MQTT broker|did not accept"):
-            DeviceClient(port=port, username="device", password="correct horse")  # plain TCP to a TLS listener
+            DeviceClient(broker_at(port, username="device", password="correct horse"))  # plain TCP to a TLS listener
     finally:
         daemon.stop()
         thread.join(timeout=30)
@@ -95,7 +96,7 @@ def test_the_daemon_never_logs_its_secrets(secure_broker, host_bundle: Path) -> 
     process = subprocess.Popen([sys.executable, "-m", "edgekit.cli", "serve", "--config", str(yaml_file), "-v"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        with DeviceClient(port=port, username="device", password="correct horse", **tls) as client:
+        with DeviceClient(broker_at(port, username="device", password="correct horse", **tls)) as client:
             client.wait_for_state("chatty", "online", timeout=30, alive=lambda: process.poll() is None)
             assert client.ask("chatty", {"prompt": "hello", "max_tokens": 2})["type"] == "final"
     finally:
@@ -121,13 +122,12 @@ def test_a_bundle_that_cannot_generate_fails_the_self_test_before_going_online(b
     """What makes a deploy roll back: the daemon exits instead of announcing a device that cannot answer."""
     import json
 
-    from edgekit.bundle import read_manifest, write_manifest
+    from edgekit.bundle import Manifest
 
     genai = bundle_copy / "genai_config.json"
     config = json.loads(genai.read_text())
     config["model"]["context_length"] = 1  # no prompt fits: generation fails, the files stay consistent
     genai.write_text(json.dumps(config))
-    manifest = read_manifest(bundle_copy)
-    write_manifest(bundle_copy, {k: v for k, v in manifest.items() if k not in ("format_version", "files", "size_bytes")})
+    Manifest.read(bundle_copy).write(bundle_copy)  # a new manifest for the changed file, as a build would write
     with pytest.raises(EdgekitError, match="self-test failed: cannot generate"):
-        Daemon(daemon_config.load(None, {"bundle": bundle_copy, "port": free_port()}, environ={}))
+        Daemon(daemon_config.load(None, {"bundle": bundle_copy}, {"port": free_port()}, environ={}))

@@ -1,7 +1,8 @@
-"""What the command modules share: consoles, error handling, broker flags."""
+"""What the command modules share: consoles, error handling, the result sink, broker flags."""
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -15,7 +16,7 @@ from edgekit.errors import EdgekitError
 
 class LazyConsole:
     """A rich Console made on first use. ``edgekit serve`` runs for months without drawing one, and
-    rich's import would stay resident in the daemon (2.3 MiB)."""
+    rich's import would stay resident in the daemon."""
 
     def __init__(self, stderr: bool = False) -> None:
         self._stderr = stderr
@@ -38,6 +39,42 @@ err = LazyConsole(stderr=True)
 out = LazyConsole()
 
 
+class Output:
+    """Where a command's result goes: JSON on stdout with ``--json``, else its human rendering.
+
+    Commands build one result value and hand it over with its renderer, so no command branches
+    on ``--json`` itself.
+    """
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+
+    def result(self, data: Any, human: Callable[[Any], None]) -> None:
+        """Print ``data`` as JSON, or call ``human(data)`` to draw it."""
+        if self.as_json:
+            click.echo(json.dumps(data, indent=2, default=str))
+        else:
+            human(data)
+
+    def text(self, stream: Callable[[str], None] | None = None) -> Callable[[str], None]:
+        """A sink for streamed text: echoed as it comes for people, collected silently for JSON."""
+        if self.as_json:
+            return stream or (lambda text: None)
+        return lambda text: click.echo(text, nl=False)
+
+
+def output_option(help_text: str = "Print machine-readable JSON.") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--json``, handed to the command as ``output`` (an :class:`Output`)."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        def to_output(ctx: click.Context, param: click.Parameter, value: bool) -> Output:
+            return Output(value)
+
+        return click.option("--json", "output", is_flag=True, callback=to_output, help=help_text)(command)
+
+    return decorate
+
+
 def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
     """Turn an EdgekitError into one line on stderr and its exit status (1, or the error's own)."""
 
@@ -55,10 +92,34 @@ def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def table(columns: tuple[str, ...], rows: list[tuple[Any, ...]], keep: tuple[str, ...] = (), title: str | None = None,
+          **options: Any) -> Any:
+    """A rich Table that never truncates the ``keep`` columns (names, ids): they get their full width,
+    and the other columns wrap, so a pipe or an 80-column terminal still tells raspberry-pi-4 from -5."""
+    from rich import box
+    from rich.table import Table
+
+    options = {"box": box.SIMPLE_HEAD, "collapse_padding": True, "pad_edge": False, **options}
+    result = Table(title=title, **options)
+    cells = [[str(cell) for cell in row] for row in rows]
+    for i, column in enumerate(columns):
+        if column in keep:
+            width = max([len(column), *(len(row[i]) for row in cells)])
+            result.add_column(column, no_wrap=True, min_width=width)
+        else:
+            result.add_column(column, overflow="fold")
+    for row in cells:
+        result.add_row(*row)
+    return result
+
+
+BROKER_FLAGS = ("host", "port", "prefix", "mqtt_version", "username", "password_file", "tls_ca", "tls_cert", "tls_key")
+
+
 def broker_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Broker connection flags shared by serve, ask and status (defaults come from the config/env)."""
     options = [
-        click.option("--host", default=None, help="MQTT broker host [default: 127.0.0.1]."),
+        click.option("--host", default=None, help="MQTT broker host [default: 127.0.0.1, or EDGEKIT_BROKER_HOST]."),
         click.option("--port", type=click.IntRange(1, 65535), default=None, help="MQTT broker port [default: 1883]."),
         click.option("--prefix", default=None, help="Topic prefix [default: edgekit]."),
         click.option("--mqtt", "mqtt_version", type=click.Choice(["5", "3.1.1", "auto"]), default=None,
@@ -75,29 +136,20 @@ def broker_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def broker_settings(host: str | None, port: int | None, prefix: str | None, mqtt_version: str | None,
-                     username: str | None, password_file: Path | None, tls_ca: Path | None, tls_cert: Path | None,
-                     tls_key: Path | None) -> dict[str, Any]:
-    password = None
-    if password_file:
-        from edgekit.serve.config import read_secret
+def broker_overrides(flags: dict[str, Any]) -> dict[str, Any]:
+    """The broker fields the flags of :func:`broker_options` set (the password read from its file)."""
+    from edgekit.mqtt.settings import with_password
 
-        password = read_secret(password_file, "--password-file")
-    return {"host": host, "port": port, "prefix": prefix, "protocol": mqtt_version, "username": username,
-            "password": password, "tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key}
+    values = {name: flags.pop(name) for name in BROKER_FLAGS}
+    values["protocol"] = values.pop("mqtt_version")
+    return with_password({k: v for k, v in values.items() if v is not None}, "--password-file")
 
 
-def connect(settings: dict[str, Any]) -> Any:
-    """A DeviceClient from broker flags, with the environment's credentials as fallback."""
+def connect(flags: dict[str, Any]) -> Any:
+    """A DeviceClient from broker flags over the environment's settings (EDGEKIT_BROKER_HOST, ...)."""
     import os
 
     from edgekit.client import DeviceClient
+    from edgekit.mqtt.settings import BrokerSettings, environment
 
-    return DeviceClient(host=settings["host"] or os.environ.get("EDGEKIT_BROKER_HOST", "127.0.0.1"),
-                        port=settings["port"] or int(os.environ.get("EDGEKIT_BROKER_PORT", "1883")),
-                        prefix=settings["prefix"] or "edgekit", mqtt_version=settings["protocol"] or "5",
-                        username=settings["username"] or os.environ.get("EDGEKIT_MQTT_USERNAME"),
-                        password=settings["password"] or os.environ.get("EDGEKIT_MQTT_PASSWORD"),
-                        tls_ca=settings["tls_ca"], tls_cert=settings["tls_cert"], tls_key=settings["tls_key"])
-
-
+    return DeviceClient(BrokerSettings.from_layers(environment(os.environ), broker_overrides(flags)))

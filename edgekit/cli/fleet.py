@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from edgekit.cli.common import err, friendly, out
+from edgekit.cli.common import Output, err, friendly, out, output_option
 
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 _BUNDLE = click.Path(exists=True, file_okay=False, path_type=Path)
@@ -17,9 +16,9 @@ _BUNDLE = click.Path(exists=True, file_okay=False, path_type=Path)
 
 @click.command()
 @click.argument("prefix", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--json", "as_json", is_flag=True)
+@output_option()
 @friendly
-def keys(prefix: Path, as_json: bool) -> None:
+def keys(prefix: Path, output: Output) -> None:
     """Create an ed25519 key pair for signing bundles: PREFIX.key (private, 0600) and PREFIX.pub.
 
     \b
@@ -33,10 +32,8 @@ def keys(prefix: Path, as_json: bool) -> None:
     prefix.parent.mkdir(parents=True, exist_ok=True)
     private, public = prefix.with_name(prefix.name + ".key"), prefix.with_name(prefix.name + ".pub")
     kid = create_keys(private, public)
-    if as_json:
-        click.echo(json.dumps({"private": str(private), "public": str(public), "key_id": kid}))
-    else:
-        out.print(f"[green]created[/] {private} (keep it secret) and {public} (give it to devices), key id {kid}")
+    output.result({"private": str(private), "public": str(public), "key_id": kid},
+                  lambda _: out.print(f"[green]created[/] {private} (keep it secret) and {public} (give it to devices), key id {kid}"))
 
 
 @click.command()
@@ -50,16 +47,16 @@ def sign(bundle_dir: Path, key_path: Path) -> None:
     Example:
       edgekit sign dist/qwen3.5-0.8b-raspberry-pi-5-int4 --key keys/release.key
     """
-    from edgekit import bundle, signing
+    from edgekit import signing
 
-    bundle.verify(bundle_dir)
+    signing.verify(bundle_dir)
     kid = signing.sign(bundle_dir, key_path)
     out.print(f"[green]signed[/] {bundle_dir} with key {kid}")
 
 
 def _device_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Options describing the daemon a device will run: shared by deploy and flash."""
-    options = [
+    options: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         click.option("--device-id", default=None, help="Device id in MQTT topics [default: the device's hostname]."),
         click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True,
                      help="Broker the device connects to: mqtt://HOST[:PORT] or mqtts://HOST[:PORT]."),
@@ -78,7 +75,7 @@ def _device_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="Install under this folder instead of / (staging, tests)."),
         click.option("--service-user", default="edgekit", show_default=True, help="Dedicated user the daemon runs as."),
         click.option("--keep", type=click.IntRange(1), default=3, show_default=True, help="Bundles kept on the device."),
-        click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report."),
+        output_option("Print a machine-readable report."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -87,10 +84,11 @@ def _device_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def _broker(broker: str, mqtt_version: str, username: str | None, password_file: Path | None, tls_ca: Path | None,
             tls_cert: Path | None, tls_key: Path | None) -> Any:
-    from edgekit.deploy.provision import Broker
+    """The device's broker settings; the password and TLS files are local files that provisioning copies."""
+    from edgekit.mqtt.settings import BrokerSettings
 
-    return Broker(url=broker, username=username, password_file=password_file, tls_ca=tls_ca, tls_cert=tls_cert,
-                  tls_key=tls_key, protocol=mqtt_version)
+    return BrokerSettings.from_url(broker, protocol=mqtt_version, username=username, password_file=password_file,
+                                   tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
 
 
 class _RichDeploy:
@@ -139,7 +137,7 @@ class _RichDeploy:
 def deploy(bundle_dir: Path, destination: str, port: int | None, identity: Path | None, known_hosts: Path | None,
            connect_timeout: int, wheelhouse: Path | None, online_timeout: float, dry_run: bool, device_id: str | None,
            pools: tuple[str, ...], trust: tuple[Path, ...], index_url: str | None, device_root: str, service_user: str,
-           keep: int, as_json: bool, **broker: Any) -> None:
+           keep: int, output: Output, **broker: Any) -> None:
     """Install the runtime and BUNDLE on a device over SSH, start it, and roll back if it does not come online.
 
     \b
@@ -158,14 +156,15 @@ def deploy(bundle_dir: Path, destination: str, port: int | None, identity: Path 
                             layout=DeviceLayout(root=device_root, user=service_user, keep_bundles=keep),
                             online_timeout=online_timeout, dry_run=dry_run)
     try:
-        report = run_deploy(target, options, _RichDeploy(quiet=as_json))
+        report = run_deploy(target, options, _RichDeploy(quiet=output.as_json))
     except DeployFailed as exc:
-        if as_json:  # scripts get the report on failure too; the error line still goes to stderr
-            click.echo(json.dumps(exc.report.to_dict(), indent=2))
+        # Scripts get the report on failure too; the error line still goes to stderr.
+        output.result(exc.report.to_dict(), lambda _: None)
         raise
-    if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2))
-        return
+    output.result(report.to_dict(), lambda _: _print_deploy(report, destination, dry_run))
+
+
+def _print_deploy(report: Any, destination: str, dry_run: bool) -> None:
     if dry_run:
         facts = report.facts
         out.print(f"[bold]dry run[/]: {facts['hostname']} ({facts['machine']}, {facts['os']}, "
@@ -184,10 +183,11 @@ def deploy(bundle_dir: Path, destination: str, port: int | None, identity: Path 
 
 @click.command()
 @click.argument("bundle_dir", type=_BUNDLE)
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Archive to write (.tar).")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("-o", "--output", "archive", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Archive to write (.tar).")
+@output_option()
 @friendly
-def pack(bundle_dir: Path, output: Path, as_json: bool) -> None:
+def pack(bundle_dir: Path, archive: Path, output: Output) -> None:
     """Pack a bundle into one archive to host for `edgekit flash --bundle-url`; prints its sha256.
 
     \b
@@ -196,16 +196,15 @@ def pack(bundle_dir: Path, output: Path, as_json: bool) -> None:
     """
     from edgekit.deploy.flash import pack as pack_bundle
 
-    digest = pack_bundle(bundle_dir, output)
-    if as_json:
-        click.echo(json.dumps({"archive": str(output), "sha256": digest, "size_bytes": output.stat().st_size}))
-    else:
-        out.print(f"[green]packed[/] {output} ({output.stat().st_size / 1024**2:.0f} MiB), sha256 {digest}")
+    digest = pack_bundle(bundle_dir, archive)
+    size = archive.stat().st_size
+    output.result({"archive": str(archive), "sha256": digest, "size_bytes": size},
+                  lambda _: out.print(f"[green]packed[/] {archive} ({size / 1024**2:.0f} MiB), sha256 {digest}"))
 
 
 @click.command()
 @click.argument("bundle_dir", type=_BUNDLE)
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+@click.option("-o", "--output", "user_data", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Where to write the cloud-init user-data (e.g. the boot partition's user-data).")
 @click.option("--bundle-url", default=None, help="URL the device downloads the packed bundle from at first boot.")
 @click.option("--bundle-sha256", default=None, help="sha256 of that archive (from `edgekit pack`).")
@@ -217,10 +216,10 @@ def pack(bundle_dir: Path, output: Path, as_json: bool) -> None:
 @click.option("--ssh-key", "ssh_keys", multiple=True, help="Authorized public key for the admin user (repeatable).")
 @_device_options
 @friendly
-def flash(bundle_dir: Path, output: Path, bundle_url: str | None, bundle_sha256: str | None, rootfs: Path | None,
+def flash(bundle_dir: Path, user_data: Path, bundle_url: str | None, bundle_sha256: str | None, rootfs: Path | None,
           wheelhouse: Path | None, hostname: str | None, admin_user: str | None, ssh_keys: tuple[str, ...],
           device_id: str | None, pools: tuple[str, ...], trust: tuple[Path, ...], index_url: str | None, device_root: str,
-          service_user: str, keep: int, as_json: bool, **broker: Any) -> None:
+          service_user: str, keep: int, output: Output, **broker: Any) -> None:
     """Write first-boot provisioning (cloud-init user-data) so a fresh device comes up serving BUNDLE.
 
     \b
@@ -239,13 +238,14 @@ def flash(bundle_dir: Path, output: Path, bundle_url: str | None, bundle_sha256:
                            pools=pools,
                            trust=trust, admin_user=admin_user, ssh_keys=ssh_keys,
                            layout=DeviceLayout(root=device_root, user=service_user, keep_bundles=keep))
-    result = run_flash(options, output)
-    if as_json:
-        click.echo(json.dumps({"user_data": str(output), "bundle_id": result.bundle_id, "copied_to": result.copied_to}))
-        return
-    out.print(f"[green]wrote[/] {output} (cloud-init user-data for {result.bundle_id})")
-    for path in result.copied_to:
-        out.print(f"copied {path}")
+    result = run_flash(options, user_data)
+
+    def draw(_: Any) -> None:
+        out.print(f"[green]wrote[/] {user_data} (cloud-init user-data for {result.bundle_id})")
+        for path in result.copied_to:
+            out.print(f"copied {path}")
+
+    output.result({"user_data": str(user_data), "bundle_id": result.bundle_id, "copied_to": result.copied_to}, draw)
 
 
 @click.command()

@@ -12,16 +12,18 @@ import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from edgekit import __version__
 from edgekit import bundle as bundles
+from edgekit.bundle import Manifest
 from edgekit.deploy import provision
 from edgekit.deploy.layout import UNIT_NAME, DeviceLayout
 from edgekit.deploy.probe import VENV_BYTES, DeviceFacts, probe, problems
-from edgekit.deploy.provision import Broker, Step
+from edgekit.deploy.provision import Step
 from edgekit.deploy.ssh import Remote, RemoteCommandFailed, Target
 from edgekit.errors import BundleDamaged, EdgekitError
+from edgekit.mqtt.settings import BrokerSettings, MqttVersion
 
 _SIZES = r'''
 import json, os, sys
@@ -40,7 +42,8 @@ class DeployOptions:
     """Everything one deploy needs besides the device address."""
 
     bundle: Path
-    broker: Broker = field(default_factory=Broker)
+    # Where the device's daemon connects; password and TLS files are local files, copied to the device.
+    broker: BrokerSettings = field(default_factory=lambda: BrokerSettings(protocol=MqttVersion.AUTO))
     device_id: str | None = None  # default: the device's hostname
     pools: tuple[str, ...] = ()
     trust: tuple[Path, ...] = ()  # public keys the device will require bundles to be signed with
@@ -71,14 +74,23 @@ class DeployReport:
         return dict(self.__dict__)
 
 
-class Reporter:
-    """Progress hooks; the CLI draws them with rich, tests and Ansible runs use the silent default."""
+class Reporter(Protocol):
+    """Progress hooks; the CLI draws them with rich, tests and Ansible runs use :class:`SilentReporter`."""
 
     def step(self, title: str) -> None:
         """A step is starting."""
 
     def copy(self, total: int) -> Callable[[int], None]:
         """Bytes are about to be copied; return a callable taking each chunk's size."""
+
+
+class SilentReporter:
+    """A reporter that reports nothing."""
+
+    def step(self, title: str) -> None:
+        pass
+
+    def copy(self, total: int) -> Callable[[int], None]:
         return lambda n: None
 
 
@@ -94,7 +106,7 @@ def deploy(target: Target, options: DeployOptions, reporter: Reporter | None = N
     """Deploy ``options.bundle`` to ``target``; raise DeployFailed (after rolling back) when it fails."""
     report = DeployReport(host=target.destination, bundle_id="")
     try:
-        return _deploy(target, options, reporter or Reporter(), report)
+        return _deploy(target, options, reporter or SilentReporter(), report)
     except EdgekitError as exc:
         if report.outcome == "pending":
             report.outcome = "failed"
@@ -105,14 +117,14 @@ def deploy(target: Target, options: DeployOptions, reporter: Reporter | None = N
 def _deploy(target: Target, options: DeployOptions, reporter: Reporter, report: DeployReport) -> DeployReport:
     layout = options.layout
     manifest = bundles.verify(options.bundle)  # a tampered or incomplete local bundle never leaves this machine
-    bundle_id = report.bundle_id = bundles.bundle_id(options.bundle)
+    bundle_id = report.bundle_id = bundles.bundle_id(options.bundle, manifest)
     with Remote(target) as remote:
         reporter.step(f"probing {target.host}")
         facts = probe(remote, layout)
         report.facts = facts.to_dict()
         report.device_id = options.device_id or facts.hostname
         report.previous = facts.current
-        incoming = 0 if facts.current == layout.bundle(bundle_id) else manifest["size_bytes"]
+        incoming = 0 if facts.current == layout.bundle(bundle_id) else manifest.size_bytes
         incoming += 0 if facts.runtime_version == __version__ else VENV_BYTES
         if found := problems(facts, manifest, incoming):
             report.outcome = "refused"
@@ -136,7 +148,7 @@ def _deploy(target: Target, options: DeployOptions, reporter: Reporter, report: 
             elif step.kind == "restart":
                 try:
                     started = int(_run(remote, layout, step).split()[0])
-                    report.status = _wait_online(remote, layout, report.device_id, manifest["name"], started, options.online_timeout)
+                    report.status = _wait_online(remote, layout, report.device_id, manifest.name, started, options.online_timeout)
                 except EdgekitError as exc:
                     reporter.step(f"rolling back: {exc}")
                     _roll_back(remote, layout, facts)
@@ -149,7 +161,7 @@ def _deploy(target: Target, options: DeployOptions, reporter: Reporter, report: 
     return report
 
 
-def _plan(options: DeployOptions, manifest: dict[str, Any], facts: DeviceFacts, bundle_id: str,
+def _plan(options: DeployOptions, manifest: Manifest, facts: DeviceFacts, bundle_id: str,
           device_id: str) -> list[Step]:
     """The steps of this deploy, in order (the copies are placeholders the runner does itself)."""
     layout = options.layout
@@ -160,7 +172,7 @@ def _plan(options: DeployOptions, manifest: dict[str, Any], facts: DeviceFacts, 
     steps.append(Step(f"copy {bundle_id} to {layout.staged(bundle_id)} (resumable) and verify every sha256 there", "",
                       kind="bundle"))
     steps += provision.config_steps(layout, options.broker, device_id, options.pools, options.trust, facts.trusted_keys > 0)
-    steps.append(provision.install_unit(layout, provision.memory_limit(facts.ram_total, manifest["profile"]["ram_share"])))
+    steps.append(provision.install_unit(layout, provision.memory_limit(facts.ram_total, manifest.profile.ram_share)))
     steps.append(provision.activate(layout, bundle_id))
     steps.append(provision.enable_and_restart())
     steps.append(provision.prune())
@@ -172,10 +184,10 @@ def _run(remote: Remote, layout: DeviceLayout, step: Step) -> str:
     return result.stdout.decode(errors="replace")
 
 
-def _copy_bundle(remote: Remote, folder: Path, manifest: dict[str, Any], staged: str, report: DeployReport,
+def _copy_bundle(remote: Remote, folder: Path, manifest: Manifest, staged: str, report: DeployReport,
                  reporter: Reporter) -> None:
     """Send what the device lacks of the bundle, appending to partial files from an interrupted copy."""
-    names = [bundles.MANIFEST] + [f["path"] for f in manifest["files"]]
+    names = [bundles.MANIFEST] + [f.path for f in manifest.files]
     if (folder / bundles.SIGNATURE).is_file():
         names.append(bundles.SIGNATURE)
     _send_tree(remote, folder, staged, report, reporter, names)
@@ -212,7 +224,7 @@ def _stage_existing(remote: Remote, layout: DeviceLayout, bundle_id: str) -> Non
     remote.run(f"if [ -d {final} ] && [ ! -e {staged} ]; then cp -al {final} {staged}; fi", "staging the bundle on the device")
 
 
-def _verify_on_device(remote: Remote, folder: Path, manifest: dict[str, Any], layout: DeviceLayout, bundle_id: str,
+def _verify_on_device(remote: Remote, folder: Path, manifest: Manifest, layout: DeviceLayout, bundle_id: str,
                       report: DeployReport, reporter: Reporter) -> None:
     """Check the copy on the device; a damaged copy is sent once more in full, then given up. A copy
     that is refused never stays in the staging folder."""

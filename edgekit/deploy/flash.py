@@ -21,8 +21,9 @@ from edgekit import __version__
 from edgekit import bundle as bundles
 from edgekit.deploy import provision
 from edgekit.deploy.layout import DeviceLayout
-from edgekit.deploy.provision import Broker, Step
+from edgekit.deploy.provision import Step
 from edgekit.errors import EdgekitError
+from edgekit.mqtt.settings import BrokerSettings, MqttVersion
 
 SCRIPT_PATH = "/usr/local/lib/edgekit/provision.sh"
 
@@ -32,7 +33,7 @@ class FlashOptions:
     """What the first boot sets up."""
 
     bundle: Path
-    broker: Broker = field(default_factory=Broker)
+    broker: BrokerSettings = field(default_factory=lambda: BrokerSettings(protocol=MqttVersion.AUTO))
     bundle_url: str | None = None  # fetch the packed bundle from here at first boot
     bundle_sha256: str | None = None  # the archive's sha256 (computed from --pack when not given)
     rootfs: Path | None = None  # a mounted root filesystem to copy the bundle (and wheelhouse) into
@@ -60,11 +61,11 @@ class FlashResult:
 def pack(folder: Path, out: Path) -> str:
     """Write the bundle as one uncompressed tar (int4 weights barely compress) under its bundle id;
     return the archive's sha256, the value to pin in ``flash --bundle-sha256``."""
-    bundles.verify(folder)
+    manifest = bundles.verify(folder)
     tmp = out.with_name(f".{out.name}.partial")
     try:
         with tarfile.open(tmp, "w") as archive:
-            archive.add(folder, arcname=bundles.bundle_id(folder))
+            archive.add(folder, arcname=bundles.bundle_id(folder, manifest))
         tmp.replace(out)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -72,11 +73,10 @@ def pack(folder: Path, out: Path) -> str:
     return bundles.sha256_file(out)
 
 
-def provision_steps(options: FlashOptions, bundle_id: str) -> list[Step]:
+def provision_steps(options: FlashOptions, manifest: bundles.Manifest, bundle_id: str) -> list[Step]:
     """The first-boot script's steps: the same builders `edgekit deploy` uses, in the same order."""
     layout = options.layout
-    manifest = bundles.read_manifest(options.bundle)
-    profile = manifest["profile"]
+    profile = manifest.profile
     steps = [provision.prepare(layout), *provision.trust_keys(layout, options.trust),
              provision.install_runtime(layout, __version__, options.wheelhouse is not None, options.index_url)]
     if options.bundle_url:
@@ -84,7 +84,7 @@ def provision_steps(options: FlashOptions, bundle_id: str) -> list[Step]:
         steps.append(provision.fetch_bundle(options.bundle_url, options.bundle_sha256, bundle_id))
     steps.append(provision.verify_bundle(layout, bundle_id))
     steps += provision.config_steps(layout, options.broker, options.device_id, options.pools, options.trust, False)
-    memory = provision.memory_limit(int(profile["ram_gb"] * 1024**3), profile["ram_share"])
+    memory = provision.memory_limit(int(profile.ram_gb * 1024**3), profile.ram_share)
     steps.append(provision.install_unit(layout, memory))
     steps.append(provision.activate(layout, bundle_id))
     steps.append(provision.enable_and_restart())
@@ -119,9 +119,9 @@ def flash(options: FlashOptions, out: Path) -> FlashResult:
         raise EdgekitError("--bundle-url needs --bundle-sha256 (printed by `edgekit pack`): first boot checks it")
     if options.wheelhouse and not options.rootfs:
         raise EdgekitError("--wheelhouse needs --rootfs: wheels are copied into the image, they do not fit user-data")
-    bundles.verify(options.bundle)
-    bundle_id = bundles.bundle_id(options.bundle)
-    script = provision.script(options.layout, provision_steps(options, bundle_id))
+    manifest = bundles.verify(options.bundle)
+    bundle_id = bundles.bundle_id(options.bundle, manifest)
+    script = provision.script(options.layout, provision_steps(options, manifest, bundle_id))
     result = FlashResult(user_data=user_data(options, script), script=script, bundle_id=bundle_id)
     if options.rootfs:
         layout = options.layout

@@ -11,6 +11,7 @@ import shlex
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from edgekit.bundle import Manifest
 from edgekit.deploy.layout import DeviceLayout
 from edgekit.deploy.ssh import Remote
 
@@ -101,29 +102,29 @@ def probe(remote: Remote, layout: DeviceLayout) -> DeviceFacts:
     return DeviceFacts(**data)
 
 
-def problems(facts: DeviceFacts, manifest: dict[str, Any], incoming_bytes: int) -> list[str]:
+def problems(facts: DeviceFacts, manifest: Manifest, incoming_bytes: int) -> list[str]:
     """Every reason this bundle cannot go onto this device, each with the numbers; empty when it fits.
 
     ``incoming_bytes`` is what still has to be written to disk (bundle not yet there, plus a venv when
     the runtime is not yet installed).
     """
-    profile = manifest["profile"]
-    arch = profile["cpu"]["arch"]
+    profile = manifest.profile
+    arch = profile.arch
     found: list[str] = []
     if facts.userland_bits != 64 or facts.machine in ("armv6l", "armv7l", "armv8l", "i386", "i686"):
         found.append(f"{facts.hostname} runs a {facts.userland_bits}-bit OS ({facts.machine}); the runtime's wheels "
                      f"(onnxruntime) are 64-bit only: install a 64-bit OS (e.g. Raspberry Pi OS 64-bit)")
     elif facts.machine != arch:
-        found.append(f"bundle {manifest['name']} is built for {arch} (profile {profile['name']}); "
+        found.append(f"bundle {manifest.name} is built for {arch} (profile {profile.name}); "
                      f"{facts.hostname} is {facts.machine}: build with a {facts.machine} profile")
     if tuple(facts.python[:2]) < MIN_PYTHON:
         found.append(f"{facts.hostname} has Python {'.'.join(map(str, facts.python))}; the runtime needs "
                      f"{'.'.join(map(str, MIN_PYTHON))} or newer")
-    needed_ram = manifest["estimated_ram"]["total"]
-    usable_ram = int(facts.ram_total * profile["ram_share"])
+    needed_ram = manifest.estimated_ram_total
+    usable_ram = int(facts.ram_total * profile.ram_share)
     if needed_ram > usable_ram:
         found.append(f"bundle needs about {needed_ram / MIB:.0f} MiB of RAM; {facts.hostname} has {facts.ram_total / MIB:.0f} MiB, "
-                     f"of which the profile lets the model use {profile['ram_share']:.0%} = {usable_ram / MIB:.0f} MiB")
+                     f"of which the profile lets the model use {profile.ram_share:.0%} = {usable_ram / MIB:.0f} MiB")
     margin = 64 * MIB  # room for logs and the config, so deploying never fills the disk to the last byte
     if incoming_bytes + margin > facts.disk_free:
         found.append(f"not enough disk on {facts.hostname}: {incoming_bytes / MIB:.0f} MiB to write (+{margin / MIB:.0f} MiB margin), "

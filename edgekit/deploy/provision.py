@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import base64
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from string import Template
 from typing import Any
-from urllib.parse import urlsplit
-
-import yaml
 
 from edgekit.deploy.layout import UNIT_NAME, DeviceLayout
-from edgekit.errors import EdgekitError
+from edgekit.mqtt.settings import BrokerSettings
+from edgekit.serve.config import DaemonConfig
 
 MIB = 1024**2
 
@@ -102,28 +100,6 @@ def write_config(layout: DeviceLayout, config_yaml: str) -> Step:
     return Step(step.title, keep + step.script, step.detail)
 
 
-@dataclass(frozen=True)
-class Broker:
-    """Where the device's daemon connects, and with what credentials (local files, copied to the device)."""
-
-    url: str = "mqtt://127.0.0.1:1883"
-    username: str | None = None
-    password_file: Path | None = None
-    tls_ca: Path | None = None
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    protocol: str = "auto"
-
-    def host_port(self) -> tuple[str, int, bool]:
-        parts = urlsplit(self.url)
-        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise EdgekitError(f"--broker {self.url!r}: expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
-        tls = parts.scheme == "mqtts"
-        if tls and not self.tls_ca:
-            raise EdgekitError(f"--broker {self.url}: mqtts needs the broker's CA certificate (--tls-ca)")
-        return parts.hostname, parts.port or (8883 if tls else 1883), tls
-
-
 def trust_keys(layout: DeviceLayout, trust: tuple[Path, ...]) -> list[Step]:
     """Install public keys the device will require bundles to be signed with (before any bundle is checked)."""
     from edgekit import signing
@@ -135,38 +111,29 @@ def trust_keys(layout: DeviceLayout, trust: tuple[Path, ...]) -> list[Step]:
     return steps
 
 
-def config_steps(layout: DeviceLayout, broker: Broker, device_id: str | None, pools: tuple[str, ...],
+def config_steps(layout: DeviceLayout, broker: BrokerSettings, device_id: str | None, pools: tuple[str, ...],
                  trust: tuple[Path, ...], already_trusting: bool) -> list[Step]:
     """Broker secrets and TLS files, then the daemon config that names them and the trusted keys.
 
-    ``already_trusting``: the device already requires signed bundles. Its keys stay trusted, so
-    leaving out ``--trust`` never turns signature checking off.
+    ``broker`` names local files (password file, TLS); they are copied to the device, and the config
+    names the copies. ``already_trusting``: the device already requires signed bundles. Its keys stay
+    trusted, so leaving out ``--trust`` never turns signature checking off.
     """
-    host, port, tls = broker.host_port()
     steps: list[Step] = []
-    config: dict[str, Any] = {"bundle": layout.current}
-    if device_id:
-        config["device_id"] = device_id
-    if pools:
-        config["pools"] = list(pools)
-    if trust or already_trusting:
-        config["trusted_keys"] = [f"{layout.etc}/trusted-keys"]
-    section: dict[str, Any] = {"host": host, "port": port, "protocol": broker.protocol}
-    if broker.username:
-        section["username"] = broker.username
+    on_device: dict[str, Any] = {"password": None}
     if broker.password_file:
-        secret = broker.password_file.read_bytes()
-        steps.append(write_file(f"{layout.etc}/mqtt-password", secret, 0o600, '"$EK_USER"', secret=True))
-        section["password_file"] = f"{layout.etc}/mqtt-password"
-    if tls:
-        section["tls"] = {}
-        for name, local in (("ca", broker.tls_ca), ("cert", broker.tls_cert), ("key", broker.tls_key)):
-            if local:
-                remote_path = f"{layout.etc}/tls/{name}.pem"
-                steps.append(write_file(remote_path, local.read_bytes(), 0o600, '"$EK_USER"', secret=name == "key"))
-                section["tls"][name] = remote_path
-    config["broker"] = section
-    steps.append(write_config(layout, yaml.safe_dump(config, sort_keys=False)))
+        remote = f"{layout.etc}/mqtt-password"
+        steps.append(write_file(remote, broker.password_file.read_bytes(), 0o600, '"$EK_USER"', secret=True))
+        on_device["password_file"] = Path(remote)
+    for name in ("ca", "cert", "key"):
+        local = getattr(broker, f"tls_{name}")
+        if local:
+            remote = f"{layout.etc}/tls/{name}.pem"
+            steps.append(write_file(remote, local.read_bytes(), 0o600, '"$EK_USER"', secret=name == "key"))
+            on_device[f"tls_{name}"] = Path(remote)
+    config = DaemonConfig(bundle=Path(layout.current), broker=replace(broker, **on_device), device_id=device_id,
+                          pools=pools, trusted_keys=(Path(f"{layout.etc}/trusted-keys"),) if trust or already_trusting else ())
+    steps.append(write_config(layout, config.to_yaml()))
     return steps
 
 

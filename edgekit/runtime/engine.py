@@ -22,14 +22,11 @@ from edgekit.runtime.embedding import EmbeddingTable, embeds_graph
 from edgekit.runtime.resident import clean_mappings, drop_pages, trim_heap, tune_allocator
 from edgekit.runtime.sampling import Sampler, Sampling
 
-# Bounds prefill activations; chunked prefill is exact. On the 0.8B (2 threads), 256 peaked ~70 MiB
-# lower than 512 at the same speed; 128 another ~47 MiB lower at the end of a 4,000-token prompt,
-# for ~1.5% of prefill speed on a 2,000-token prompt.
+# Bounds prefill activations (chunked prefill is exact): smaller chunks lower the daemon's peak for a
+# little prefill speed (figures: docs/benchmarks.md, "Prefill chunks").
 PREFILL_CHUNK = 128
-# Attention scores take chunk x KV capacity x heads x 4 bytes (16 MiB per full-attention layer at
-# 128 x 4,096 on the 0.8B), so past this capacity chunks shrink to keep that product. With the heap
-# trimmed between chunks, a 4,032-token prompt peaked 101 MiB above the loaded engine (67 of them
-# the state) instead of 139, for ~3-5% of its prefill speed; prompts within this capacity keep 128.
+# Attention scores take chunk x KV capacity x heads x 4 bytes, so past this capacity chunks shrink to
+# keep that product; prompts within it keep PREFILL_CHUNK.
 LONG_CONTEXT = 2048
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
 ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -99,8 +96,7 @@ class Engine:
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         # Without the arena, a finished request's activations go back to the heap, and from there
-        # (trim_heap) to the device; the arena would keep its peak for the process's life. No speed
-        # cost measured on the 0.8B.
+        # (trim_heap) to the device; the arena would keep its peak for the process's life.
         options.enable_cpu_mem_arena = False
         self.provider = provider or configured_provider(config)
         providers = [ORT_PROVIDERS.get(self.provider, self.provider)]
@@ -189,7 +185,7 @@ class Engine:
                 f"sequence of {state.length + len(ids)} tokens exceeds the bundle's context of {self.context_length}"
             )
         # Room for the whole prompt at once: growing chunk by chunk would leave each outgrown cache
-        # behind in the heap (a 4,000-token prefill peaked ~50 MiB higher).
+        # behind in the heap.
         self._reserve(state, state.length + len(ids))
         capacity = max([state.past[name].shape[2] for name in state.kv], default=state.length + len(ids))
         step = PREFILL_CHUNK
@@ -200,13 +196,12 @@ class Engine:
         while start < len(ids):
             if start:
                 # Each chunk's activations come and go in sub-MiB pieces that glibc keeps; over a long
-                # prompt they pile up (~40 MiB at 4,000 tokens). A trim costs ~1-2 ms per chunk.
+                # prompt they pile up, and a trim per chunk is cheap beside the chunk itself.
                 trim_heap()
             size = step
             if capacity > LONG_CONTEXT and 2 * state.length >= capacity:
                 # The KV cache becomes resident as it fills, so a long prompt peaks near its end: the
-                # second half runs in half-size chunks. 4,032 tokens on the 0.8B (int8 cache): peak
-                # 11 MiB lower, prefill 8% slower (57.4 vs 62.4 tok/s, alternating, 3 runs), exact.
+                # second half runs in half-size chunks, trading some prefill speed for a lower peak.
                 size = max(16, step // 2)
             logits = self._run(state, ids[start : start + size])
             start += size
@@ -226,8 +221,8 @@ class Engine:
         binding.bind_cpu_input("position_ids", np.broadcast_to(positions, (3, 1, n)).copy())
         # Each state tensor is the step's input and output in one buffer: KV caches are appended in
         # place (see __init__), the recurrent and conv state overwritten in place (bit-exact against
-        # fresh outputs, tested). A second set would add 19 MiB on the 0.8B to every request, and
-        # fresh arrays every step cost ~5% of decode.
+        # fresh outputs, tested): a second set would add the whole state's size to every request,
+        # and fresh arrays every step slow decode.
         names = list(state.past)
         for name, array in state.past.items():
             if name in self._growing:

@@ -1,50 +1,42 @@
 """Daemon configuration: a YAML file (e.g. /etc/edgekit/daemon.yaml), then environment, then CLI flags.
 
-Secrets (the broker password) come from a file or the environment and are never logged. An invalid
-file fails at start with the field named.
+:class:`DaemonConfig` both parses the file (:func:`load`) and writes it (:meth:`DaemonConfig.to_yaml`,
+which provisioning uses), so the two cannot drift apart. Secrets (the broker password) come from a
+file or the environment and are never logged or written into the config. An invalid file fails at
+start with the field named.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from edgekit.errors import EdgekitError
+from edgekit.mqtt import settings as broker_settings
+from edgekit.mqtt.settings import BrokerSettings
+from edgekit.mqtt.topics import check_level, check_prefix
 from edgekit.validation import Fields
 
-# Environment variables that override the file; the CLI's flags override both.
+# Environment variables that override the file's daemon fields; broker fields have their own
+# (edgekit.mqtt.settings.ENVIRONMENT). The CLI's flags override both.
 ENVIRONMENT = {
     "EDGEKIT_BUNDLE": "bundle",
     "EDGEKIT_DEVICE_ID": "device_id",
-    "EDGEKIT_BROKER_HOST": "host",
-    "EDGEKIT_BROKER_PORT": "port",
-    "EDGEKIT_MQTT_USERNAME": "username",
-    "EDGEKIT_MQTT_PASSWORD": "password",
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class DaemonConfig:
     """Everything the daemon needs to know."""
 
     bundle: Path
-    device_id: str = field(default_factory=socket.gethostname)
-    host: str = "127.0.0.1"
-    port: int = 1883
-    protocol: str = "5"  # "5", "3.1.1", or "auto" (5, falling back to 3.1.1 when the broker refuses it)
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    tls_ca: Path | None = None
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    prefix: str = "edgekit"
-    reply_prefix: str = "edgekit/v1/replies/"
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
+    device_id: str | None = None  # None: the device's hostname when the daemon starts
     pools: tuple[str, ...] = ()
     queue_size: int = 4
     telemetry_interval: float = 10.0
@@ -54,41 +46,58 @@ class DaemonConfig:
     threads: int | None = None
     trusted_keys: tuple[Path, ...] = ()  # when set, only bundles signed by one of these keys are served
 
+    def __post_init__(self) -> None:
+        if self.device_id is not None:
+            check_level(self.device_id, "device id")
+        for pool in self.pools:
+            check_level(pool, "pool name")
+        if self.pools and self.broker.protocol is broker_settings.MqttVersion.V311:
+            raise EdgekitError("device pools need MQTT 5 (shared subscriptions); set broker.protocol to 5")
 
-def load(path: Path | None, overrides: Mapping[str, Any] | None = None,
+    def to_yaml(self) -> str:
+        """The config file for this config: what :func:`load` reads back as an equal config. Fields at
+        their defaults are left out, so a later release's defaults apply to them."""
+        defaults = DaemonConfig(bundle=self.bundle)
+        data: dict[str, Any] = {"bundle": str(self.bundle)}
+        if self.device_id is not None:
+            data["device_id"] = self.device_id
+        if self.broker.prefix != defaults.broker.prefix:
+            data["prefix"] = self.broker.prefix
+        if self.pools:
+            data["pools"] = list(self.pools)
+        for name in ("queue_size", "telemetry_interval", "min_available_mb", "threads"):
+            if getattr(self, name) != getattr(defaults, name):
+                data[name] = getattr(self, name)
+        if self.trusted_keys:
+            data["trusted_keys"] = [str(k) for k in self.trusted_keys]
+        data["broker"] = broker_settings.dump_section(self.broker)
+        sessions = {key: getattr(self, name) for key, name in (("memory_mb", "session_memory_mb"), ("idle_s", "session_idle_s"))
+                    if getattr(self, name) != getattr(defaults, name)}
+        if sessions:
+            data["sessions"] = sessions
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+def load(path: Path | None, overrides: Mapping[str, Any] | None = None, broker: Mapping[str, Any] | None = None,
          environ: Mapping[str, str] | None = None) -> DaemonConfig:
-    """Build the config from ``path`` (optional), the environment, then ``overrides`` (None values skipped)."""
-    values: dict[str, Any] = _read_file(path) if path else {}
+    """Build the config from ``path`` (optional), the environment, then the flags: ``overrides`` for
+    daemon fields and ``broker`` for broker fields (None values skipped in both)."""
+    values, broker_file = _read_file(path) if path else ({}, {})
     env = os.environ if environ is None else environ
-    for variable, name in ENVIRONMENT.items():
-        if variable in env:
-            values[name] = int(env[variable]) if name == "port" and env[variable].isdigit() else env[variable]
+    values.update({name: env[variable] for variable, name in ENVIRONMENT.items() if variable in env})
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     if "bundle" not in values:
         raise EdgekitError(f"no bundle to serve: give BUNDLE, 'bundle' in {path or 'the config file'}, or EDGEKIT_BUNDLE")
-    known = {f.name for f in fields(DaemonConfig)}
-    config = DaemonConfig(**{k: v for k, v in values.items() if k in known})
-    for name in ("bundle", "tls_ca", "tls_cert", "tls_key"):
-        value = getattr(config, name)
-        if value is not None:
-            config = replace(config, **{name: Path(value)})
-    config = replace(config, trusted_keys=tuple(Path(k) for k in config.trusted_keys))
-    if config.tls_cert and not config.tls_key:
-        raise EdgekitError("tls client certificate given without its key (tls.key)")
-    if config.pools and config.protocol != "5":
-        raise EdgekitError("device pools need MQTT 5 (shared subscriptions); set broker.protocol to 5")
-    return config
+    settings = BrokerSettings.from_layers(broker_file, broker_settings.environment(env), broker or {})
+    return DaemonConfig(
+        bundle=Path(values.pop("bundle")), broker=settings,
+        pools=tuple(values.pop("pools", ())), trusted_keys=tuple(Path(k) for k in values.pop("trusted_keys", ())),
+        **values,
+    )
 
 
-def read_secret(path: Path | str, what: str) -> str:
-    """The secret stored in ``path`` (surrounding whitespace dropped); ``what`` names it in errors."""
-    try:
-        return Path(path).read_text().strip()
-    except OSError as exc:
-        raise EdgekitError(f"{what}: cannot read {path} ({exc.strerror})") from exc
-
-
-def _read_file(path: Path) -> dict[str, Any]:
+def _read_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The daemon fields and the broker fields a config file sets."""
     where = str(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -98,50 +107,37 @@ def _read_file(path: Path) -> dict[str, Any]:
         raise EdgekitError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from exc
     top = Fields(data or {}, where)
     broker = top.nested("broker", optional=True)
-    tls = broker.nested("tls", optional=True)
     sessions = top.nested("sessions", optional=True)
-    values: dict[str, Any] = {}
-
-    def put(name: str, value: Any) -> None:
-        if value is not None:
-            values[name] = value
-
-    put("bundle", top.get("bundle", str, "a bundle folder path", None))
-    put("device_id", top.get("device_id", str, "a device id", None))
-    put("prefix", top.get("prefix", str, "a topic prefix", None))
-    put("reply_prefix", top.get("reply_prefix", str, "a topic prefix", None))
-    pools = top.get("pools", list, "a list of pool names", None)
-    if pools is not None:
-        if not all(isinstance(p, str) and p for p in pools):
-            raise EdgekitError(f"{where}: field 'pools' must be a list of pool names (got {pools!r})")
-        values["pools"] = tuple(pools)
-    put("queue_size", top.number("queue_size", 1, 1024, integer=True) if "queue_size" in top.data else None)
-    if "telemetry_interval" in top.data:
-        values["telemetry_interval"] = float(top.number("telemetry_interval", 0.1, 86400))
-    if "min_available_mb" in top.data:
-        values["min_available_mb"] = top.number("min_available_mb", 0, 1_000_000, integer=True)
-    if "threads" in top.data:
-        values["threads"] = top.number("threads", 1, 256, integer=True)
-    keys = top.get("trusted_keys", list, "a list of paths to ed25519 public keys (PEM)", None)
-    if keys is not None:
-        if not all(isinstance(k, str) and k for k in keys):
-            raise EdgekitError(f"{where}: field 'trusted_keys' must be a list of paths to public keys (got {keys!r})")
-        values["trusted_keys"] = tuple(keys)
-    put("host", broker.get("host", str, "a host name", None))
-    if "port" in broker.data:
-        values["port"] = broker.number("port", 1, 65535, integer=True)
-    if "protocol" in broker.data:
-        values["protocol"] = str(broker.choice("protocol", ("5", "3.1.1", "auto", 5)))
-    put("username", broker.get("username", str, "a user name", None))
-    password_file = broker.get("password_file", str, "a path to a file holding the password", None)
-    if password_file:
-        values["password"] = read_secret(password_file, f"{where}: field 'broker.password_file'")
-    for name in ("ca", "cert", "key"):
-        put(f"tls_{name}", tls.get(name, str, "a path to a PEM file", None))
+    values: dict[str, Any] = {
+        "bundle": top.get("bundle", str, "a bundle folder path", None),
+        "device_id": top.get("device_id", str, "a device id", None),
+        "pools": top.get("pools", list, "a list of pool names", None),
+        "trusted_keys": top.get("trusted_keys", list, "a list of paths to ed25519 public keys (PEM)", None),
+    }
+    for name in ("pools", "trusted_keys"):
+        if values[name] is not None and not all(isinstance(item, str) and item for item in values[name]):
+            raise EdgekitError(f"{where}: field '{name}' must be a list of non-empty strings (got {values[name]!r})")
+    # Topic levels are checked again by DaemonConfig; here the error can name the file's field.
+    if values["device_id"] is not None:
+        check_level(values["device_id"], f"{where}: field 'device_id'")
+    for i, pool in enumerate(values["pools"] or ()):
+        check_level(pool, f"{where}: field 'pools[{i}]'")
+    prefix = top.get("prefix", str, "a topic prefix", None)
+    if prefix is not None:
+        check_prefix(prefix, f"{where}: field 'prefix'")
+    limits = {"queue_size": (1, 1024, True), "telemetry_interval": (0.1, 86400, False),
+              "min_available_mb": (0, 1_000_000, True), "threads": (1, 256, True)}
+    for name, (low, high, integer) in limits.items():
+        if name in top.data:
+            values[name] = top.number(name, low, high, integer=integer)
     if "memory_mb" in sessions.data:
         values["session_memory_mb"] = sessions.number("memory_mb", 0, 1_000_000, integer=True)
     if "idle_s" in sessions.data:
-        values["session_idle_s"] = float(sessions.number("idle_s", 1, 10_000_000))
-    for part in (top, broker, tls, sessions):
+        values["session_idle_s"] = sessions.number("idle_s", 1, 10_000_000)
+    broker_values = broker_settings.parse_section(broker, prefix)
+    for part in (top, broker, sessions):
         part.check_unknown()
-    return values
+    for name in ("telemetry_interval", "session_idle_s"):
+        if name in values:
+            values[name] = float(values[name])
+    return {k: v for k, v in values.items() if v is not None}, broker_values

@@ -11,6 +11,7 @@ import json
 import logging
 import queue
 import signal
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -22,18 +23,19 @@ import psutil
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edgekit import __version__
-from edgekit.bundle import verify
+from edgekit import __version__, signing
 from edgekit.errors import ContextExceeded, EdgekitError
+from edgekit.mqtt import protocol
+from edgekit.mqtt.connection import negotiate_protocol, new_client
+from edgekit.mqtt.protocol import ProtocolError, Request
+from edgekit.mqtt.settings import MqttVersion
+from edgekit.mqtt.topics import DeviceTopics, PoolTopics
 from edgekit.runtime.conversation import SessionEvicted, Turn, run_turn
 from edgekit.runtime.engine import Engine
 from edgekit.runtime.resident import tune_allocator
 from edgekit.runtime.sessions import SessionStore
 from edgekit.runtime.tokenizer import ChatTokenizer
-from edgekit.serve import protocol
 from edgekit.serve.config import DaemonConfig
-from edgekit.serve.mqtt import configure_transport, negotiate_protocol
-from edgekit.serve.protocol import ProtocolError, Request
 from edgekit.serve.systemd import notify, watchdog_interval
 from edgekit.serve.telemetry import InferenceMetrics, collect
 
@@ -54,36 +56,38 @@ class Daemon:
     """Loads a verified bundle and serves it over MQTT until stopped."""
 
     def __init__(self, config: DaemonConfig) -> None:
-        if config.protocol == "auto":
-            config = replace(config, protocol=negotiate_protocol(
-                config.host, config.port, config.username, config.password, config.tls_ca, config.tls_cert, config.tls_key))
-            log.info("broker speaks MQTT %s", config.protocol)
-        self.config = config
-        self.manifest = verify(config.bundle, config.trusted_keys)
-        # Tokenizer first: parsing tokenizer.json leaves ~28 MiB of small holes in the heap that the
-        # engine's load then fills instead of growing it (7 MiB less resident on the 0.8B).
+        if config.broker.protocol is MqttVersion.AUTO:
+            # The config checks again that pools have MQTT 5's shared subscriptions, now that it is known.
+            config = replace(config, broker=negotiate_protocol(config.broker))
+            log.info("broker speaks MQTT %s", config.broker.protocol)
+        self.device_id = config.device_id or socket.gethostname()
+        self.config = config = replace(config, device_id=self.device_id)
+        self.manifest = signing.verify(config.bundle, config.trusted_keys)
+        # Tokenizer first: parsing tokenizer.json leaves small holes in the heap that the engine's
+        # load then fills instead of growing it.
         tune_allocator()
         self.tokenizer = ChatTokenizer(config.bundle)
         self.engine = Engine(config.bundle, threads=config.threads)
         self._self_test()
         self.sessions = SessionStore(config.session_memory_mb * 1024**2, config.session_idle_s)
-        self.topics = protocol.topics(config.prefix, config.device_id)
-        self.pool_topics = [protocol.pool_topics(config.prefix, pool) for pool in config.pools]
-        self.cancel_topics = {self.topics["cancel"], *(p["cancel"] for p in self.pool_topics)}
+        self.topics = DeviceTopics.of(config.broker.prefix, self.device_id)
+        self.pool_topics = [PoolTopics.of(config.broker.prefix, pool) for pool in config.pools]
+        self.cancel_topics = {self.topics.cancel, *(p.cancel for p in self.pool_topics)}
         self.jobs: queue.Queue[_Job] = queue.Queue(maxsize=config.queue_size)
         self.active: _Job | None = None
         self.accepting = True
         self.seen: OrderedDict[str, float] = OrderedDict()  # request ids already taken: redelivery is harmless
         self.metrics = InferenceMetrics()
         self.started = time.time()
+        self.status = protocol.Status(
+            device_id=self.device_id, state="offline", version=__version__, bundle=self.manifest.name,
+            model=self.manifest.model.id, profile=self.manifest.profile.name, context_length=self.engine.context_length,
+            capabilities={"sessions": True, "thinking": True, "mqtt5": self.v5}, since=self.started)
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._worker: threading.Thread | None = None
-        v5 = config.protocol == "5"
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgekit-{config.device_id}",
-                                  protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311, clean_session=None if v5 else False)
-        self.client.will_set(self.topics["status"], self._status("offline"), qos=1, retain=True)
-        configure_transport(self.client, config.username, config.password, config.tls_ca, config.tls_cert, config.tls_key)
+        self.client = new_client(config.broker, f"edgekit-{self.device_id}", clean_session=None if self.v5 else False)
+        self.client.will_set(self.topics.status, self.status.encode(), qos=1, retain=True)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.reconnect_delay_set(min_delay=1, max_delay=30)
@@ -97,26 +101,21 @@ class Daemon:
 
     # --- MQTT plumbing -------------------------------------------------------------------------
 
-    def _status(self, state: str) -> bytes:
-        return json.dumps({
-            "device_id": self.config.device_id, "state": state, "version": __version__,
-            "bundle": self.manifest["name"], "model": self.manifest["model"]["id"],
-            "profile": self.manifest["profile"]["name"], "context_length": self.engine.context_length,
-            "capabilities": {"sessions": True, "thinking": True, "mqtt5": self.config.protocol == "5"},
-            "since": self.started,
-        }).encode()
+    @property
+    def v5(self) -> bool:
+        return self.config.broker.protocol is MqttVersion.V5
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if reason.is_failure:
             log.error("broker refused the connection: %s", reason)
             return
-        subscriptions = [(self.topics["request"], 1), (self.topics["cancel"], 1)]
+        subscriptions = [(self.topics.request, 1), (self.topics.cancel, 1)]
         for pool in self.pool_topics:
-            subscriptions += [(pool["shared_request"], 1), (pool["cancel"], 1)]
+            subscriptions += [(pool.shared_request, 1), (pool.cancel, 1)]
         client.subscribe(subscriptions)
-        client.publish(self.topics["status"], self._status("online"), qos=1, retain=True)
-        notify(f"READY=1\nSTATUS=serving {self.manifest['name']} as {self.config.device_id}")
-        log.info("connected to %s:%s as %s", self.config.host, self.config.port, self.config.device_id)
+        client.publish(self.topics.status, self.status.with_state("online").encode(), qos=1, retain=True)
+        notify(f"READY=1\nSTATUS=serving {self.manifest.name} as {self.device_id}")
+        log.info("connected to %s as %s", self.config.broker.address, self.device_id)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         try:
@@ -133,7 +132,7 @@ class Daemon:
 
     def _publish(self, topic: str, payload: bytes, correlation: bytes | None, qos: int = 0) -> None:
         properties = None
-        if self.config.protocol == "5" and correlation is not None:
+        if self.v5 and correlation is not None:
             properties = Properties(PacketTypes.PUBLISH)
             properties.CorrelationData = correlation
         self.client.publish(topic, payload, qos=qos, properties=properties)
@@ -145,22 +144,21 @@ class Daemon:
         response_topic = getattr(props, "ResponseTopic", None) if props else None
         correlation = getattr(props, "CorrelationData", None) if props else None
         expiry = getattr(props, "MessageExpiryInterval", None) if props else None
+        allowed = self.config.broker.reply_prefix
         try:
             request = protocol.parse_request(message.payload)
         except ProtocolError as exc:
             # An oversized payload is not parsed at all: only an MQTT 5 response topic can be answered.
-            topic = response_topic or (None if exc.code == "too_large" else _reply_to_of(message.payload))
+            topic, why = protocol.reply_topic(response_topic, exc.reply_to, allowed)
             log.warning("rejected request %s: %s", exc.request_id, exc.message)
-            if topic and topic.startswith(self.config.reply_prefix):
+            if topic:
                 self._error(topic, correlation, exc.request_id, exc.code, exc.message)
+            else:
+                log.warning("the refusal of request %s is not sent: %s", exc.request_id, why)
             return
-        reply_topic = response_topic or request.reply_to
+        reply_topic, why = protocol.reply_topic(response_topic, request.reply_to, allowed)
         if not reply_topic:
-            log.warning("request %s has no reply topic (MQTT 5 ResponseTopic or 'reply_to'); dropped", request.id)
-            return
-        if not reply_topic.startswith(self.config.reply_prefix):
-            log.warning("request %s names reply topic %s outside %s; dropped", request.id, reply_topic,
-                        self.config.reply_prefix)
+            log.warning("request %s dropped: %s", request.id, why)
             return
         with self._lock:
             if request.id in self.seen:
@@ -188,10 +186,9 @@ class Daemon:
         except queue.Full:
             return refuse("busy", f"queue full ({self.config.queue_size} waiting); retry later")
         position = self.jobs.qsize() + (1 if self.active else 0)
-        self._publish(reply_topic, json.dumps({"id": request.id, "type": "queued", "position": position}).encode(),
-                      correlation)
+        self._publish(reply_topic, protocol.queued(request.id, position), correlation)
 
-    def _cancel(self, payload: bytes) -> None:
+    def _cancel(self, payload: bytes | bytearray) -> None:
         try:
             request_id = json.loads(payload)["id"]
         except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
@@ -241,7 +238,7 @@ class Daemon:
             timings={"queue_s": round(queue_wait, 4), "time_to_first_token_s": round(stats.prefill_s, 4),
                      "prefill_tokens_per_s": round(stats.prefill_tps, 1),
                      "decode_tokens_per_s": round(stats.decode_tps, 1)},
-            session=request.session, device_id=self.config.device_id), correlation, qos=1)
+            session=request.session, device_id=self.device_id), correlation, qos=1)
 
     def _report(self) -> None:
         # psutil's first cpu_percent() reads 0: prime it so the first message is meaningful.
@@ -249,7 +246,7 @@ class Daemon:
         while not self._stopped.wait(self.config.telemetry_interval):
             if self.client.is_connected():
                 message = collect(self.config.bundle, self.started, self.metrics, self.jobs.qsize())
-                self.client.publish(self.topics["telemetry"], json.dumps(message), qos=0, retain=True)
+                self.client.publish(self.topics.telemetry, json.dumps(message), qos=0, retain=True)
 
     def _watchdog(self, interval: float) -> None:
         # Ping only while the worker thread lives: a wedged or dead worker lets systemd restart us.
@@ -264,7 +261,7 @@ class Daemon:
                 job = self.jobs.get(timeout=0.2)
             except queue.Empty:
                 # Trim the heap once the device has been idle for a while: trimming right after a
-                # request made the next first token ~8 ms later (the release after each job is cheap).
+                # request delayed the next first token (the release after each job is cheap).
                 if last_job is not None and time.monotonic() - last_job > TRIM_AFTER_IDLE_S:
                     self.engine.release_memory()
                     last_job = None
@@ -279,7 +276,7 @@ class Daemon:
                 self.active = None
                 last_job = time.monotonic()
             if self.jobs.empty():
-                # The embedding pages this request's tokens mapped (3-4 ms on the 0.8B); nothing to do
+                # The embedding pages this request's tokens mapped; nothing to do
                 # when the engine reads embedding rows itself (bundles with model.embeds.onnx).
                 self.engine.release_memory(heap=False)
 
@@ -297,12 +294,12 @@ class Daemon:
         if (interval := watchdog_interval()) is not None:
             threading.Thread(target=self._watchdog, args=(interval,), name="edgekit-watchdog", daemon=True).start()
         connect_props = None
-        if self.config.protocol == "5":
+        if self.v5:
             # A persistent session: requests published while we are away wait on the broker.
             connect_props = Properties(PacketTypes.CONNECT)
             connect_props.SessionExpiryInterval = 24 * 3600
-        self.client.connect_async(self.config.host, self.config.port, keepalive=30,
-                                  clean_start=False if self.config.protocol == "5" else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+        self.client.connect_async(self.config.broker.host, self.config.broker.port, keepalive=30,
+                                  clean_start=False if self.v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
                                   properties=connect_props)
         self.client.loop_start()
         self._stopped.wait()
@@ -318,7 +315,7 @@ class Daemon:
                 break
             self._error(job.reply_topic, job.correlation, job.request.id, "shutting_down", "the daemon is stopping")
         worker.join(timeout=30)
-        info = self.client.publish(self.topics["status"], self._status("offline"), qos=1, retain=True)
+        info = self.client.publish(self.topics.status, self.status.encode(), qos=1, retain=True)
         info.wait_for_publish(timeout=5)
         self.client.disconnect()
         self.client.loop_stop()
@@ -326,10 +323,3 @@ class Daemon:
     def stop(self) -> None:
         self._stopped.set()
 
-
-def _reply_to_of(payload: bytes) -> str | None:
-    try:
-        value = json.loads(payload).get("reply_to")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return None
-    return value if isinstance(value, str) else None

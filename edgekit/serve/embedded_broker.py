@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgekit.errors import EdgekitError
+from edgekit.mqtt.settings import BrokerSettings, MqttVersion
 
 
 @dataclass
@@ -28,8 +29,12 @@ class EmbeddedBroker:
 
     process: subprocess.Popen
     port: int
-    protocol: str
+    protocol: MqttVersion
     kind: str
+
+    @property
+    def settings(self) -> BrokerSettings:
+        return BrokerSettings(port=self.port, protocol=self.protocol)
 
     def stop(self) -> None:
         self.process.terminate()
@@ -73,10 +78,10 @@ def start(prefer: str = "auto") -> EmbeddedBroker:
         # As root, mosquitto would switch to its own user; nothing here needs that.
         config.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n" + ("user root\n" if os.geteuid() == 0 else ""))
         broker = EmbeddedBroker(subprocess.Popen([mosquitto, "-c", str(config)], stdout=subprocess.DEVNULL,
-                                                 stderr=subprocess.DEVNULL), port, "5", "mosquitto")
+                                                 stderr=subprocess.DEVNULL), port, MqttVersion.V5, "mosquitto")
     elif prefer in ("auto", "amqtt"):
         broker = EmbeddedBroker(subprocess.Popen([sys.executable, "-m", "edgekit.serve.embedded_broker", str(port)],
-                                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port, "3.1.1", "amqtt")
+                                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port, MqttVersion.V311, "amqtt")
     else:
         raise EdgekitError("no MQTT broker available: install mosquitto, or amqtt (pip install amqtt)")
     if not wait_for_port(port, broker.process):

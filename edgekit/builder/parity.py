@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from edgekit.bundle import QualityReport
 from edgekit.errors import EdgekitError
 from edgekit.profiles import Quality
 from edgekit.runtime.engine import Engine, configured_provider, provider_available
@@ -30,24 +30,6 @@ PROMPTS: tuple[tuple[str, bool], ...] = (
     ("The sensor reads 23.5 °C and 61 % humidity. Is that comfortable?", False),
 )
 NEW_TOKENS = 12
-
-
-@dataclass(frozen=True)
-class ParityReport:
-    """How closely the export follows the reference, and whether it passed the gate."""
-
-    prompts: int
-    positions: int
-    top1_agreement: float
-    mean_kl: float
-    max_kl: float
-    greedy_match: bool
-    checked_on: str
-    passed: bool
-    reason: str
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def prompt_ids(tokenizer: ChatTokenizer) -> list[list[int]]:
@@ -121,7 +103,7 @@ def check(
     quality: Quality,
     threads: int | None = None,
     progress: Callable[[str], None] | None = None,
-) -> ParityReport:
+) -> QualityReport:
     """Compare the graph in ``bundle`` with ``checkpoint``'s reference and apply the quality gate.
 
     fp32 exports must reproduce the reference's greedy tokens; quantized ones must meet the
@@ -156,7 +138,7 @@ def check(
             failures.append(f"mean KL {mean_kl:.4f} > {quality.max_mean_kl}")
         passed = not failures
         reason = "; ".join(failures) or f"top-1 agreement {top1:.3f}, mean KL {mean_kl:.4f} within the profile's gate"
-    return ParityReport(
+    return QualityReport(
         prompts=len(prompts),
         positions=len(prompts) * NEW_TOKENS,
         top1_agreement=top1,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from edgekit.checkpoint import ModelShape
+from edgekit.builder.checkpoint import ModelShape
 from edgekit.errors import EdgekitError
 from edgekit.profiles import DeviceProfile, Quantization
 

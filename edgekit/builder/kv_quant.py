@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from edgekit.build.graph_memory import rotary_pairs, save, store_kv_cache_int8
-from edgekit.build.parity import prompt_ids
+from edgekit.builder.graph_memory import rotary_pairs, save, store_kv_cache_int8
+from edgekit.builder.parity import prompt_ids
 from edgekit.errors import EdgekitError
 from edgekit.runtime.embedding import embeds_graph
 from edgekit.runtime.engine import Engine

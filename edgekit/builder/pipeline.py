@@ -15,14 +15,15 @@ import time
 from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-from edgekit import __version__, bundle
-from edgekit.build import export, kv_quant, parity
-from edgekit.build.graph_memory import lighten
-from edgekit.checkpoint import Checkpoint, inspect, read_config, resolve
+from edgekit import __version__
+from edgekit.builder import export, kv_quant, parity
+from edgekit.builder.checkpoint import Checkpoint, inspect, read_config, resolve
+from edgekit.builder.graph_memory import lighten
+from edgekit.builder.memory import MIB, MemoryEstimate, check_fits, estimate
+from edgekit.bundle import Manifest, ModelInfo, QualityReport, Recipe
 from edgekit.errors import EdgekitError
-from edgekit.memory import MIB, MemoryEstimate, check_fits, estimate
 from edgekit.profiles import DeviceProfile, Quality
 
 TOOLS = ("onnxruntime", "onnxruntime-genai", "transformers", "torch", "tokenizers")
@@ -71,7 +72,7 @@ class BuildResult:
     """The finished bundle and how the build went."""
 
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -152,8 +153,8 @@ def build(request: BuildRequest, reporter: Reporter | None = None) -> BuildResul
             raise EdgekitError(f"quality gate failed for profile {profile.name}: {quality.reason}; no bundle written")
 
         report.step("writing manifest")
-        manifest = bundle.write_manifest(staging, _manifest_fields(name, request, profile, checkpoint, context, memory,
-                                                                    extra, kv_cache, quality, timings, started))
+        manifest = _manifest(name, request, profile, checkpoint, context, memory, extra, kv_cache, quality, timings,
+                             started).write(staging)
         if request.sign_key:
             from edgekit import signing
 
@@ -183,7 +184,7 @@ def _check_disk(output: Path, memory: MemoryEstimate) -> None:
         raise EdgekitError(f"not enough disk in {output}: {free / MIB:.0f} MiB free, the bundle needs about {needed / MIB:.0f} MiB")
 
 
-def _manifest_fields(
+def _manifest(
     name: str,
     request: BuildRequest,
     profile: DeviceProfile,
@@ -192,40 +193,28 @@ def _manifest_fields(
     memory: MemoryEstimate,
     extra: dict[str, str],
     kv_cache: str,
-    quality: parity.ParityReport,
+    quality: QualityReport,
     timings: dict[str, float],
     started: float,
-) -> dict[str, Any]:
-    versions = {"edgekit": __version__}
+) -> Manifest:
+    versions: dict[str, str | None] = {"edgekit": __version__}
     for tool in TOOLS:
         try:
             versions[tool] = metadata.version(tool)
         except metadata.PackageNotFoundError:
             versions[tool] = None
-    return {
-        "name": name,
-        "model": {
-            "id": checkpoint.model_id,
-            "revision": checkpoint.revision,
-            "architecture": "Qwen3_5ForConditionalGeneration",
-            "hidden_size": checkpoint.shape.hidden,
-            "layers": checkpoint.shape.layers,
-            "text_only": True,
-            "mtp_included": request.include_mtp,
-        },
-        "profile": profile.to_dict(),
-        "recipe": {
-            "precision": profile.quantization.precision,
-            "execution_provider": profile.execution_provider,
-            "context_length": context,
-            "threads": profile.threads,
-            "kv_cache": kv_cache,
-            "builder_options": extra,
-        },
-        "estimated_ram": memory.to_dict(),
-        "quality": quality.to_dict(),
-        "tools": versions,
-        "built_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "build_seconds": round(time.perf_counter() - started, 1),
-        "timings": {k: round(v, 2) for k, v in timings.items()},
-    }
+    return Manifest(
+        name=name,
+        model=ModelInfo(id=checkpoint.model_id, revision=checkpoint.revision, architecture="Qwen3_5ForConditionalGeneration",
+                        hidden_size=checkpoint.shape.hidden, layers=checkpoint.shape.layers, text_only=True,
+                        mtp_included=request.include_mtp),
+        profile=profile,
+        recipe=Recipe(precision=profile.quantization.precision, execution_provider=profile.execution_provider,
+                      context_length=context, threads=profile.threads, kv_cache=kv_cache, builder_options=extra),
+        estimated_ram=memory.to_dict(),
+        quality=quality,
+        tools=versions,
+        built_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        build_seconds=round(time.perf_counter() - started, 1),
+        timings={k: round(v, 2) for k, v in timings.items()},
+    )

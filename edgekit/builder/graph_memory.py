@@ -27,7 +27,7 @@ and decode speed within noise. Everything else in the graph stays as it was.
 **An int8 KV cache in the engine's graph.**
 ONNX Runtime's GroupQueryAttention also keeps its cache in int8 with one fixed scale per channel
 (``k_quant_type``/``v_quant_type`` PER_CHANNEL), quantizing new keys and values as it appends them.
-The scales come from calibration at build time (:mod:`edgekit.build.kv_quant`). On the 0.8B int4
+The scales come from calibration at build time (:mod:`edgekit.builder.kv_quant`). On the 0.8B int4
 with a 4,032-token prompt: mean KL 0.0002 against an fp32 cache (the same as fp16), the cache 24 MiB
 instead of 48, the prefill's peak 25 MiB lower still, and decode at that context 3.5x as fast as
 with the fp16 cache (docs/benchmarks.md). Only the embeds graph gets it: onnxruntime-genai keeps the
@@ -278,7 +278,7 @@ def _rows_spec(tensor: onnx.TensorProto, dtype: str) -> dict[str, Any] | None:
             "dtype": dtype}
 
 
-_ELEMENT = {TensorProto.UINT8: "uint8", TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16"}
+_ELEMENT: dict[int, str] = {TensorProto.UINT8: "uint8", TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16"}
 
 
 def _lookup_layout(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> dict[str, Any] | None:

@@ -12,7 +12,7 @@ embedding is tied, the embedding lookup that shares its bytes) quantized with bl
 other weight keeps the builder's block size. The head is the largest single weight (a quarter of the
 0.8B's) and is read in full for every generated token.
 
-Run as ``python -m edgekit.build.lowmem_quant [--lm-head-block-size N] <model builder arguments>``.
+Run as ``python -m edgekit.builder.lowmem_quant [--lm-head-block-size N] <model builder arguments>``.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def _match_tied_lookup(graph: ir.Graph, block_size: int) -> None:
     quantized weight and scales, whose layout the block size decides."""
     for node in graph:
         if node.op_type == "GatherBlockQuantized" and any(
-            value is not None and value.name.startswith("lm_head.") for value in node.inputs
+            value is not None and value.name is not None and value.name.startswith("lm_head.") for value in node.inputs
         ):
             node.attributes["block_size"] = ir.AttrInt64("block_size", block_size)
 

@@ -1,7 +1,7 @@
 """Export and quantize a Qwen3.5 checkpoint with onnxruntime-genai's model builder.
 
 The builder runs in a child process, with its quantization pass made tensor-by-tensor
-(:mod:`edgekit.build.lowmem_quant`) so the 2B model builds on a 16 GB laptop. Its peak memory is returned to the OS
+(:mod:`edgekit.builder.lowmem_quant`) so the 2B model builds on a 16 GB laptop. Its peak memory is returned to the OS
 before the parity check loads the reference, and its chatty output goes to a log we can show on
 failure instead of the user's terminal.
 """
@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from edgekit.checkpoint import Checkpoint
+from edgekit.builder.checkpoint import Checkpoint
 from edgekit.errors import EdgekitError
 from edgekit.profiles import DeviceProfile
 
@@ -82,7 +82,7 @@ def run_builder(
     layers: int = 0,
 ) -> None:
     """Run the model builder from ``source`` into ``output``; raise with the log's tail if it fails."""
-    command = [sys.executable, "-m", "edgekit.build.lowmem_quant"]
+    command = [sys.executable, "-m", "edgekit.builder.lowmem_quant"]
     if profile.quantization.lm_head_block_size:
         command += ["--lm-head-block-size", str(profile.quantization.lm_head_block_size)]
     command += [

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from edgekit.mqtt.topics import VERSION, publish_topic_problem
 from edgekit.runtime.sampling import Sampling
 
-VERSION = "v1"
+__all__ = ["VERSION", "ERROR_CODES", "ProtocolError", "Request", "Status", "parse_request", "reply_topic",
+           "queued", "chunk", "final", "error"]
 MAX_PAYLOAD = 256 * 1024  # bytes; a 4k-token conversation is far below this
 
 # Error codes: the complete list a client may receive.
@@ -42,19 +44,8 @@ class ProtocolError(Exception):
     def __init__(self, code: str, message: str, request_id: str | None = None) -> None:
         super().__init__(message)
         self.code, self.message, self.request_id = code, message, request_id
-
-
-def topics(prefix: str, device_id: str) -> dict[str, str]:
-    """The device's topics under ``prefix`` (default ``edgekit``)."""
-    base = f"{prefix}/{VERSION}/{device_id}"
-    return {name: f"{base}/{name}" for name in ("request", "cancel", "status", "telemetry")}
-
-
-def pool_topics(prefix: str, pool: str) -> dict[str, str]:
-    """A device pool's topics: requests reach one member (MQTT 5 shared subscription), cancels all."""
-    base = f"{prefix}/{VERSION}/pool/{pool}"
-    return {"request": f"{base}/request", "cancel": f"{base}/cancel",
-            "shared_request": f"$share/{pool}/{base}/request"}
+        # The refused payload's own ``reply_to``, when it parsed far enough to have one.
+        self.reply_to: str | None = None
 
 
 @dataclass
@@ -80,7 +71,7 @@ def _check(condition: bool, message: str, request_id: str | None) -> None:
         raise ProtocolError("bad_request", message, request_id)
 
 
-def parse_request(payload: bytes) -> Request:
+def parse_request(payload: bytes | bytearray) -> Request:
     """Validate a request payload; raise :class:`ProtocolError` naming the offending field."""
     if len(payload) > MAX_PAYLOAD:
         raise ProtocolError("too_large", f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
@@ -89,10 +80,18 @@ def parse_request(payload: bytes) -> Request:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ProtocolError("bad_request", f"payload is not valid JSON: {exc}") from exc
     _check(isinstance(data, dict), "payload must be a JSON object", None)
-    request_id = data.get("id")
-    _check(isinstance(request_id, str) and 0 < len(request_id) <= 128, "field 'id' must be a string of 1-128 characters",
-           request_id if isinstance(request_id, str) else None)
-    rid: str = request_id
+    try:
+        return _validate(data)
+    except ProtocolError as exc:
+        reply_to = data.get("reply_to")
+        exc.reply_to = reply_to if isinstance(reply_to, str) else None
+        raise
+
+
+def _validate(data: dict[str, Any]) -> Request:
+    rid = data.get("id")
+    if not (isinstance(rid, str) and 0 < len(rid) <= 128):
+        raise ProtocolError("bad_request", "field 'id' must be a string of 1-128 characters", rid if isinstance(rid, str) else None)
     unknown = sorted(set(data) - _REQUEST_FIELDS)
     _check(not unknown, f"unknown field '{unknown[0] if unknown else ''}'", rid)
     messages, prompt = data.get("messages"), data.get("prompt")
@@ -109,8 +108,8 @@ def parse_request(payload: bytes) -> Request:
         _check(isinstance(prompt, str) and prompt != "", "field 'prompt' must be a non-empty string", rid)
 
     def number(name: str, kind: type, low: float, high: float, default: Any) -> Any:
-        value = data.get(name, default)
-        ok = isinstance(value, kind) and not isinstance(value, bool) and low <= value <= high
+        value: Any = data.get(name, default)
+        ok = isinstance(value, kind) and isinstance(value, int | float) and not isinstance(value, bool) and low <= value <= high
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             ok, value = low <= value <= high, float(value)
         _check(ok, f"field '{name}' must be {'an integer' if kind is int else 'a number'} from {low} to {high}", rid)
@@ -127,8 +126,8 @@ def parse_request(payload: bytes) -> Request:
     for flag in ("thinking", "new_session"):
         _check(isinstance(data.get(flag, False), bool), f"field '{flag}' must be true or false", rid)
     reply_to = data.get("reply_to")
-    _check(reply_to is None or (isinstance(reply_to, str) and reply_to and not set(reply_to) & set("#+")),
-           "field 'reply_to' must be a topic without wildcards", rid)
+    _check(reply_to is None or (isinstance(reply_to, str) and publish_topic_problem(reply_to) is None),
+           "field 'reply_to' must be a topic one can publish to (no wildcards, no empty levels)", rid)
     deadline = data.get("deadline")
     _check(deadline is None or (isinstance(deadline, int | float) and not isinstance(deadline, bool)),
            "field 'deadline' must be a Unix time in seconds", rid)
@@ -155,6 +154,27 @@ def parse_request(payload: bytes) -> Request:
     )
 
 
+def reply_topic(response_topic: str | None, reply_to: str | None, allowed_prefix: str) -> tuple[str | None, str]:
+    """Where to answer a request: its MQTT 5 ResponseTopic, else its payload's ``reply_to``.
+
+    Returns ``(topic, "")``, or ``(None, why)`` when there is none or it may not be used: outside
+    ``allowed_prefix`` (a device is no relay for arbitrary topics) or not a valid publish topic.
+    """
+    topic = response_topic or reply_to
+    if not topic:
+        return None, "no reply topic (MQTT 5 ResponseTopic or 'reply_to')"
+    if not topic.startswith(allowed_prefix):
+        return None, f"reply topic {topic[:200]!r} is outside {allowed_prefix}"
+    if problem := publish_topic_problem(topic):
+        return None, f"reply topic {topic[:200]!r} cannot be published to: {problem}"
+    return topic, ""
+
+
+def queued(request_id: str, position: int) -> bytes:
+    """The first reply to an accepted request: its place in the queue (1 = next to run)."""
+    return _dump({"id": request_id, "type": "queued", "position": position})
+
+
 def chunk(request_id: str, seq: int, text: str) -> bytes:
     return _dump({"id": request_id, "type": "chunk", "seq": seq, "text": text})
 
@@ -171,6 +191,27 @@ def error(request_id: str | None, code: str, message: str, seq: int | None = Non
     if seq is not None:
         body["seq"] = seq
     return _dump(body)
+
+
+@dataclass(frozen=True)
+class Status:
+    """A device's retained status: what it serves and whether it is online."""
+
+    device_id: str
+    state: str  # online or offline
+    version: str
+    bundle: str
+    model: str
+    profile: str
+    context_length: int
+    capabilities: dict[str, bool]
+    since: float
+
+    def with_state(self, state: str) -> Status:
+        return replace(self, state=state)
+
+    def encode(self) -> bytes:
+        return _dump(asdict(self))
 
 
 def _dump(data: dict[str, Any]) -> bytes:

@@ -1,0 +1,146 @@
+"""Commands that talk MQTT: serve (the daemon), ask and status (clients)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edgekit.cli.common import Output, broker_options, broker_overrides, connect, err, friendly, out, output_option, table
+from edgekit.errors import EdgekitError
+
+
+@click.command()
+@click.argument("bundle_dir", type=click.Path(file_okay=False, path_type=Path), required=False)
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Daemon YAML config (e.g. /etc/edgekit/daemon.yaml); flags override it.")
+@click.option("--device-id", default=None, help="Device id in topics [default: the hostname].")
+@broker_options
+@click.option("--queue-size", type=click.IntRange(1), default=None, help="Requests that may wait [default: 4].")
+@click.option("--telemetry-interval", type=click.FloatRange(0.1), default=None, help="Seconds [default: 10].")
+@click.option("--pool", "pools", multiple=True, help="Also take requests sent to this device pool (MQTT 5).")
+@click.option("--threads", type=click.IntRange(1), default=None, help="Override the bundle's thread count.")
+@click.option("-v", "--verbose", is_flag=True, help="Log every request.")
+@friendly
+def serve(bundle_dir: Path | None, config_file: Path | None, device_id: str | None, queue_size: int | None,
+          telemetry_interval: float | None, pools: tuple[str, ...], threads: int | None, verbose: bool,
+          **broker: Any) -> None:
+    """Serve a bundle over MQTT until SIGTERM.
+
+    \b
+    Example:
+      edgekit serve dist/qwen3.5-0.8b-raspberry-pi-5-int4 --device-id kitchen --host broker.local
+      edgekit serve --config /etc/edgekit/daemon.yaml
+    """
+    import logging
+
+    from edgekit.serve import config as daemon_config
+    from edgekit.serve.daemon import Daemon
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    overrides = {"bundle": bundle_dir, "device_id": device_id, "queue_size": queue_size,
+                 "telemetry_interval": telemetry_interval, "pools": pools or None, "threads": threads}
+    config = daemon_config.load(config_file, overrides, broker_overrides(broker))
+    daemon = Daemon(config)
+    err.print(f"serving {config.bundle} as {daemon.device_id} on {config.broker.address} (Ctrl-C to stop)")
+    daemon.serve()
+
+
+@click.command()
+@click.argument("prompt")
+@click.option("--device", "device_id", default=None, help="Device id to ask.")
+@click.option("--pool", default=None, help="Ask whichever device of this pool takes the request (MQTT 5).")
+@broker_options
+@click.option("--session", default=None, help="Keep the conversation on the device under this id.")
+@click.option("--max-tokens", type=click.IntRange(1), default=256, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0, 5), default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-p", type=click.FloatRange(0, 1), default=None)
+@click.option("--top-k", type=click.IntRange(0, 1000), default=None)
+@click.option("--seed", type=click.IntRange(0), default=None)
+@click.option("--stop", multiple=True, help="Stop before this text (repeatable).")
+@click.option("--think/--no-think", default=False, show_default=True)
+@click.option("--timeout", type=click.FloatRange(1), default=300.0, show_default=True)
+@output_option("Print the final message as JSON.")
+@friendly
+def ask(prompt: str, device_id: str | None, pool: str | None, session: str | None, max_tokens: int,
+        temperature: float, top_p: float | None, top_k: int | None, seed: int | None, stop: tuple[str, ...],
+        think: bool, timeout: float, output: Output, **broker: Any) -> None:
+    """Ask a device (or a pool) over MQTT and stream its answer.
+
+    An unknown or offline device is reported at once, naming the broker.
+
+    \b
+    Example:
+      edgekit ask --device kitchen "Is the oven on?" --session dinner
+    """
+    if not device_id and not pool:
+        raise EdgekitError("name a device (--device) or a pool (--pool)")
+    request: dict[str, Any] = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+                               "temperature": temperature, "thinking": think}
+    optional = {"session": session, "top_p": top_p, "top_k": top_k, "seed": seed, "stop": list(stop) or None}
+    request.update({key: value for key, value in optional.items() if value is not None})
+    pieces: list[str] = []
+    with connect(broker) as client:
+        final = client.ask(device_id, request, on_text=output.text(pieces.append), timeout=timeout, pool=pool)
+    output.result({**final, "text": "".join(pieces)}, lambda _: click.echo())
+
+
+@click.command()
+@broker_options
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Take broker settings from a daemon config (as on a device); flags override it.")
+@click.option("--device", "device_id", default=None, help="Only this device.")
+@click.option("--wait", type=click.FloatRange(0.1), default=1.0, show_default=True, help="Seconds to collect statuses.")
+@click.option("--wait-online", is_flag=True, help="Wait until --device reports online (exit 1 on --timeout).")
+@click.option("--bundle", default=None, help="With --wait-online: the bundle name it must be serving.")
+@click.option("--since", type=float, default=None, help="With --wait-online: only a status from a daemon started after this Unix time.")
+@click.option("--timeout", type=click.FloatRange(0.1), default=60.0, show_default=True, help="Seconds for --wait-online.")
+@output_option()
+@friendly
+def status(config_file: Path | None, device_id: str | None, wait: float, wait_online: bool, bundle: str | None,
+           since: float | None, timeout: float, output: Output, **broker: Any) -> None:
+    """List devices from their retained status and latest telemetry.
+
+    \b
+    Example:
+      edgekit status --host broker.local
+      edgekit status --config /etc/edgekit/daemon.yaml --device kitchen --wait-online --timeout 90
+    """
+    from edgekit.client import DeviceClient
+
+    if config_file:
+        from edgekit.serve import config as daemon_config
+
+        config = daemon_config.load(config_file, broker=broker_overrides(broker))
+        device_id = device_id or config.device_id
+        client = DeviceClient(config.broker)
+    else:
+        client = connect(broker)
+    if wait_online and not device_id:
+        raise EdgekitError("--wait-online needs --device (or --config naming the device)")
+    with client:
+        if wait_online:
+            assert device_id is not None
+            online = client.wait_for_state(
+                device_id, "online", timeout,
+                match=lambda s: (bundle is None or s.get("bundle") == bundle) and (since is None or s.get("since", 0) >= since))
+            return output.result(online, lambda s: out.print(f"{device_id} is online serving {s.get('bundle')}"))
+        found = client.statuses(wait)
+    if device_id:
+        found = {k: v for k, v in found.items() if k == device_id}
+    output.result(found, _draw_statuses)
+
+
+def _draw_statuses(found: dict[str, dict[str, Any]]) -> None:
+    rows = []
+    for device, info in sorted(found.items()):
+        tele = info.get("telemetry", {})
+        rows.append((device, info.get("state", "?"), info.get("bundle", ""), info.get("profile", ""), info.get("version", ""),
+                     tele.get("cpu", {}).get("percent", ""), f"{tele['memory']['available_mb']} MiB" if tele else "",
+                     tele.get("inference", {}).get("tokens", "")))
+    columns = ("device", "state", "bundle", "profile", "version", "cpu %", "mem avail", "tokens")
+    out.print(table(columns, rows, keep=("device", "bundle", "profile"), title="devices"))
+
+
+COMMANDS = (serve, ask, status)
