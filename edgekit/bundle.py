@@ -25,7 +25,7 @@ from typing import Any
 
 from edgekit.errors import BundleDamaged, EdgekitError
 from edgekit.profiles import DeviceProfile, parse_profile
-from edgekit.validation import Fields
+from edgekit.validation import Fields, read_json
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -133,13 +133,7 @@ class Manifest:
     def read(cls, folder: Path) -> Manifest:
         """The bundle's manifest, checked for a format this version understands and for every field's type."""
         path = folder / MANIFEST
-        if not path.is_file():
-            raise EdgekitError(f"{folder}: not a bundle (no {MANIFEST})")
-        try:
-            data = json.loads(path.read_bytes())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise EdgekitError(f"{path}: not valid JSON ({exc})") from exc
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(read_json(path, f"{folder}: not a bundle (no {MANIFEST})"), str(path))
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> Manifest:

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from edgekit.errors import EdgekitError
+
+
+def read_json(path: Path, missing: str) -> Any:
+    """The JSON document in ``path``; ``missing`` is the error when there is no such file."""
+    if not path.is_file():
+        raise EdgekitError(missing)
+    try:
+        return json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EdgekitError(f"{path}: not valid JSON ({exc})") from exc
 
 
 class Fields:

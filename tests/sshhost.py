@@ -82,7 +82,8 @@ class SSHHost:
     def device(self) -> Path:
         """A fresh, empty device root, made the one the systemctl shim serves. The daemon the shim
         started on the previous device is stopped first: the shim only reaches the current one."""
-        self.stop_service()
+        if self.root_link.is_symlink():
+            self.stop_service()
         root = Path(tempfile.mkdtemp(prefix="edgekit-device-", dir=self.dir))
         root.chmod(0o755)
         tmp_link = self.dir / "root.new"

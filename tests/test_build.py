@@ -98,6 +98,7 @@ def test_bundle_tokenizer_encodes_like_the_checkpoint(host_bundle: Path, tiny_ch
     assert (host_bundle / "tokenizer.json").stat().st_size < 0.5 * (tiny_checkpoint / "tokenizer.json").stat().st_size
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("profile_name", ["raspberry-pi-5", "jetson-orin-nano"])
 def test_build_for_device_profiles(profile_name: str, tiny_checkpoint_no_mtp: Path, tmp_path: Path) -> None:
     """Device profiles build (a checkpoint without MTP head too), signed; a CUDA bundle is checked on the CPU here."""
@@ -142,6 +143,7 @@ def test_gate_fails_damaged_export(bundle_copy: Path, tiny_checkpoint: Path) -> 
     assert "mean KL" in damaged.reason
 
 
+@pytest.mark.slow
 def test_failed_gate_leaves_nothing(tiny_checkpoint: Path, tmp_path: Path) -> None:
     impossible = Quality(min_top1_agreement=1.0, max_mean_kl=0.0)
     request = BuildRequest(profile=load_profile("host"), model=str(tiny_checkpoint), output=tmp_path, quality=impossible)
@@ -159,6 +161,7 @@ def test_existing_output_needs_overwrite(host_bundle: Path, tiny_checkpoint: Pat
     assert bundle.verify(host_bundle).built_at == before
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_bundle(tiny_checkpoint: Path, tmp_path: Path) -> None:
     args = ["build", "--profile", "host", "--model", str(tiny_checkpoint), "-o", str(tmp_path), "--name", "b", *GATE_FLAGS]
     runner = CliRunner()
@@ -190,6 +193,7 @@ def _config_only_2b(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_hub_model_that_does_not_fit_is_refused_before_download(tmp_path: Path) -> None:
     """Only config.json is in the (offline) cache: the refusal must come from it, before any weights."""
     from .test_checkpoint import _hub_cache
@@ -205,6 +209,7 @@ def test_hub_model_that_does_not_fit_is_refused_before_download(tmp_path: Path) 
     assert "Qwen/Qwen3.5-2B does not fit profile raspberry-pi-4" in done.stderr
 
 
+@pytest.mark.slow
 def test_model_that_does_not_fit_is_refused_with_numbers(tmp_path: Path) -> None:
     model = _config_only_2b(tmp_path / "qwen3.5-2b")
     result = CliRunner().invoke(main, ["build", "--profile", "raspberry-pi-4", "--ram-gb", "2", "--model", str(model),
@@ -282,6 +287,7 @@ def test_interrupted_build_leaves_nothing(tiny_checkpoint: Path, tmp_path: Path)
     assert _leftovers(out) == []
 
 
+@pytest.mark.slow
 def test_hub_id_build_offline(tiny_checkpoint: Path, tmp_path: Path) -> None:
     """`--model Qwen/Qwen3.5-0.8B` through huggingface_hub's cache, offline, records the commit."""
     from .test_checkpoint import _hub_cache
@@ -297,6 +303,7 @@ def test_hub_id_build_offline(tiny_checkpoint: Path, tmp_path: Path) -> None:
     assert summary["model"]["id"] == "Qwen/Qwen3.5-0.8B" and summary["model"]["revision"] == commit
 
 
+@pytest.mark.slow
 def test_lowmem_quantization_matches_the_builders_own_pass(tiny_checkpoint: Path, tmp_path: Path) -> None:
     """Our tensor-by-tensor int4 pass writes the same graph and the same bytes as the builder's."""
     import onnx
@@ -322,6 +329,7 @@ def test_lowmem_quantization_matches_the_builders_own_pass(tiny_checkpoint: Path
     assert [o.name for o in ours.graph.output] == [o.name for o in theirs.graph.output]
 
 
+@pytest.mark.slow
 def test_include_mtp_exports_the_draft_head(tiny_checkpoint: Path, tmp_path: Path) -> None:
     """With --include-mtp the head is exported beside the main graph, which our engine still runs."""
     import onnxruntime as ort
@@ -341,6 +349,7 @@ def test_include_mtp_exports_the_draft_head(tiny_checkpoint: Path, tmp_path: Pat
         og.Model(str(folder))
 
 
+@pytest.mark.slow
 def test_k_quant_recipe_from_a_user_profile(tiny_checkpoint_no_mtp: Path, tmp_path: Path) -> None:
     """A profile's quantization algorithm reaches the builder (k-quant runs the builder's own pass)."""
     profile = write_profile(tmp_path, "kq-board", algorithm="k_quant")
@@ -355,6 +364,7 @@ def test_k_quant_recipe_from_a_user_profile(tiny_checkpoint_no_mtp: Path, tmp_pa
     assert manifest.profile.quantization.kv_cache == "int8" and manifest.recipe.kv_cache == "fp16"
 
 
+@pytest.mark.slow
 def test_lm_head_block_size_from_a_user_profile(tiny_checkpoint_no_mtp: Path, tmp_path: Path) -> None:
     """The LM head, and the tied embedding lookup reading its bytes, get their own block size."""
     import onnx

@@ -224,12 +224,30 @@ def test_ask_says_at_once_that_a_device_is_unknown_or_offline(broker: int) -> No
         assert time.monotonic() - started < 15  # not the 300 s timeout
 
 
-def test_tables_never_truncate_names_at_80_columns() -> None:
+def test_tables_never_truncate_names_at_80_columns(broker: int) -> None:
     from edgekit.profiles import known_profiles
 
-    result = CliRunner().invoke(main, ["profiles"], env={"COLUMNS": "80"})
+    runner = CliRunner(env={"COLUMNS": "80"})
+    result = runner.invoke(main, ["profiles"])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert max(len(line) for line in lines) <= 80 and "…" not in result.output
     for name in known_profiles():
         assert any(line.split() and line.split()[0] == name for line in lines), name
+    shown = runner.invoke(main, ["profiles", "show", "raspberry-pi-4"])
+    assert shown.exit_code == 0 and "…" not in shown.output and "default_model " in shown.output
+    assert max(len(line) for line in shown.output.splitlines()) <= 80
+    long_bundle = "qwen3.5-0.8b-raspberry-pi-5-int4-block32-kvint8"
+    status = protocol.Status("greenhouse-sensor-07", "online", "0.1.0", long_bundle, "Qwen/Qwen3.5-0.8B",
+                             "raspberry-pi-5", 4096, {}, 1.0)
+    raw = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    raw.connect("127.0.0.1", broker)
+    raw.loop_start()
+    raw.publish(DeviceTopics.of("edgekit", status.device_id).status, status.encode(), qos=1, retain=True).wait_for_publish(5)
+    raw.loop_stop()
+    raw.disconnect()
+    listed = runner.invoke(main, ["status", "--port", str(broker), "--wait", "0.5"])
+    assert listed.exit_code == 0, listed.output
+    assert "…" not in listed.output and max(len(line) for line in listed.output.splitlines()) <= 80
+    for name in (status.device_id, long_bundle, "raspberry-pi-5"):
+        assert name in listed.output, listed.output

@@ -40,6 +40,8 @@ def test_error_codes_match_the_implementation() -> None:
         {"id": "a", "prompt": "x", "max_tokens": 0},
         {"id": "a", "messages": [{"role": "robot", "content": "hi"}]},
         {"id": "a", "prompt": "x", "reply_to": "a/#"},
+        {"id": "a", "prompt": "x", "reply_to": "edgekit/v1/replies//a"},
+        {"id": "a", "prompt": "x", "reply_to": "edgekit/v1/replies/c/a"},
         {"id": "", "prompt": "x"},
     ],
 )

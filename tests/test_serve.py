@@ -341,6 +341,7 @@ def test_systemd_readiness_and_watchdog(host_bundle: Path, broker: int, tmp_path
         listener.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["mosquitto", "amqtt"])
 def test_embedded_broker_serves_the_demo(kind: str, host_bundle: Path) -> None:
     """make run's broker: Mosquitto (MQTT 5) where installed, else amqtt, which only speaks 3.1.1."""
@@ -400,6 +401,7 @@ def test_mqtt5_message_expiry_answers_expired(daemon: Daemon, broker: int) -> No
         assert last["code"] == "expired"
 
 
+@pytest.mark.slow
 def test_bench_report(host_bundle: Path) -> None:
     """`edgekit bench` runs end to end; its MQTT prompt has the same length as the engine's."""
     from edgekit.bench import run

@@ -57,6 +57,7 @@ def test_invalid_config_names_the_field(tmp_path: Path, text: str, message: str)
         daemon_config.load(path, environ={})
 
 
+@pytest.mark.slow
 def test_tls_and_password(secure_broker, host_bundle: Path) -> None:
     port, folder = secure_broker
     tls = {"tls_ca": folder / "ca.crt", "tls_cert": folder / "client.crt", "tls_key": folder / "client.key"}
@@ -83,6 +84,7 @@ def test_tls_and_password(secure_broker, host_bundle: Path) -> None:
         thread.join(timeout=30)
 
 
+@pytest.mark.slow
 def test_the_daemon_never_logs_its_secrets(secure_broker, host_bundle: Path) -> None:
     port, folder = secure_broker
     yaml_file = folder / "daemon-verbose.yaml"

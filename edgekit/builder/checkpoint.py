@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgekit.errors import EdgekitError
+from edgekit.validation import read_json
 
 ARCHITECTURE = "Qwen3_5ForConditionalGeneration"
 # What a build reads; the vision preprocessor configs and READMEs stay on the hub.
@@ -120,12 +121,7 @@ def resolve(model: str, revision: str | None = None, config_only: bool = False) 
 def read_config(folder: Path) -> tuple[dict, ModelShape]:
     """Read and check ``folder/config.json`` as a Qwen3.5 config; return it and the text model's shape."""
     config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise EdgekitError(f"model {folder}: no config.json; not a Hugging Face checkpoint folder")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise EdgekitError(f"{config_path}: not valid JSON ({exc})") from exc
+    config = read_json(config_path, f"model {folder}: no config.json; not a Hugging Face checkpoint folder")
     architectures = config.get("architectures") or []
     if config.get("model_type") != "qwen3_5" or ARCHITECTURE not in architectures:
         found = ", ".join(architectures) or config.get("model_type") or "unknown"

@@ -124,7 +124,7 @@ def build(profile_name: str, model: str | None, revision: str | None, output_dir
       edgekit build --profile raspberry-pi-4 --ram-gb 2 --model ./my-checkpoint -o dist --json
       edgekit build --profile raspberry-pi-5 --sign keys/release.key
     """
-    from dataclasses import replace
+    from dataclasses import asdict, replace
 
     from edgekit.builder.pipeline import BuildRequest
     from edgekit.builder.pipeline import build as run_build
@@ -152,10 +152,10 @@ def build(profile_name: str, model: str | None, revision: str | None, output_dir
     with Progress(*columns, console=err.rich, transient=output.as_json) as bar:
         result = run_build(request, _RichReporter(bar))
     manifest = result.manifest
-    summary = {"bundle": str(result.path), "size_bytes": manifest.size_bytes, "quality": manifest.quality,
+    summary = {"bundle": str(result.path), "size_bytes": manifest.size_bytes, "quality": asdict(manifest.quality),
                "estimated_ram": manifest.estimated_ram, "timings": result.timings, "profile": profile.name,
-               "model": manifest.model}
-    output.result(_plain(summary), lambda _: _print_build(result))
+               "model": asdict(manifest.model)}
+    output.result(summary, lambda _: _print_build(result))
 
 
 def _print_build(result: BuildResult) -> None:
@@ -163,13 +163,6 @@ def _print_build(result: BuildResult) -> None:
     out.print(f"[green]built[/] {result.path} ({manifest.size_bytes / 1024**2:.0f} MiB) in {result.timings['total']:.0f} s")
     out.print(f"quality: {q.reason} ({q.positions} positions, checked on {q.checked_on})")
     out.print(f"estimated RAM on {manifest.profile.name}: {manifest.estimated_ram_total / 1024**2:.0f} MiB")
-
-
-def _plain(data: dict[str, Any]) -> dict[str, Any]:
-    """``data`` with dataclass values as dicts, for JSON."""
-    from dataclasses import asdict, is_dataclass
-
-    return {k: asdict(v) if is_dataclass(v) and not isinstance(v, type) else v for k, v in data.items()}
 
 
 @click.command()
