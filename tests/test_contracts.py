@@ -194,6 +194,12 @@ def test_reply_topics_are_validated_once(response_topic: str | None, reply_to: s
     assert topic == expected and (bool(why) == (expected is None))
 
 
+@pytest.mark.parametrize(("payload", "expected"), [(b'{"id": "r1"}', "r1"), (b"{not json", None), (b'["r1"]', None),
+                                                 (b'{"id": 7}', None), (b"\xff", None), (b"{}", None)])
+def test_cancel_payloads(payload: bytes, expected: str | None) -> None:
+    assert protocol.parse_cancel(payload) == expected
+
+
 def test_queued_and_status_messages_match_their_schemas() -> None:
     def schema(name: str) -> dict:
         return json.loads((SCHEMAS / f"{name}.json").read_text())

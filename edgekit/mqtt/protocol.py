@@ -14,8 +14,8 @@ from typing import Any
 from edgekit.mqtt.topics import VERSION, publish_topic_problem
 from edgekit.runtime.sampling import Sampling
 
-__all__ = ["VERSION", "ERROR_CODES", "ProtocolError", "Request", "Status", "parse_request", "reply_topic",
-           "queued", "chunk", "final", "error"]
+__all__ = ["VERSION", "ERROR_CODES", "ProtocolError", "Request", "Status", "parse_request", "parse_cancel", "reply_topic",
+           "queued", "chunk", "final", "error", "telemetry"]
 MAX_PAYLOAD = 256 * 1024  # bytes; a 4k-token conversation is far below this
 
 # Error codes: the complete list a client may receive.
@@ -154,6 +154,15 @@ def _validate(data: dict[str, Any]) -> Request:
     )
 
 
+def parse_cancel(payload: bytes | bytearray) -> str | None:
+    """The request id a cancel message names, or None for a payload that is not ``{"id": "..."}``."""
+    try:
+        request_id = json.loads(payload).get("id")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
+    return request_id if isinstance(request_id, str) else None
+
+
 def reply_topic(response_topic: str | None, reply_to: str | None, allowed_prefix: str) -> tuple[str | None, str]:
     """Where to answer a request: its MQTT 5 ResponseTopic, else its payload's ``reply_to``.
 
@@ -183,6 +192,11 @@ def final(request_id: str, seq: int, finish_reason: str, usage: dict[str, int], 
           session: str | None = None, device_id: str | None = None) -> bytes:
     return _dump({"id": request_id, "type": "final", "seq": seq, "finish_reason": finish_reason, "usage": usage,
                   "timings": timings, "session": session, "device_id": device_id})
+
+
+def telemetry(sample: dict[str, Any]) -> bytes:
+    """A telemetry message from a resource sample (``edgekit.serve.telemetry.collect``)."""
+    return _dump(sample)
 
 
 def error(request_id: str | None, code: str, message: str, seq: int | None = None) -> bytes:

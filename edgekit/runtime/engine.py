@@ -157,10 +157,9 @@ class Engine:
         """Give back what the device need not keep resident: clean pages of the weights file, and
         (``heap``) freed heap. Prepacking reads every weight page once. Afterwards, a graph that looks
         embeddings up itself reads the table's rows through the mapping, and the kernel maps whole
-        large folios around each row (64 random tokens left 25-100 MiB mapped on the 0.8B); dropping
-        those takes 3-4 ms. The embeds graph reads no rows through it (embedding.py). Trimming the
-        heap made the next request's first token ~8 ms later through the daemon, so it waits for an
-        idle spell.
+        large folios around each row, far more than the rows; dropping those is cheap. The embeds
+        graph reads no rows through it (embedding.py). Trimming the heap delayed the next request's
+        first token, so the daemon waits for an idle spell (figures: docs/benchmarks.md).
         """
         for data, mappings in self._file_pages.items():
             drop_pages(data, mappings)

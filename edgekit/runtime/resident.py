@@ -4,14 +4,12 @@ Four things stay resident that the device does not need to keep:
 
 - freed large blocks: glibc serves big allocations from their own mappings, returned on free, but
   raises that threshold (up to 32 MiB) each time such a block is freed; from then on a request's
-  activations come from the heap and stay there after the request (~110 MiB after 128-token
-  requests on the 0.8B, and after a 4,000-token prefill). A fixed 1 MiB threshold keeps them
-  returning, at ~1.5% of decode speed (same-process A/B, 8 rounds);
+  activations come from the heap and stay there after the request. A fixed 1 MiB threshold keeps
+  them returning, for a small share of decode speed;
 - per-thread heaps: glibc gives threads that allocate at the same time heaps of their own (up to
   8 per core), and each keeps its own freed and fragmented pages. The daemon's generation worker,
-  ONNX Runtime's pool threads and the MQTT network thread all allocate; with two heaps in all
-  the daemon held 9-14 MiB less after a 4,032-token request on the 0.8B and peaked 4 MiB lower,
-  MQTT decode unchanged (alternating benches, docs/benchmarks.md);
+  ONNX Runtime's pool threads and the MQTT network thread all allocate; two heaps in all hold
+  less after a long request and lower its peak, at no decode cost (figures: docs/benchmarks.md);
 - freed heap: parsing ``tokenizer.json`` and prepacking weights allocate and free hundreds of MB,
   and glibc keeps freed pages mapped until ``malloc_trim`` hands them back;
 - clean pages of the weights file: onnxruntime maps external data, and prepacking reads every
@@ -65,7 +63,7 @@ def clean_mappings(path: Path) -> list[tuple[int, int]]:
     Without copy-on-write pages, a mapping holds only page-cache pages, which read back intact after
     :func:`drop_pages`. ONNX Runtime maps external data private and writable but never writes a
     constant initializer, so a list taken once the session is loaded stays valid while it lives:
-    later drops skip reading ``smaps`` (~25 ms with the 0.8B's ~300 mappings; a drop is 3-4 ms).
+    later drops skip reading ``smaps``, which costs several times the drop itself.
     """
     if _libc is None:
         return []

@@ -7,7 +7,6 @@ under the allowed reply prefix. Status is retained, with a Last Will that marks 
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import signal
@@ -189,10 +188,9 @@ class Daemon:
         self._publish(reply_topic, protocol.queued(request.id, position), correlation)
 
     def _cancel(self, payload: bytes | bytearray) -> None:
-        try:
-            request_id = json.loads(payload)["id"]
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-            log.warning("cancel needs a JSON object with 'id'; got %r", payload[:100])
+        request_id = protocol.parse_cancel(payload)
+        if request_id is None:
+            log.warning("cancel needs a JSON object with a string 'id'; got %r", payload[:100])
             return
         active = self.active
         if active and active.request.id == request_id:
@@ -245,8 +243,8 @@ class Daemon:
         psutil.cpu_percent(percpu=True)
         while not self._stopped.wait(self.config.telemetry_interval):
             if self.client.is_connected():
-                message = collect(self.config.bundle, self.started, self.metrics, self.jobs.qsize())
-                self.client.publish(self.topics.telemetry, json.dumps(message), qos=0, retain=True)
+                sample = collect(self.config.bundle, self.started, self.metrics, self.jobs.qsize())
+                self.client.publish(self.topics.telemetry, protocol.telemetry(sample), qos=0, retain=True)
 
     def _watchdog(self, interval: float) -> None:
         # Ping only while the worker thread lives: a wedged or dead worker lets systemd restart us.
