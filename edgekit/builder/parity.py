@@ -17,6 +17,7 @@ import numpy as np
 from edgekit.bundle import QualityReport
 from edgekit.errors import EdgekitError
 from edgekit.profiles import Quality
+from edgekit.runtime.agreement import Agreement, forced_logits
 from edgekit.runtime.engine import Engine, configured_provider, provider_available
 from edgekit.runtime.tokenizer import ChatTokenizer
 
@@ -71,29 +72,9 @@ def reference_runs(checkpoint: Path, prompts: list[list[int]], new_tokens: int) 
     return runs
 
 
-def compare(engine: Engine, prompts: list[list[int]], runs: list[tuple[list[int], np.ndarray]]) -> tuple[float, float, float]:
-    """Teacher-force the export along the reference tokens: (top-1 agreement, mean KL, max KL)."""
-    agree, kls = [], []
-    for ids, (tokens, ref_logits) in zip(prompts, runs):
-        state = engine.new_state()
-        logits = engine.forward(state, ids)
-        for step, token in enumerate(tokens):
-            agree.append(int(np.argmax(logits)) == int(np.argmax(ref_logits[step])))
-            kls.append(_kl(ref_logits[step], logits))
-            if step + 1 < len(tokens):
-                logits = engine.forward(state, [token])
-    return float(np.mean(agree)), float(np.mean(kls)), float(np.max(kls))
-
-
-def _kl(reference: np.ndarray, candidate: np.ndarray) -> float:
-    p = _log_softmax(reference.astype(np.float64))
-    q = _log_softmax(candidate.astype(np.float64))
-    return float(np.sum(np.exp(p) * (p - q)))
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    shifted = x - x.max()
-    return shifted - np.log(np.exp(shifted).sum())
+def compare(engine: Engine, prompts: list[list[int]], runs: list[tuple[list[int], np.ndarray]]) -> Agreement:
+    """Teacher-force the export along the reference tokens, position by position."""
+    return Agreement.of((ref_logits, forced_logits(engine, ids, tokens)) for ids, (tokens, ref_logits) in zip(prompts, runs))
 
 
 def check(
@@ -122,7 +103,8 @@ def check(
         engine = Engine(bundle, threads=threads, provider=checked_on)
     except EdgekitError as exc:
         raise EdgekitError(f"parity check cannot load the export: {exc}") from exc
-    top1, mean_kl, max_kl = compare(engine, prompts, runs)
+    agreement = compare(engine, prompts, runs)
+    top1, mean_kl, max_kl = agreement.top1, agreement.mean_kl, agreement.max_kl
     if precision == "fp32":
         passed = top1 == 1.0
         reason = (
@@ -140,7 +122,7 @@ def check(
         reason = "; ".join(failures) or f"top-1 agreement {top1:.3f}, mean KL {mean_kl:.4f} within the profile's gate"
     return QualityReport(
         prompts=len(prompts),
-        positions=len(prompts) * NEW_TOKENS,
+        positions=agreement.positions,
         top1_agreement=top1,
         mean_kl=mean_kl,
         max_kl=max_kl,
