@@ -38,8 +38,10 @@ run: install
 	$(BIN)/python -m edgekit.demo --model "$(MODEL)" --profile $(PROFILE) --prompt "$(PROMPT)" $(RANDOM)
 
 # The tests start their own Mosquitto brokers and sshd (the deploy tests' device), validate
-# cloud-init user-data and run the Ansible playbook: install what is missing (Debian packages).
-SYSTEM_PACKAGES := mosquitto openssh-server openssh-client sudo ansible cloud-init python3-venv
+# cloud-init user-data, run the Ansible playbook and emulate a Raspberry Pi (an arm64 Debian root
+# filesystem under qemu-user): install what is missing (Debian packages).
+SYSTEM_PACKAGES := mosquitto openssh-server openssh-client sudo ansible cloud-init python3-venv \
+	qemu-user-static binfmt-support mmdebstrap
 system-deps:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
