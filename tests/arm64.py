@@ -65,10 +65,10 @@ class EmulatedPi:
         self.root = cache / f"arm64-{hashlib.sha256(recipe().encode()).hexdigest()[:16]}"
         self._undo: list[list[str]] = []
         self._cpuinfo_bound = False
-        if not self.root.is_dir():
-            self._build()
         try:
-            self._register_binfmt()
+            self._register_binfmt()  # mmdebstrap runs the tree's arm64 package scripts through it too
+            if not self.root.is_dir():
+                self._build()
             self._mount(["mount", "-t", "proc", "proc", str(self.root / "proc")], ["umount", "-l", str(self.root / "proc")])
             # ONNX Runtime's CPU detection (pytorch cpuinfo) reads the processor lists in /sys; without
             # them it cannot tell which instructions the CPU has, and picks other kernels.

@@ -216,7 +216,8 @@ def test_model_that_does_not_fit_is_refused_with_numbers(tmp_path: Path) -> None
                                        "-o", str(tmp_path / "out")])
     assert result.exit_code == 1
     assert "does not fit profile raspberry-pi-4 (2 GB RAM, 60% for the model)" in result.output
-    assert "weights 1346 MiB" in result.output and "budget of 1229 MiB" in result.output
+    # The Pi 4 computes at accuracy level 0: ONNX Runtime packs no int8 block sums beside the weights.
+    assert "weights 1121 MiB" in result.output and "budget of 1229 MiB" in result.output
     assert _leftovers(tmp_path / "out") == []
 
 

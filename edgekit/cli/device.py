@@ -109,17 +109,16 @@ def status(config_file: Path | None, device_id: str | None, wait: float, wait_on
     """
     from edgekit.client import DeviceClient
 
+    settings = None
     if config_file:
         from edgekit.serve import config as daemon_config
 
         config = daemon_config.load(config_file, broker=broker_overrides(broker))
         device_id = device_id or config.device_id
-        client = DeviceClient(config.broker)
-    else:
-        client = connect(broker)
+        settings = config.broker
     if wait_online and not device_id:
         raise EdgekitError("--wait-online needs --device (or --config naming the device)")
-    with client:
+    with DeviceClient(settings) if settings else connect(broker) as client:
         if wait_online:
             assert device_id is not None
             online = client.wait_for_state(
