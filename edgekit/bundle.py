@@ -195,9 +195,8 @@ class Manifest:
         )
         if "total" not in manifest.estimated_ram:
             raise EdgekitError(f"{where}: field 'estimated_ram.total' must be an integer (missing)")
-        top.get("size_bytes", int, "an integer", None)
-        known = top.used | {"size_bytes"}
-        return replace(manifest, extra={k: v for k, v in data.items() if k not in known})
+        top.get("size_bytes", int, "an integer", None)  # derived from the files; checked, not kept
+        return replace(manifest, extra={k: v for k, v in data.items() if k not in top.used})
 
 
 def _str_map(parent: Fields, key: str, kind: type | tuple[type, ...]) -> dict[str, Any]:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from edgekit.cli.common import Output, err, friendly, out, output_option
+
+if TYPE_CHECKING:
+    from edgekit.deploy.deploy import DeployReport
 
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 _BUNDLE = click.Path(exists=True, file_okay=False, path_type=Path)
@@ -164,7 +167,7 @@ def deploy(bundle_dir: Path, destination: str, port: int | None, identity: Path 
     output.result(report.to_dict(), lambda _: _print_deploy(report, destination, dry_run))
 
 
-def _print_deploy(report: Any, destination: str, dry_run: bool) -> None:
+def _print_deploy(report: DeployReport, destination: str, dry_run: bool) -> None:
     if dry_run:
         facts = report.facts
         out.print(f"[bold]dry run[/]: {facts['hostname']} ({facts['machine']}, {facts['os']}, "
