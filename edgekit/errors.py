@@ -16,3 +16,11 @@ class BundleDamaged(EdgekitError):
 
 class ContextExceeded(EdgekitError):
     """A sequence would not fit the bundle's context length; the message has the numbers."""
+
+
+class BelowQualityGate(EdgekitError):
+    """A bundle computes too far from its shipped reference on this machine's kernels (the quality
+    check on the device). The daemon's unit does not restart on it (RestartPreventExitStatus=4): it
+    would compute the same again."""
+
+    exit_code = 4

@@ -56,6 +56,19 @@ def nothing_outlives_the_tests() -> Iterator[None]:
         pytest.fail(f"edgekit processes outlived the tests (killed now): {described}")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def quality_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Daemons started by the tests cache their quality checks in the session's temporary folder
+    (as under systemd's CacheDirectory=), not in this machine's ~/.cache."""
+    previous = os.environ.get("CACHE_DIRECTORY")
+    os.environ["CACHE_DIRECTORY"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if previous is None:
+        del os.environ["CACHE_DIRECTORY"]
+    else:
+        os.environ["CACHE_DIRECTORY"] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Qwen3.5 checkpoint with an MTP head, as real checkpoints have."""

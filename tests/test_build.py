@@ -129,7 +129,7 @@ def test_build_for_device_profiles(profile_name: str, tiny_checkpoint_no_mtp: Pa
 
 
 def test_gate_fails_damaged_export(bundle_copy: Path, tiny_checkpoint: Path) -> None:
-    sound = parity.check(bundle_copy, tiny_checkpoint, "int4", RANDOM_WEIGHT_GATE)
+    sound, _ = parity.check(bundle_copy, tiny_checkpoint, "int4", RANDOM_WEIGHT_GATE)
     assert sound.passed
     # Scramble a slice of the quantized weights: the graph still runs, but computes something else.
     data = bundle_copy / "model.onnx.data"
@@ -138,7 +138,7 @@ def test_gate_fails_damaged_export(bundle_copy: Path, tiny_checkpoint: Path) -> 
     start = len(raw) // 3
     raw[start : start + len(raw) // 3] = rng.integers(0, 256, len(raw) // 3, dtype=np.uint8).tobytes()
     data.write_bytes(bytes(raw))
-    damaged = parity.check(bundle_copy, tiny_checkpoint, "int4", RANDOM_WEIGHT_GATE)
+    damaged, _ = parity.check(bundle_copy, tiny_checkpoint, "int4", RANDOM_WEIGHT_GATE)
     assert not damaged.passed and damaged.mean_kl > 3 * sound.mean_kl
     assert "mean KL" in damaged.reason
 

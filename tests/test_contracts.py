@@ -121,7 +121,8 @@ def test_daemon_yaml_round_trips_through_the_type_that_parses_it(tmp_path: Path)
                             tls_cert=tmp_path / "c.pem", tls_key=tmp_path / "k.pem")
     config = DaemonConfig(bundle=Path("/opt/edgekit/current"), broker=broker, device_id="kitchen", pools=("house", "lab"),
                           queue_size=2, telemetry_interval=2.5, session_memory_mb=64, session_idle_s=60.0,
-                          min_available_mb=100, threads=3, trusted_keys=(Path("/etc/edgekit/trusted-keys"),))
+                          min_available_mb=100, threads=3, trusted_keys=(Path("/etc/edgekit/trusted-keys"),),
+                          serve_below_quality_gate=True, cache_dir=Path("/var/cache/edgekit"))
     path = tmp_path / "daemon.yaml"
     path.write_text(config.to_yaml())
     assert "s3cret" not in path.read_text()

@@ -19,6 +19,7 @@ from edgekit.errors import EdgekitError
 from edgekit.profiles import Quality
 from edgekit.runtime.agreement import Agreement, forced_logits
 from edgekit.runtime.engine import Engine, configured_provider, provider_available
+from edgekit.runtime.quality_check import Reference
 from edgekit.runtime.tokenizer import ChatTokenizer
 
 # Short and multilingual, chat-formatted as users send them; thinking on and off.
@@ -84,11 +85,12 @@ def check(
     quality: Quality,
     threads: int | None = None,
     progress: Callable[[str], None] | None = None,
-) -> QualityReport:
+) -> tuple[QualityReport, Reference]:
     """Compare the graph in ``bundle`` with ``checkpoint``'s reference and apply the quality gate.
 
     fp32 exports must reproduce the reference's greedy tokens; quantized ones must meet the
-    profile's top-1 agreement and mean-KL thresholds.
+    profile's top-1 agreement and mean-KL thresholds. Also returns the reference reduced to what a
+    device checks itself against (:mod:`edgekit.runtime.quality_check`).
     """
     prompts = prompt_ids(ChatTokenizer(bundle))
     if progress:
@@ -120,7 +122,7 @@ def check(
             failures.append(f"mean KL {mean_kl:.4f} > {quality.max_mean_kl}")
         passed = not failures
         reason = "; ".join(failures) or f"top-1 agreement {top1:.3f}, mean KL {mean_kl:.4f} within the profile's gate"
-    return QualityReport(
+    report = QualityReport(
         prompts=len(prompts),
         positions=agreement.positions,
         top1_agreement=top1,
@@ -131,3 +133,4 @@ def check(
         passed=passed,
         reason=reason,
     )
+    return report, Reference.from_logits(prompts, runs)

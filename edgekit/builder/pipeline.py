@@ -146,11 +146,13 @@ def build(request: BuildRequest, reporter: Reporter | None = None) -> BuildResul
 
         report.step("checking quality against the PyTorch reference")
         t = time.perf_counter()
-        quality = parity.check(staging, checkpoint.path, profile.quantization.precision, profile.quality,
-                               progress=report.note)
+        quality, reference = parity.check(staging, checkpoint.path, profile.quantization.precision, profile.quality,
+                                          progress=report.note)
         timings["parity"] = time.perf_counter() - t
         if not quality.passed:
             raise EdgekitError(f"quality gate failed for profile {profile.name}: {quality.reason}; no bundle written")
+        # Shipped in the bundle (sha256 in the manifest) for the check the device runs on its own kernels.
+        reference.write(staging)
 
         report.step("writing manifest")
         manifest = _manifest(name, request, profile, checkpoint, context, memory, extra, kv_cache, quality, timings,

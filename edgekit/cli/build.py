@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from edgekit.cli.common import Output, err, friendly, out, output_option, table
+from edgekit.errors import BelowQualityGate, EdgekitError
 
 if TYPE_CHECKING:
     from rich.progress import Progress
@@ -169,25 +170,64 @@ def _print_build(result: BuildResult) -> None:
 @click.argument("bundle_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(exists=True, path_type=Path),
               help="Also require a signature by this ed25519 public key (or any *.pem in this folder). Repeatable.")
-@output_option("Print the manifest as JSON.")
+@click.option("--run", "run_check", is_flag=True,
+              help="Also run the bundle's quality check on this machine's kernels, as the daemon does at start.")
+@click.option("--threads", type=click.IntRange(1), default=None, help="With --run: override the bundle's thread count.")
+@output_option("Print the manifest (and with --run the check's figures, under \"device_quality\") as JSON.")
 @friendly
-def verify(bundle_dir: Path, trusted_keys: tuple[Path, ...], output: Output) -> None:
+def verify(bundle_dir: Path, trusted_keys: tuple[Path, ...], run_check: bool, threads: int | None, output: Output) -> None:
     """Check a bundle's files against its manifest (sizes and sha256), and its signature when keys are given.
 
+    With --run, also feed the bundle the tokens of its shipped fp32 reference one step at a time and
+    compare its next-token distributions (top-1 agreement, KL over the reference's top-k plus the
+    rest) against the bundle's quality gate, on this machine's kernels.
+
     Exit status: 0 verified; 3 files missing, extra or different from the manifest (a damaged copy);
-    1 anything else (no manifest, unsigned or untrusted signature, unreadable key).
+    4 below the quality gate (--run); 1 anything else (no manifest, unsigned or untrusted signature,
+    unreadable key, no shipped reference).
 
     \b
     Example:
       edgekit verify dist/qwen3.5-0.8b-raspberry-pi-5-int4
       edgekit verify dist/qwen3.5-0.8b-raspberry-pi-5-int4 --trusted-key keys/release.pub
+      edgekit verify /opt/edgekit/current --run
     """
     from edgekit import signing
 
     manifest = signing.verify(bundle_dir, trusted_keys)
     signed = " and its signature is trusted" if trusted_keys else ""
-    output.result(manifest.to_dict(),
-                  lambda _: out.print(f"[green]ok[/] {bundle_dir}: {len(manifest.files)} files match the manifest{signed}"))
+    data = manifest.to_dict()
+    quality = None
+    if run_check:
+        from edgekit.runtime import quality_check
+        from edgekit.runtime.engine import Engine
+        from edgekit.runtime.machine import cpu
+
+        reference = quality_check.Reference.read(bundle_dir)
+        if reference is None:
+            raise EdgekitError(f"{bundle_dir} ships no {quality_check.REFERENCE}: it was built by an older edgekit; "
+                               "rebuild it to check it on a device")
+        quality = quality_check.run(Engine(bundle_dir, threads=threads), reference, manifest.profile.quality,
+                                    str(cpu()["model"]))
+        data["device_quality"] = quality.to_dict()
+
+    def human(_: object) -> None:
+        out.print(f"[green]ok[/] {bundle_dir}: {len(manifest.files)} files match the manifest{signed}")
+        if quality is not None:
+            gate = manifest.profile.quality
+            out.print(table(("", "on this machine", "the bundle's gate", "at build"),
+                  [("top-1 agreement", f"{quality.top1_agreement:.3f}", f">= {gate.min_top1_agreement}",
+                    f"{manifest.quality.top1_agreement:.3f}"),
+                   ("mean KL (top-k + tail)", f"{quality.mean_kl:.4f}", f"<= {gate.max_mean_kl}",
+                    f"{manifest.quality.mean_kl:.4f} (full)")],
+                  title=f"quality on {quality.checked_on}, ONNX Runtime {quality.onnxruntime}: "
+                        f"{quality.positions} positions in {quality.seconds:.1f} s"))
+            verdict = "[green]passed[/]" if quality.passed else "[bold red]below the gate[/]"
+            out.print(f"{verdict}: {quality.reason}")
+
+    output.result(data, human)
+    if quality is not None and not quality.passed:
+        raise BelowQualityGate(f"{bundle_dir} is below its quality gate on this machine: {quality.reason}")
 
 
 @click.command()

@@ -136,10 +136,18 @@ def _draw_statuses(found: dict[str, dict[str, Any]]) -> None:
     for device, info in sorted(found.items()):
         tele = info.get("telemetry", {})
         rows.append((device, info.get("state", "?"), info.get("bundle", ""), info.get("profile", ""), info.get("version", ""),
-                     tele.get("cpu", {}).get("percent", ""), f"{tele['memory']['available_mb']} MiB" if tele else "",
-                     tele.get("inference", {}).get("tokens", "")))
-    columns = ("device", "state", "bundle", "profile", "version", "cpu %", "mem avail", "tokens")
+                     _quality(info.get("quality")), tele.get("cpu", {}).get("percent", ""),
+                     f"{tele['memory']['available_mb']} MiB" if tele else "", tele.get("inference", {}).get("tokens", "")))
+    columns = ("device", "state", "bundle", "profile", "version", "quality", "cpu %", "mem avail", "tokens")
     out.print(table(columns, rows, keep=("device", "bundle", "profile"), title="devices"))
+
+
+def _quality(quality: dict[str, Any] | None) -> str:
+    """The device's own quality check in a cell: top-1 agreement and KL, or that it serves below its gate."""
+    if not quality:
+        return "unchecked"
+    figures = f"top-1 {quality['top1_agreement']:.2f}, KL {quality['mean_kl']:.3f}"
+    return figures if quality["passed"] else f"BELOW GATE ({figures})"
 
 
 COMMANDS = (serve, ask, status)

@@ -220,6 +220,7 @@ class Status:
     context_length: int
     capabilities: dict[str, bool]
     since: float
+    quality: dict[str, Any] | None = None  # the quality check on this device (docs/schema/v1/status.json)
 
     def with_state(self, state: str) -> Status:
         return replace(self, state=state)

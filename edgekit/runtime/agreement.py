@@ -48,14 +48,15 @@ class Agreement:
 
 def kl(reference: np.ndarray, candidate: np.ndarray) -> float:
     """KL(reference || candidate) of two logit vectors, in float64."""
-    p = _log_softmax(reference.astype(np.float64))
-    q = _log_softmax(candidate.astype(np.float64))
+    p = log_softmax(reference.astype(np.float64))
+    q = log_softmax(candidate.astype(np.float64))
     return float(np.sum(np.exp(p) * (p - q)))
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    shifted = x - x.max()
-    return shifted - np.log(np.exp(shifted).sum())
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """Log-probabilities of logits ``x`` along its last axis."""
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
 def forced_logits(engine: Engine, prompt: list[int], tokens: list[int]) -> np.ndarray:

@@ -93,6 +93,7 @@ class Engine:
         session_options = decoder.get("session_options", {})
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or int(session_options.get("intra_op_num_threads", 0))
+        self.threads = options.intra_op_num_threads  # 0: ONNX Runtime's choice (the physical cores)
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         # Without the arena, a finished request's activations go back to the heap, and from there

@@ -45,6 +45,11 @@ class DaemonConfig:
     min_available_mb: int = 150
     threads: int | None = None
     trusted_keys: tuple[Path, ...] = ()  # when set, only bundles signed by one of these keys are served
+    # Serve even when the quality check on this device falls below the bundle's gate (the status says so).
+    serve_below_quality_gate: bool = False
+    # Where the quality check's result is kept between starts; None: systemd's CacheDirectory
+    # ($CACHE_DIRECTORY), else ~/.cache/edgekit.
+    cache_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if self.device_id is not None:
@@ -70,6 +75,10 @@ class DaemonConfig:
                 data[name] = getattr(self, name)
         if self.trusted_keys:
             data["trusted_keys"] = [str(k) for k in self.trusted_keys]
+        if self.serve_below_quality_gate:
+            data["serve_below_quality_gate"] = True
+        if self.cache_dir is not None:
+            data["cache_dir"] = str(self.cache_dir)
         data["broker"] = broker_settings.dump_section(self.broker)
         sessions = {key: getattr(self, name) for key, name in (("memory_mb", "session_memory_mb"), ("idle_s", "session_idle_s"))
                     if getattr(self, name) != getattr(defaults, name)}
@@ -92,6 +101,7 @@ def load(path: Path | None, overrides: Mapping[str, Any] | None = None, broker: 
     return DaemonConfig(
         bundle=Path(values.pop("bundle")), broker=settings,
         pools=tuple(values.pop("pools", ())), trusted_keys=tuple(Path(k) for k in values.pop("trusted_keys", ())),
+        cache_dir=Path(values.pop("cache_dir")) if values.get("cache_dir") else None,
         **values,
     )
 
@@ -113,6 +123,8 @@ def _read_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         "device_id": top.get("device_id", str, "a device id", None),
         "pools": top.get("pools", list, "a list of pool names", None),
         "trusted_keys": top.get("trusted_keys", list, "a list of paths to ed25519 public keys (PEM)", None),
+        "serve_below_quality_gate": top.get("serve_below_quality_gate", bool, "true or false", None),
+        "cache_dir": top.get("cache_dir", str, "a folder path", None),
     }
     for name in ("pools", "trusted_keys"):
         if values[name] is not None and not all(isinstance(item, str) and item for item in values[name]):

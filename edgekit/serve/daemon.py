@@ -23,7 +23,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgekit import __version__, signing
-from edgekit.errors import ContextExceeded, EdgekitError
+from edgekit.errors import BelowQualityGate, ContextExceeded, EdgekitError
 from edgekit.mqtt import protocol
 from edgekit.mqtt.connection import negotiate_protocol, new_client
 from edgekit.mqtt.protocol import ProtocolError, Request
@@ -31,9 +31,11 @@ from edgekit.mqtt.settings import MqttVersion
 from edgekit.mqtt.topics import DeviceTopics, PoolTopics
 from edgekit.runtime.conversation import SessionEvicted, Turn, run_turn
 from edgekit.runtime.engine import Engine
+from edgekit.runtime.quality_check import DeviceQuality
 from edgekit.runtime.resident import tune_allocator
 from edgekit.runtime.sessions import SessionStore
 from edgekit.runtime.tokenizer import ChatTokenizer
+from edgekit.serve import quality_gate
 from edgekit.serve.config import DaemonConfig
 from edgekit.serve.systemd import notify, watchdog_interval
 from edgekit.serve.telemetry import InferenceMetrics, collect
@@ -68,6 +70,7 @@ class Daemon:
         self.tokenizer = ChatTokenizer(config.bundle)
         self.engine = Engine(config.bundle, threads=config.threads)
         self._self_test()
+        quality = self._check_quality()
         self.sessions = SessionStore(config.session_memory_mb * 1024**2, config.session_idle_s)
         self.topics = DeviceTopics.of(config.broker.prefix, self.device_id)
         self.pool_topics = [PoolTopics.of(config.broker.prefix, pool) for pool in config.pools]
@@ -81,7 +84,8 @@ class Daemon:
         self.status = protocol.Status(
             device_id=self.device_id, state="offline", version=__version__, bundle=self.manifest.name,
             model=self.manifest.model.id, profile=self.manifest.profile.name, context_length=self.engine.context_length,
-            capabilities={"sessions": True, "thinking": True, "mqtt5": self.v5}, since=self.started)
+            capabilities={"sessions": True, "thinking": True, "mqtt5": self.v5}, since=self.started,
+            quality=None if quality is None else {**quality.to_dict(), "serving_below_gate": not quality.passed})
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._worker: threading.Thread | None = None
@@ -97,6 +101,28 @@ class Daemon:
             list(self.engine.generate(self.tokenizer.encode("ping"), max_new_tokens=1))
         except Exception as exc:
             raise EdgekitError(f"self-test failed: cannot generate from {self.config.bundle} ({type(exc).__name__}: {exc})") from exc
+
+    def _check_quality(self) -> DeviceQuality | None:
+        """The bundle against its shipped reference on this device's kernels (cached between starts);
+        below the bundle's gate the daemon does not start unless the config says to serve anyway."""
+        notify("STATUS=checking the bundle's quality on this device")
+        # Fed on every step: the check takes seconds on a Pi 4, inside the unit's start and watchdog timeouts.
+        quality = quality_gate.measure(self.config.bundle, self.manifest, self.engine, self.config.cache_dir,
+                                       tick=lambda: notify("WATCHDOG=1"))
+        if quality is None:
+            log.warning("%s ships no quality reference (built by an older edgekit): not checked on this device",
+                        self.config.bundle)
+        elif not quality.passed:
+            where = f"{self.config.bundle} on this device ({quality.checked_on}, ONNX Runtime {quality.onnxruntime})"
+            if not self.config.serve_below_quality_gate:
+                raise BelowQualityGate(f"{where} is below its quality gate: {quality.reason}. Build it with a more "
+                                       "accurate recipe (docs/quality.md), or set serve_below_quality_gate: true in "
+                                       "the daemon config to serve it anyway")
+            log.warning("%s is below its quality gate (%s); serving anyway, as the config says", where, quality.reason)
+        else:
+            log.info("quality on this device: %s (%.1f s%s)", quality.reason, quality.seconds,
+                     ", cached" if quality.cached else "")
+        return quality
 
     # --- MQTT plumbing -------------------------------------------------------------------------
 
