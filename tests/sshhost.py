@@ -31,35 +31,51 @@ def _run(*args: str) -> None:
     subprocess.run(args, check=True, capture_output=True)
 
 
+def make_keys(folder: Path) -> None:
+    """A host key, the deploy client's key (authorized) and a stranger's key (not) in ``folder``."""
+    for name in ("host_key", "client_key", "stranger_key"):
+        _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / name))
+    shutil.copy(folder / "client_key.pub", folder / "authorized_keys")
+
+
+def sshd_config(port: int, keys: str, *extra: str) -> str:
+    """sshd on loopback ``port`` for the deploy user only, keys and pid file in ``keys`` as sshd sees
+    that folder (the emulated device's sshd sees it inside its root filesystem)."""
+    return "\n".join([f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {keys}/host_key",
+                      f"AuthorizedKeysFile {keys}/authorized_keys", f"PidFile {keys}/sshd.pid", f"AllowUsers {USER}",
+                      "UsePAM no", "PasswordAuthentication no", "KbdInteractiveAuthentication no", "StrictModes no",
+                      "LogLevel VERBOSE", *extra, ""])
+
+
+def known_hosts(folder: Path, port: int) -> Path:
+    """A known_hosts file in ``folder`` that pins its host key for 127.0.0.1:``port``."""
+    algorithm, key = (folder / "host_key.pub").read_text().split()[:2]
+    path = folder / "known_hosts"
+    path.write_text(f"[127.0.0.1]:{port} {algorithm} {key}\n")
+    return path
+
+
 class SSHHost:
     """sshd plus a deploy user; ``device()`` hands out fresh device roots."""
 
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="edgekit-sshd-"))
         self.dir.chmod(0o755)  # the service user must reach the device roots below it
-        for name in ("host_key", "client_key", "stranger_key"):
-            _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.dir / name))
+        make_keys(self.dir)
         self.identity = self.dir / "client_key"
         self.stranger = self.dir / "stranger_key"  # a key the device does not know
-        shutil.copy(self.dir / "client_key.pub", self.dir / "authorized_keys")
         (self.dir / "bin").mkdir()
         shutil.copy(SHIM, self.dir / "bin" / "systemctl")
         self.root_link = self.dir / "root"
         self._create_user()
         self.port = free_port()
         config = self.dir / "sshd_config"
-        config.write_text(
-            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {self.dir}/host_key\n"
-            f"AuthorizedKeysFile {self.dir}/authorized_keys\nPidFile {self.dir}/sshd.pid\nAllowUsers {USER}\n"
-            "UsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nStrictModes no\nLogLevel VERBOSE\n"
-        )
+        config.write_text(sshd_config(self.port, str(self.dir)))
         Path("/run/sshd").mkdir(exist_ok=True)
         self.process = subprocess.Popen([SSHD, "-D", "-f", str(config), "-E", str(self.dir / "sshd.log")])
         if not wait_for_port(self.port, self.process, timeout=10):
             raise RuntimeError(f"sshd did not start: {(self.dir / 'sshd.log').read_text()}")
-        host_key = (self.dir / "host_key.pub").read_text().split()
-        self.known_hosts = self.dir / "known_hosts"
-        self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {host_key[0]} {host_key[1]}\n")
+        self.known_hosts = known_hosts(self.dir, self.port)
         self.destination = f"{USER}@127.0.0.1"
 
     def _create_user(self) -> None:

@@ -1,5 +1,7 @@
 """The arm64 lane: the runtime on an emulated Raspberry Pi 5 (Cortex-A76) and Pi 4 (Cortex-A72),
-installed from a wheelhouse alone, computing what the build host computes.
+installed from a wheelhouse alone, computing what the build host computes; `edgekit deploy` over
+SSH to an emulated Pi 5 and `edgekit flash`'s first-boot script on an emulated Pi 4, each ending with
+the device's daemon answering over the host's broker.
 
 Emulation makes every figure here a correctness figure, never a speed figure. The bounds below come
 from the kernels' measured error (docs/arm64.md).
@@ -7,28 +9,33 @@ from the kernels' measured error (docs/arm64.md).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from edgekit import __version__
 from edgekit.builder.pipeline import BuildRequest, build
+from edgekit.client import DeviceClient
 from edgekit.deploy import wheelhouse
 from edgekit.profiles import load_profile
 from edgekit.runtime.agreement import Agreement, forced_logits
 from edgekit.runtime.engine import Engine
 from edgekit.runtime.tokenizer import ChatTokenizer
 
-from .arm64 import EmulatedPi
-from .conftest import RANDOM_WEIGHT_GATE, write_profile
+from .arm64 import Arm64Emulation, EmulatedPi
+from .conftest import RANDOM_WEIGHT_GATE, broker_at, write_profile
+from .test_deploy import edgekit
 
 pytestmark = pytest.mark.slow
 
-RUN = "/opt/edgekit-test"  # inside the emulated device; removed after the session, the cached tree stays clean
+RUN = "/opt/edgekit-test"  # inside the emulated device (an overlay: nothing reaches the cached tree)
 PYTHON = f"{RUN}/venv/bin/python"
 FORCE = """
 import json, sys
@@ -40,25 +47,47 @@ bundle, tokens, out = sys.argv[1:4]
 data = json.load(open(tokens))
 np.save(out, forced_logits(Engine(Path(bundle), threads=1), data["prompt"], data["tokens"]))
 """
+# Under emulation a daemon takes minutes, not seconds, to import ONNX Runtime and load a bundle.
+ONLINE_TIMEOUT = 900
 
 
 @pytest.fixture(scope="session")
-def pi() -> Iterator[EmulatedPi]:
-    device = EmulatedPi()
+def emulation() -> Iterator[Arm64Emulation]:
+    shared = Arm64Emulation()
+    try:
+        yield shared
+    finally:
+        shared.close()
+
+
+@contextlib.contextmanager
+def new_device(emulation: Arm64Emulation) -> Iterator[EmulatedPi]:
+    device = emulation.device()
     try:
         yield device
     finally:
-        shutil.rmtree(device.path(RUN), ignore_errors=True)
         device.close()
 
 
 @pytest.fixture(scope="session")
-def arm64_runtime(pi: EmulatedPi, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """edgekit's runtime in a venv on the emulated device, from `edgekit wheelhouse --arch aarch64` alone."""
+def pi(emulation: Arm64Emulation) -> Iterator[EmulatedPi]:
+    """The device the runtime checks and the teacher-forced comparisons share."""
+    with new_device(emulation) as device:
+        yield device
+
+
+@pytest.fixture(scope="session")
+def arm64_wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`edgekit wheelhouse --arch aarch64`: the runtime's wheels for a Pi."""
     wheels = tmp_path_factory.mktemp("wheels-aarch64")
     wheelhouse.build(wheels, "aarch64", "3.11")
-    shutil.rmtree(pi.path(RUN), ignore_errors=True)
-    shutil.copytree(wheels, pi.path(f"{RUN}/wheels"))
+    return wheels
+
+
+@pytest.fixture(scope="session")
+def arm64_runtime(pi: EmulatedPi, arm64_wheels: Path) -> str:
+    """edgekit's runtime in a venv on the emulated device, from the wheelhouse alone."""
+    shutil.copytree(arm64_wheels, pi.path(f"{RUN}/wheels"))
     for command in (["python3", "-m", "venv", f"{RUN}/venv"],
                     [f"{RUN}/venv/bin/pip", "install", "-q", "--disable-pip-version-check", "--no-index",
                      "--find-links", f"{RUN}/wheels", "edgekit"]):
@@ -163,3 +192,67 @@ def test_the_device_computes_what_the_build_host_computes(pi: EmulatedPi, arm64_
     assert found.top1 >= min_top1 and found.mean_kl <= max_kl and found.max_delta <= max_delta, found
     if device_bundle == "raspberry-pi-5":
         assert found.max_delta > 1e-3, found  # the A76's int8 dot-product kernels ran, not x86's arithmetic
+
+
+@pytest.mark.parametrize(("profile", "cpu", "board"), [("raspberry-pi-5", "cortex-a76", "Raspberry Pi 5"),
+                                                     ("raspberry-pi-4", "cortex-a72", "Raspberry Pi 4")])
+def test_the_quality_check_passes_on_the_device(pi: EmulatedPi, arm64_runtime: str, pi_bundles: dict[str, Path],
+                                                profile: str, cpu: str, board: str) -> None:
+    inside = f"{RUN}/bundles/{pi_bundles[profile].name}"
+    if not pi.path(inside).exists():
+        shutil.copytree(pi_bundles[profile], pi.path(inside))
+    done = pi.run([f"{RUN}/venv/bin/edgekit", "verify", inside, "--run", "--json"], cpu)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    quality = json.loads(done.stdout)["device_quality"]
+    print(f"{profile} on {cpu}: {quality}")
+    assert quality["passed"] and quality["checked_on"].startswith(board), quality
+
+
+def _serves(broker: int, device_id: str, board: str) -> None:
+    """The device is online, passed its quality check on its own CPU, answers a prompt from this host
+    and publishes telemetry."""
+    with DeviceClient(broker_at(broker)) as client:
+        status = client.wait_for_state(device_id, "online", timeout=ONLINE_TIMEOUT)
+        assert status["quality"]["passed"] and status["quality"]["checked_on"].startswith(board), status
+        reply = client.ask(device_id, {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}, timeout=600)
+        assert reply["type"] == "final" and reply["usage"]["completion_tokens"] >= 1, reply
+        deadline = time.monotonic() + 120
+        while "telemetry" not in client.statuses().get(device_id, {}) and time.monotonic() < deadline:
+            time.sleep(1)
+        telemetry = client.statuses()[device_id].get("telemetry")
+        assert telemetry and telemetry["memory"]["process_rss_mb"] > 0, client.statuses()[device_id]
+
+
+def test_deploy_over_ssh_to_an_emulated_pi_5(emulation: Arm64Emulation, pi_bundles: dict[str, Path], arm64_wheels: Path,
+                                             broker: int) -> None:
+    with new_device(emulation) as device:
+        ssh = device.sshd("cortex-a76")
+        done = edgekit("deploy", str(pi_bundles["raspberry-pi-5"]), *ssh.ssh_args(), "--device-id", "emulated-pi5",
+                       "--broker", f"mqtt://127.0.0.1:{broker}", "--wheelhouse", str(arm64_wheels),
+                       "--online-timeout", str(ONLINE_TIMEOUT), "--json", timeout=3 * ONLINE_TIMEOUT)
+        assert done.returncode == 0, done.stdout + done.stderr + device.service_log()
+        report = json.loads(done.stdout)
+        assert report["outcome"] == "deployed" and report["facts"]["machine"] == "aarch64", report
+        assert report["status"]["state"] == "online", report["status"]
+        # The real layout, inside the device: /opt/edgekit, /etc/edgekit, the unit, the service user.
+        assert device.path("/opt/edgekit/current").is_symlink() and device.path("/etc/edgekit/daemon.yaml").is_file()
+        _serves(broker, "emulated-pi5", "Raspberry Pi 5")
+
+
+def test_flash_first_boot_script_on_an_emulated_pi_4(emulation: Arm64Emulation, pi_bundles: dict[str, Path],
+                                                     arm64_wheels: Path, broker: int, tmp_path: Path) -> None:
+    with new_device(emulation) as device:
+        user_data = tmp_path / "user-data"
+        # The device's tree stands in for the SD card's root filesystem, mounted on the workstation.
+        done = edgekit("flash", str(pi_bundles["raspberry-pi-4"]), "-o", str(user_data), "--rootfs", str(device.root),
+                       "--wheelhouse", str(arm64_wheels), "--device-id", "emulated-pi4",
+                       "--broker", f"mqtt://127.0.0.1:{broker}")
+        assert done.returncode == 0, done.stderr
+        written = yaml.safe_load(user_data.read_text())["write_files"][0]
+        # What cloud-init does at first boot: write the script, then run it as root.
+        device.path(written["path"]).parent.mkdir(parents=True, exist_ok=True)
+        device.path(written["path"]).write_text(written["content"])
+        ran = device.run(["sh", written["path"]], "cortex-a72", timeout=3 * ONLINE_TIMEOUT)
+        assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+        assert device.path("/run/shim/edgekit.service.enabled").exists()
+        _serves(broker, "emulated-pi4", "Raspberry Pi 4")
