@@ -14,7 +14,7 @@ RANDOM := $(if $(findstring fixtures/,$(MODEL)),--random-weights,)
 # torch from the CPU build: an unpinned torch pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install system-deps run test test-fast bench fixtures lint clean
+.PHONY: install system-deps run test test-fast bench quality fixtures lint clean
 
 $(BIN)/edgekit: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,12 @@ fixtures/qwen3.5-0.8b/config.json: | install
 fixtures/qwen3.5-2b/config.json: | install
 	$(BIN)/python -m edgekit.fixtures 2b fixtures/qwen3.5-2b
 
-fixtures: fixtures/qwen3.5-tiny/config.json fixtures/qwen3.5-0.8b/config.json
+# The quality fixture: trained here on CPython's standard library tests (about ten minutes on 2 cores), again
+# whenever its recipe (edgekit/fixtures/trained.py) changes.
+fixtures/qwen3.5-trained/config.json: edgekit/fixtures/trained.py | install
+	$(BIN)/python -m edgekit.fixtures trained fixtures/qwen3.5-trained
+
+fixtures: fixtures/qwen3.5-tiny/config.json fixtures/qwen3.5-0.8b/config.json fixtures/qwen3.5-trained/config.json
 
 run: install
 	$(BIN)/python -m edgekit.demo --model "$(MODEL)" --profile $(PROFILE) --prompt "$(PROMPT)" $(RANDOM)
@@ -50,7 +55,7 @@ system-deps:
 	fi
 
 # The full suite (CI's): needs root, as it creates users, mounts a tmpfs and runs sshd.
-test: install system-deps
+test: install system-deps fixtures/qwen3.5-trained/config.json
 	$(BIN)/python -m pytest -q
 
 # The fast tier: everything not marked slow (no SSH deploys, no extra bundle builds).
@@ -66,10 +71,16 @@ bench: install fixtures/qwen3.5-0.8b/config.json fixtures/qwen3.5-2b/config.json
 	$(BIN)/edgekit bench bench-results/bench-0.8b --threads $$(nproc) --runs 5 --json > bench-results/serve.json
 	cat bench-results/serve.json
 
+# The quality table (docs/quality.md): every recipe the profiles offer, built from the trained fixture,
+# beside llama.cpp's Q4_0 and Q4_K_M of it on the same held-out text. Downloads llama-cpp-python's
+# sdist and builds its llama.cpp once (cached in ~/.cache/edgekit); not part of `make test`.
+quality: install fixtures/qwen3.5-trained/config.json
+	$(BIN)/python bench/quality_table.py --model fixtures/qwen3.5-trained --out quality-results
+
 # Style and types: ruff over the tree, mypy as pyproject.toml sets it (strict on the contract modules).
 lint: install
 	$(BIN)/ruff check edgekit tests bench
 	$(BIN)/mypy
 
 clean:
-	rm -rf dist bench-results .pytest_cache
+	rm -rf dist bench-results quality-results .pytest_cache
