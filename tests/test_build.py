@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -147,9 +148,21 @@ def test_gate_fails_damaged_export(bundle_copy: Path, tiny_checkpoint: Path) -> 
 def test_failed_gate_leaves_nothing(tiny_checkpoint: Path, tmp_path: Path) -> None:
     impossible = Quality(min_top1_agreement=1.0, max_mean_kl=0.0)
     request = BuildRequest(profile=load_profile("host"), model=str(tiny_checkpoint), output=tmp_path, quality=impossible)
-    with pytest.raises(EdgekitError, match="quality gate failed for profile host"):
+    with pytest.raises(EdgekitError, match=r"quality gate failed for profile host: top-1 agreement [\d.]+ < 1\.0.*"
+                                           r"no bundle written; try quantization algorithm: k_quant"):
         build(request)
     assert _leftovers(tmp_path) == []
+
+
+def test_a_refused_build_names_the_next_recipe_to_try() -> None:
+    base = load_profile("raspberry-pi-5").quantization
+    steps = []
+    quantization = replace(base, block_size=128)
+    while (advice := parity.next_recipe(quantization)) is not None:
+        steps.append(advice.split(" (")[0])
+        field, value = advice.split(" (")[0].split(": ")
+        quantization = replace(quantization, **{field: int(value) if value.isdigit() else value})
+    assert steps == ["algorithm: k_quant", "block_size: 32", "kv_cache: fp16", "precision: int8"]
 
 
 def test_existing_output_needs_overwrite(host_bundle: Path, tiny_checkpoint: Path) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 
 from edgekit.bundle import QualityReport
 from edgekit.errors import EdgekitError
-from edgekit.profiles import Quality
+from edgekit.profiles import Quality, Quantization
 from edgekit.runtime.agreement import Agreement, forced_logits
 from edgekit.runtime.engine import Engine, configured_provider, provider_available
 from edgekit.runtime.quality_check import Reference
@@ -76,6 +76,19 @@ def reference_runs(checkpoint: Path, prompts: list[list[int]], new_tokens: int) 
 def compare(engine: Engine, prompts: list[list[int]], runs: list[tuple[list[int], np.ndarray]]) -> Agreement:
     """Teacher-force the export along the reference tokens, position by position."""
     return Agreement.of((ref_logits, forced_logits(engine, ids, tokens)) for ids, (tokens, ref_logits) in zip(prompts, runs))
+
+
+def next_recipe(quantization: Quantization) -> str | None:
+    """The recipe to try when ``quantization`` misses its gate: the first step, in the order of
+    measured benefit on the trained fixture (docs/quality.md), that this recipe has not taken."""
+    int4 = quantization.precision == "int4"
+    if int4 and quantization.algorithm != "k_quant":
+        return "algorithm: k_quant (on the trained fixture KL 0.0034 against 0.0051 at block 32)"
+    if int4 and quantization.block_size > 32:
+        return "block_size: 32"
+    if quantization.kv_cache == "int8":
+        return "kv_cache: fp16"
+    return "precision: int8" if int4 else None
 
 
 def check(

@@ -150,7 +150,9 @@ def build(request: BuildRequest, reporter: Reporter | None = None) -> BuildResul
                                           progress=report.note)
         timings["parity"] = time.perf_counter() - t
         if not quality.passed:
-            raise EdgekitError(f"quality gate failed for profile {profile.name}: {quality.reason}; no bundle written")
+            advice = parity.next_recipe(profile.quantization)
+            advice = f"; try quantization {advice} in a copy of the profile" if advice else ""
+            raise EdgekitError(f"quality gate failed for profile {profile.name}: {quality.reason}; no bundle written{advice}")
         # Shipped in the bundle (sha256 in the manifest) for the check the device runs on its own kernels.
         reference.write(staging)
 
