@@ -14,7 +14,7 @@ RANDOM := $(if $(findstring fixtures/,$(MODEL)),--random-weights,)
 # torch from the CPU build: an unpinned torch pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install system-deps run test test-fast bench quality fixtures arm64-rootfs lint clean
+.PHONY: install system-deps run test test-fast bench quality fixtures lint clean
 
 $(BIN)/edgekit: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,15 +55,8 @@ system-deps:
 	fi
 
 # The full suite (CI's): needs root, as it creates users, mounts a tmpfs and runs sshd.
-# On a fresh machine the quality fixture's training and the arm64 root filesystem's build (mostly
-# downloads and emulated package scripts) run side by side, before the tests.
-test: install system-deps
-	$(MAKE) -j2 fixtures/qwen3.5-trained/config.json arm64-rootfs
+test: install system-deps fixtures/qwen3.5-trained/config.json
 	$(BIN)/python -m pytest -q
-
-# The arm64 lane's Debian root filesystem, built once per machine and cached (tests/arm64.py).
-arm64-rootfs: install
-	$(BIN)/python -m tests.arm64
 
 # The fast tier: everything not marked slow (no SSH deploys, no extra bundle builds).
 test-fast: install system-deps

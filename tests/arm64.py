@@ -267,8 +267,3 @@ class EmulatedPi:
             subprocess.run(self._undo.pop(), capture_output=True)
         if not os.path.ismount(self.root):  # never delete through a mount still in place
             shutil.rmtree(self.scratch, ignore_errors=True)
-
-
-if __name__ == "__main__":
-    # `make test` builds the root filesystem here, beside the quality fixture's training, before pytest.
-    Arm64Emulation().close()
