@@ -3,7 +3,7 @@ the build shipped with it.
 
 A build keeps, for a few of its parity prompts, the fp32 reference's top-k token ids and
 log-probabilities at every position, and the probability mass of the rest as one tail bucket
-(``quality_reference.json``, some 20 KB). The device feeds the same tokens one step at a time
+(``quality_reference.json``, about 8 KB). The device feeds the same tokens one step at a time
 (teacher forcing: the bundle's graph gives last-position logits only) and compares each step's
 distribution with the reference's: top-1 agreement, and KL over the top-k ids plus the tail. Lumping
 the tail into one bucket can only lower KL, so a device passing the build's gate with this figure
