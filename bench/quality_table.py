@@ -34,7 +34,7 @@ from llama_cpp import SDIST, LlamaCpp, ensure  # noqa: E402
 from edgekit.builder.pipeline import BuildRequest, build  # noqa: E402
 from edgekit.fixtures.trained import Corpus  # noqa: E402
 from edgekit.profiles import Quality, load_profile  # noqa: E402
-from edgekit.runtime.agreement import log_softmax  # noqa: E402
+from edgekit.runtime.agreement import Agreement, log_softmax  # noqa: E402
 from edgekit.runtime.engine import Engine  # noqa: E402
 from edgekit.runtime.machine import cpu  # noqa: E402
 from edgekit.runtime.tokenizer import ChatTokenizer  # noqa: E402
@@ -83,14 +83,11 @@ def scored_logits(engine: Engine, window: list[int]) -> np.ndarray:
 
 
 def figures(reference: list[np.ndarray], candidate: list[np.ndarray], windows: list[list[int]]) -> dict:
-    kls, agree, nll = [], [], []
-    for ref, cand, window in zip(reference, candidate, windows):
-        targets = np.asarray(window[CTX // 2 + 1:CTX])
-        kls += np.sum(np.exp(ref) * (ref - cand), axis=1).tolist()
-        agree += (ref.argmax(axis=1) == cand.argmax(axis=1)).tolist()
-        nll += (-cand[np.arange(len(targets)), targets]).tolist()
-    return {"mean_kl": float(np.mean(kls)), "top1_agreement": float(np.mean(agree)), "perplexity": math.exp(float(np.mean(nll))),
-            "positions": len(nll)}
+    """KL and top-1 against the reference (``edgekit.runtime.agreement``), and the candidate's perplexity."""
+    agreement = Agreement.of(zip(reference, candidate))
+    nll = [-row[target] for cand, window in zip(candidate, windows) for row, target in zip(cand, window[CTX // 2 + 1:CTX])]
+    return {"mean_kl": agreement.mean_kl, "top1_agreement": agreement.top1, "perplexity": math.exp(float(np.mean(nll))),
+            "positions": agreement.positions}
 
 
 def edgekit_rows(model: Path, work: Path, windows_wanted: int, progress) -> tuple[list[dict], list[list[int]]]:

@@ -50,6 +50,16 @@ class Quality:
     min_top1_agreement: float
     max_mean_kl: float
 
+    def failures(self, top1: float, mean_kl: float) -> list[str]:
+        """Which thresholds ``top1`` and ``mean_kl`` miss, each with its figure (empty: passed); the
+        build's parity check and the device's quality check judge by the same words."""
+        missed = []
+        if top1 < self.min_top1_agreement:
+            missed.append(f"top-1 agreement {top1:.3f} < {self.min_top1_agreement}")
+        if mean_kl > self.max_mean_kl:
+            missed.append(f"mean KL {mean_kl:.4f} > {self.max_mean_kl}")
+        return missed
+
 
 @dataclass(frozen=True)
 class DeviceProfile:

@@ -128,11 +128,7 @@ def check(
             else f"fp32 export diverges from the reference greedy tokens (top-1 agreement {top1:.3f})"
         )
     else:
-        failures = []
-        if top1 < quality.min_top1_agreement:
-            failures.append(f"top-1 agreement {top1:.3f} < {quality.min_top1_agreement}")
-        if mean_kl > quality.max_mean_kl:
-            failures.append(f"mean KL {mean_kl:.4f} > {quality.max_mean_kl}")
+        failures = quality.failures(top1, mean_kl)
         passed = not failures
         reason = "; ".join(failures) or f"top-1 agreement {top1:.3f}, mean KL {mean_kl:.4f} within the profile's gate"
     report = QualityReport(

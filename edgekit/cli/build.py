@@ -201,14 +201,12 @@ def verify(bundle_dir: Path, trusted_keys: tuple[Path, ...], run_check: bool, th
     if run_check:
         from edgekit.runtime import quality_check
         from edgekit.runtime.engine import Engine
-        from edgekit.runtime.machine import cpu
 
         reference = quality_check.Reference.read(bundle_dir)
         if reference is None:
             raise EdgekitError(f"{bundle_dir} ships no {quality_check.REFERENCE}: it was built by an older edgekit; "
                                "rebuild it to check it on a device")
-        quality = quality_check.run(Engine(bundle_dir, threads=threads), reference, manifest.profile.quality,
-                                    str(cpu()["model"]))
+        quality = quality_check.run(Engine(bundle_dir, threads=threads), reference, manifest.profile.quality)
         data["device_quality"] = quality.to_dict()
 
     def human(_: object) -> None:

@@ -8,7 +8,7 @@ compare a device's kernels with the build host's.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,11 +59,15 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def forced_logits(engine: Engine, prompt: list[int], tokens: list[int]) -> np.ndarray:
+def forced_logits(engine: Engine, prompt: list[int], tokens: list[int],
+                  tick: Callable[[], object] | None = None) -> np.ndarray:
     """The engine's logits for each of ``tokens`` ([len(tokens), vocab]): row i is the distribution
-    after ``prompt`` and ``tokens[:i]``, one decode step per token after the prompt's prefill."""
+    after ``prompt`` and ``tokens[:i]``, one decode step per token after the prompt's prefill;
+    ``tick`` is called after every step."""
     state = engine.new_state()
-    rows = [engine.forward(state, prompt).copy()]
-    for token in tokens[:-1]:
-        rows.append(engine.forward(state, [token]).copy())
+    rows = []
+    for feed in [prompt, *([token] for token in tokens[:-1])]:
+        rows.append(engine.forward(state, feed).copy())
+        if tick:
+            tick()
     return np.stack(rows)

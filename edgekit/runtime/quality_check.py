@@ -27,8 +27,9 @@ import numpy as np
 
 from edgekit.errors import EdgekitError
 from edgekit.profiles import Quality
-from edgekit.runtime.agreement import log_softmax
+from edgekit.runtime.agreement import forced_logits, log_softmax
 from edgekit.runtime.engine import Engine
+from edgekit.runtime.machine import cpu
 from edgekit.validation import Fields, read_json
 
 REFERENCE = "quality_reference.json"
@@ -141,27 +142,21 @@ def top_k_kl(top_ids: Sequence[int], top_logprobs: Sequence[float], logits: np.n
     return float(terms.sum() + (p_tail * math.log(p_tail / q_tail) if p_tail > 0 else 0.0))
 
 
-def run(engine: Engine, reference: Reference, gate: Quality, checked_on: str,
-        tick: Callable[[], object] | None = None) -> DeviceQuality:
-    """Teacher-force ``engine`` along the reference and judge the figures by ``gate``; ``tick`` is
-    called after every step (the daemon feeds systemd's watchdog from it)."""
+def run(engine: Engine, reference: Reference, gate: Quality, tick: Callable[[], object] | None = None) -> DeviceQuality:
+    """Teacher-force ``engine`` along the reference on this machine and judge the figures by ``gate``;
+    ``tick`` is called after every step (the daemon feeds systemd's watchdog from it)."""
     import onnxruntime
 
     started = time.perf_counter()
     agree: list[bool] = []
     kls: list[float] = []
     for sequence in reference.sequences:
-        state = engine.new_state()
-        feed: list[int] = list(sequence.prompt)
-        for token, ids, logprobs in zip(sequence.tokens, sequence.top_ids, sequence.top_logprobs):
-            logits = engine.forward(state, feed)
-            agree.append(int(np.argmax(logits)) == ids[0])
-            kls.append(top_k_kl(ids, logprobs, logits))
-            feed = [token]
-            if tick:
-                tick()
+        logits = forced_logits(engine, list(sequence.prompt), list(sequence.tokens), tick)
+        for row, ids, logprobs in zip(logits, sequence.top_ids, sequence.top_logprobs):
+            agree.append(int(np.argmax(row)) == ids[0])
+            kls.append(top_k_kl(ids, logprobs, row))
     figures = DeviceQuality(positions=len(agree), top1_agreement=round(float(np.mean(agree)), 4),
-                            mean_kl=float(np.mean(kls)), max_kl=float(np.max(kls)), checked_on=checked_on,
+                            mean_kl=float(np.mean(kls)), max_kl=float(np.max(kls)), checked_on=str(cpu()["model"]),
                             onnxruntime=onnxruntime.__version__, seconds=round(time.perf_counter() - started, 2),
                             passed=False, reason="")
     return judge(figures, gate)
@@ -169,11 +164,7 @@ def run(engine: Engine, reference: Reference, gate: Quality, checked_on: str,
 
 def judge(figures: DeviceQuality, gate: Quality) -> DeviceQuality:
     """``figures`` with the verdict of ``gate``: the same thresholds as the build's parity gate."""
-    failures = []
-    if figures.top1_agreement < gate.min_top1_agreement:
-        failures.append(f"top-1 agreement {figures.top1_agreement:.3f} < {gate.min_top1_agreement}")
-    if figures.mean_kl > gate.max_mean_kl:
-        failures.append(f"mean KL {figures.mean_kl:.4f} > {gate.max_mean_kl}")
+    failures = gate.failures(figures.top1_agreement, figures.mean_kl)
     reason = "; ".join(failures) or (f"top-1 agreement {figures.top1_agreement:.3f}, mean KL {figures.mean_kl:.4f} "
                                      "within the bundle's gate")
     return replace(figures, passed=not failures, reason=reason)

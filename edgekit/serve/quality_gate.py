@@ -62,7 +62,7 @@ def measure(bundle: Path, manifest: Manifest, engine: Engine, cache: Path | None
     if cached is not None:
         # The verdict is the gate's, now: the figures are what was cached.
         return replace(quality_check.judge(cached, manifest.profile.quality), cached=True)
-    result = quality_check.run(engine, reference, manifest.profile.quality, str(cpu()["model"]), tick)
+    result = quality_check.run(engine, reference, manifest.profile.quality, tick)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         tmp = entry.with_name(f".{entry.name}.partial")
