@@ -57,6 +57,8 @@ RECIPES: list[tuple[str, dict]] = [
     ("int4 k_quant block 32, level 4, int8 KV", _quant("int4", 32, 4, "int8", algorithm="k_quant")),
     ("int4 block 32, LM head block 16, level 4, int8 KV", _quant("int4", 32, 4, "int8", lm_head_block_size=16)),
     ("int8 block 32, level 4, int8 KV", _quant("int8", 32, 4, "int8")),
+    # Not one the profiles use: the damage every gate must refuse (beside llama.cpp's Q2_K).
+    ("int2 block 32 (LM head int4), level 4, int8 KV", _quant("int2", 32, 4, "int8")),
 ]
 NO_GATE = Quality(min_top1_agreement=0.0, max_mean_kl=1e9)
 
@@ -127,7 +129,7 @@ def llama_rows(model: Path, work: Path, windows: int, llama: LlamaCpp, progress)
     base_ppl = _final_ppl(run.stdout + run.stderr)
     rows = [{"recipe": "f32 (reference)", "tool": "llama.cpp", "size_mib": base.stat().st_size / 2**20, "perplexity": base_ppl,
              "mean_kl": 0.0, "top1_agreement": 1.0}]
-    for kind in ("Q4_0", "Q4_K_M"):
+    for kind in ("Q4_0", "Q4_K_M", "Q2_K"):
         quantized = work / f"model-{kind}.gguf"
         progress(f"llama-quantize {kind}")
         subprocess.run([str(llama.tool("llama-quantize")), str(base), str(quantized), kind], check=True, capture_output=True)

@@ -157,12 +157,12 @@ def test_failed_gate_leaves_nothing(tiny_checkpoint: Path, tmp_path: Path) -> No
 def test_a_refused_build_names_the_next_recipe_to_try() -> None:
     base = load_profile("raspberry-pi-5").quantization
     steps = []
-    quantization = replace(base, block_size=128)
+    quantization = replace(base, precision="int2", block_size=128)
     while (advice := parity.next_recipe(quantization)) is not None:
         steps.append(advice.split(" (")[0])
         field, value = advice.split(" (")[0].split(": ")
         quantization = replace(quantization, **{field: int(value) if value.isdigit() else value})
-    assert steps == ["algorithm: k_quant", "block_size: 32", "kv_cache: fp16", "precision: int8"]
+    assert steps == ["precision: int4", "algorithm: k_quant", "block_size: 32", "kv_cache: fp16", "precision: int8"]
 
 
 def test_existing_output_needs_overwrite(host_bundle: Path, tiny_checkpoint: Path) -> None:
@@ -395,4 +395,21 @@ def test_lm_head_block_size_from_a_user_profile(tiny_checkpoint_no_mtp: Path, tm
               if n.op_type in ("MatMulNBits", "GatherBlockQuantized")}
     assert blocks.pop("/lm_head/MatMul_Q4") == 64 and blocks.pop("/model/embed_tokens/GatherBlockQuantized") == 64
     assert set(blocks.values()) == {32}
+    assert len(list(Engine(folder).generate([248045, 846, 198], 4))) == 4
+
+
+def test_int2_recipe_quantizes_all_but_the_lm_head_to_two_bits(tiny_checkpoint_no_mtp: Path, tmp_path: Path) -> None:
+    """int2 (the damaging recipe docs/quality.md measures) through the build's own quantizer: 2-bit
+    MatMulNBits everywhere but the LM head, which the tied embedding lookup reads in 4 bits."""
+    import onnx
+
+    profile = write_profile(tmp_path, "int2-board", precision="int2")
+    result = CliRunner().invoke(main, ["build", "--profile", str(profile), "--model", str(tiny_checkpoint_no_mtp),
+                                       "-o", str(tmp_path / "out"), "--json", "--min-top1", "0", "--max-kl", "50"])
+    assert result.exit_code == 0, result.output
+    folder = Path(json.loads(result.stdout)["bundle"])
+    assert bundle.verify(folder).profile.quantization.precision == "int2"
+    bits = {n.name: onnx.helper.get_attribute_value(next(a for a in n.attribute if a.name == "bits"))
+            for n in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node if n.op_type == "MatMulNBits"}
+    assert bits.pop("/lm_head/MatMul_Q4") == 4 and set(bits.values()) == {2}, bits
     assert len(list(Engine(folder).generate([248045, 846, 198], 4))) == 4

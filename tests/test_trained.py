@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from edgekit.builder.pipeline import BuildRequest, build
 from edgekit.fixtures import trained
@@ -82,3 +84,22 @@ def test_the_device_check_on_it_agrees_with_the_build(trained_bundle: Path) -> N
     # the build's order, not orders of magnitude below it as on random weights.
     assert device["mean_kl"] >= build_quality["mean_kl"] / 20, (device, build_quality)
     assert os.path.getsize(trained_bundle / "quality_reference.json") < 64 * 1024
+
+
+def test_a_damaging_recipe_fails_the_build_naming_the_figure_the_threshold_and_a_recipe(trained_checkpoint: Path,
+                                                                                       tmp_path: Path) -> None:
+    """The Raspberry Pi 5's own gate against 2-bit weights, the damage docs/quality.md measured on
+    this model; the recipes the profiles offer pass the same gate (above)."""
+    pi5 = load_profile("raspberry-pi-5")
+    data = yaml.safe_load(Path(pi5.path).read_text())
+    data["quantization"]["precision"] = "int2"
+    profile = tmp_path / "pi5-int2.yaml"
+    profile.write_text(yaml.safe_dump(data))
+    output = tmp_path / "dist"
+    done = edgekit("build", "--profile", str(profile), "--model", str(trained_checkpoint), "-o", str(output))
+    print(done.stderr[-2000:])
+    assert done.returncode != 0
+    assert re.search(rf"quality gate failed for profile raspberry-pi-5: .*mean KL [\d.]+ > {pi5.quality.max_mean_kl}",
+                     done.stderr), done.stderr[-2000:]
+    assert "no bundle written; try quantization precision: int4" in done.stderr
+    assert not output.exists() or not any(output.iterdir())

@@ -35,7 +35,7 @@ def builder_options(profile: DeviceProfile, checkpoint: Checkpoint, include_mtp:
         # Prefill then computes logits for the last position only, not [S, 248320].
         "prune_lm_head": "true",
     }
-    if q.precision in ("int4", "int8"):
+    if q.precision in ("int2", "int4", "int8"):
         extra.update(block_size=str(q.block_size), accuracy_level=str(q.accuracy_level))
         if q.algorithm != "default":
             extra["algo_config"] = q.algorithm
@@ -82,12 +82,18 @@ def run_builder(
     layers: int = 0,
 ) -> None:
     """Run the model builder from ``source`` into ``output``; raise with the log's tail if it fails."""
+    q = profile.quantization
     command = [sys.executable, "-m", "edgekit.builder.lowmem_quant"]
-    if profile.quantization.lm_head_block_size:
-        command += ["--lm-head-block-size", str(profile.quantization.lm_head_block_size)]
+    if q.lm_head_block_size:
+        command += ["--lm-head-block-size", str(q.lm_head_block_size)]
+    precision = q.precision
+    if precision == "int2":
+        # The builder knows no int2: an int4 build whose own quantizer writes 2 bits (lowmem_quant).
+        command += ["--weight-bits", "2"]
+        precision = "int4"
     command += [
         "-i", str(source), "-o", str(output),
-        "-p", profile.quantization.precision, "-e", profile.execution_provider,
+        "-p", precision, "-e", profile.execution_provider,
         "-c", str(cache_dir),
         "--extra_options", *[f"{k}={v}" for k, v in extra.items()],
     ]

@@ -7,12 +7,16 @@ quantizer, with the same quantizer applied node by node on the builder's in-memo
 each float weight as soon as its quantized form exists. The result is the same graph with the same
 bytes; other quantization setups (RTN, k-quant, mixed precision, QDQ) keep the builder's own pass.
 
-It also takes one option of its own, ``--lm-head-block-size N``: the LM head (and, when the
-embedding is tied, the embedding lookup that shares its bytes) quantized with blocks of N while every
-other weight keeps the builder's block size. The head is the largest single weight (a quarter of the
-0.8B's) and is read in full for every generated token.
+It also takes two options of its own:
+- ``--lm-head-block-size N``: the LM head (and, when the embedding is tied, the embedding lookup that
+  shares its bytes) quantized with blocks of N while every other weight keeps the builder's block
+  size. The head is the largest single weight (a quarter of the 0.8B's) and is read in full for
+  every generated token.
+- ``--weight-bits 2``: every weight but the LM head in 2 bits (MatMulNBits ``bits=2``). The head
+  keeps the builder's 4 bits, as llama.cpp's Q2_K keeps its output tensor wider, and because the
+  tied embedding's GatherBlockQuantized reads the head's bytes and only takes 4 bits.
 
-Run as ``python -m edgekit.builder.lowmem_quant [--lm-head-block-size N] <model builder arguments>``.
+Run as ``python -m edgekit.builder.lowmem_quant [--lm-head-block-size N] [--weight-bits 2] <model builder arguments>``.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ def _streamable(model: Any) -> bool:
 LM_HEAD = "/lm_head/MatMul"
 
 
-def _quantizer(attrs: dict, block_size: int) -> DefaultWeightOnlyQuantizer:
+def _quantizer(attrs: dict, block_size: int, bits: int) -> DefaultWeightOnlyQuantizer:
     return DefaultWeightOnlyQuantizer(
         DefaultWeightOnlyQuantConfig(
             block_size=block_size,
@@ -50,19 +54,20 @@ def _quantizer(attrs: dict, block_size: int) -> DefaultWeightOnlyQuantizer:
             accuracy_level=attrs["accuracy_level"],
             quant_format=QuantFormat.QOperator,
             op_types_to_quantize=tuple(attrs["op_types_to_quantize"]),
-            bits=attrs["bits"],
+            bits=bits,
         )
     )
 
 
-def quantize_in_place(model: Any, lm_head_block_size: int | None = None) -> ir.Model:
+def quantize_in_place(model: Any, lm_head_block_size: int | None = None, weight_bits: int | None = None) -> ir.Model:
     """Quantize ``model.model``'s eligible MatMul weights node by node; return the graph.
 
-    ``lm_head_block_size`` quantizes the LM head with its own block size (see the module notes).
+    ``lm_head_block_size`` quantizes the LM head with its own block size, ``weight_bits`` every
+    other weight with its own bit width (see the module notes).
     """
     attrs = model.quant_attrs
-    quantizer = _quantizer(attrs, attrs["matmul_block_size"])
-    head_quantizer = _quantizer(attrs, lm_head_block_size) if lm_head_block_size else quantizer
+    quantizer = _quantizer(attrs, attrs["matmul_block_size"], weight_bits or attrs["bits"])
+    head_quantizer = _quantizer(attrs, lm_head_block_size or attrs["matmul_block_size"], attrs["bits"])
     graph = model.model.graph
     excluded = set(attrs["nodes_to_exclude"])
     for node in list(graph):
@@ -120,23 +125,31 @@ def _match_tied_lookup(graph: ir.Graph, block_size: int) -> None:
             node.attributes["block_size"] = ir.AttrInt64("block_size", block_size)
 
 
+def _own_option(name: str) -> int | None:
+    """Take ``name N`` out of the command line (the builder would refuse it); return N."""
+    if name not in sys.argv:
+        return None
+    at = sys.argv.index(name)
+    value = int(sys.argv[at + 1])
+    del sys.argv[at : at + 2]
+    return value
+
+
 def main() -> None:
     """Patch the builder's quantization pass, then run the builder's command line."""
     import onnxruntime_genai.models.builder  # noqa: F401  (puts the builder's own modules on sys.path)
     from builders import base
 
-    lm_head_block_size = None
-    if "--lm-head-block-size" in sys.argv:
-        at = sys.argv.index("--lm-head-block-size")
-        lm_head_block_size = int(sys.argv[at + 1])
-        del sys.argv[at : at + 2]
+    lm_head_block_size, weight_bits = _own_option("--lm-head-block-size"), _own_option("--weight-bits")
     original = base.Model.to_nbits
 
     def to_nbits(self: Any) -> ir.Model:
         if _streamable(self):
-            return quantize_in_place(self, lm_head_block_size)
-        if lm_head_block_size:
-            raise SystemExit("--lm-head-block-size needs the default quantization algorithm (no k_quant, rtn or mixed precision)")
+            return quantize_in_place(self, lm_head_block_size, weight_bits)
+        if lm_head_block_size or weight_bits:
+            raise SystemExit(
+                "--lm-head-block-size and --weight-bits need the default quantization algorithm (no k_quant, rtn or mixed precision)"
+            )
         return original(self)
 
     base.Model.to_nbits = to_nbits

@@ -55,12 +55,14 @@ def weight_bytes(shape: ModelShape, quantization: Quantization, io_bytes: int, b
     (measured: 537 MiB resident for the 0.8B's 751 M quantized weights).
     """
     q = quantization
-    if q.precision in ("int4", "int8"):
-        bits = 4 if q.precision == "int4" else 8
+    if q.precision in ("int2", "int4", "int8"):
+        bits = {"int2": 2, "int4": 4, "int8": 8}[q.precision]
+        # int2 keeps the LM head (the tied embedding) in 4 bits: see edgekit.builder.lowmem_quant.
+        head_bits = 4 if q.precision == "int2" else bits
         per_block = io_bytes * (2 if block_sums else 1)
         head_block = q.lm_head_block_size or q.block_size
         return int(shape.matmul_params() * (bits / 8 + per_block / q.block_size)
-                   + shape.embedding_params() * (bits / 8 + per_block / head_block))
+                   + shape.embedding_params() * (head_bits / 8 + per_block / head_block))
     dense = {"fp32": 4, "fp16": 2}[q.precision]
     embeddings = shape.embedding_params() * (1 if shape.tied_embeddings else 2)
     return (shape.matmul_params() + embeddings) * dense

@@ -81,6 +81,8 @@ def compare(engine: Engine, prompts: list[list[int]], runs: list[tuple[list[int]
 def next_recipe(quantization: Quantization) -> str | None:
     """The recipe to try when ``quantization`` misses its gate: the first step, in the order of
     measured benefit on the trained fixture (docs/quality.md), that this recipe has not taken."""
+    if quantization.precision == "int2":
+        return "precision: int4"
     int4 = quantization.precision == "int4"
     if int4 and quantization.algorithm != "k_quant":
         return "algorithm: k_quant (on the trained fixture KL 0.0034 against 0.0051 at block 32)"

@@ -152,7 +152,10 @@ def build(request: BuildRequest, reporter: Reporter | None = None) -> BuildResul
         if not quality.passed:
             advice = parity.next_recipe(profile.quantization)
             advice = f"; try quantization {advice} in a copy of the profile" if advice else ""
-            raise EdgekitError(f"quality gate failed for profile {profile.name}: {quality.reason}; no bundle written{advice}")
+            # The bundled gates were set on a small trained model (docs/quality.md): a real checkpoint
+            # may read higher figures at the same recipe, and its owner may judge them acceptable.
+            raise EdgekitError(f"quality gate failed for profile {profile.name}: {quality.reason}; no bundle written{advice}, "
+                               "or accept these figures with --min-top1/--max-kl (README: when a gate refuses a build)")
         # Shipped in the bundle (sha256 in the manifest) for the check the device runs on its own kernels.
         reference.write(staging)
 
