@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import yaml
 
 from edgekit.bundle import Manifest, bundle_id
 from edgekit.client import DeviceClient
@@ -26,6 +27,7 @@ from edgekit.deploy.probe import DeviceFacts, problems
 from edgekit.deploy.provision import unit_text
 from edgekit.profiles import load_profile
 from edgekit.serve.embedded_broker import free_port
+from edgekit.serve.tune import thread_counts
 from tests.conftest import broker_at
 from tests.sshhost import SSHHost, serve_directory
 
@@ -74,14 +76,22 @@ def test_first_deploy_ends_with_the_device_answering(ssh_host: SSHHost, lab: Pat
     assert final["type"] == "final" and final["usage"]["completion_tokens"] >= 1
 
 
-def test_redeploy_of_the_same_bundle_copies_nothing(ssh_host: SSHHost, lab: Path, host_bundle: Path, wheels: Path,
-                                                   broker: int) -> None:
-    done = deploy(ssh_host, host_bundle, lab, broker_port=broker, wheels=wheels)
+def test_redeploy_of_the_same_bundle_copies_nothing_and_tunes(ssh_host: SSHHost, lab: Path, host_bundle: Path,
+                                                              wheels: Path, broker: int) -> None:
+    config = lab / "etc/edgekit/daemon.yaml"
+    done = deploy(ssh_host, host_bundle, lab, "--tune", broker_port=broker, wheels=wheels)
     assert done.returncode == 0, done.stderr + ssh_host.service_log()
     report = json.loads(done.stdout)
     manifests = (host_bundle / "manifest.json").stat().st_size
     assert report["bytes_copied"] == manifests  # only the manifest is resent: wheels and weights are there
     assert any("verify every sha256" in step["title"] for step in report["steps"])
+    # --tune: `edgekit tune` ran on the device with the daemon stopped, wrote the fastest count into
+    # its config (still the service user's, 0600) and started the daemon again, which is online.
+    tuned = report["tune"]
+    assert tuned["daemon_paused"] and tuned["written"] and [t["threads"] for t in tuned["trials"]] == list(thread_counts()), tuned
+    assert yaml.safe_load(config.read_text())["threads"] == tuned["chosen"]
+    assert oct(config.stat().st_mode & 0o777) == "0o600" and config.owner() == "edgekit"
+    assert report["status"]["state"] == "online"
     assert ask(broker, "lab-1")["type"] == "final"
 
 

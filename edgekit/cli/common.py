@@ -75,6 +75,21 @@ def output_option(help_text: str = "Print machine-readable JSON.") -> Callable[[
     return decorate
 
 
+def int_list(minimum: int, example: str) -> Callable[[click.Context, click.Parameter, str | None], tuple[int, ...]]:
+    """A click callback for a comma-separated list of integers of at least ``minimum`` (e.g. ``--depths``)."""
+
+    def parse(ctx: click.Context, param: click.Parameter, text: str | None) -> tuple[int, ...]:
+        try:
+            values = tuple(int(part) for part in (text or "").split(",") if part.strip())
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated whole numbers such as {example} (got {text!r})") from None
+        if any(v < minimum for v in values):
+            raise click.BadParameter(f"each number must be {minimum} or more (got {text!r})")
+        return values
+
+    return parse
+
+
 def friendly(command: Callable[..., Any]) -> Callable[..., Any]:
     """Turn an EdgekitError into one line on stderr and its exit status (1, or the error's own)."""
 

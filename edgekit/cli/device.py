@@ -1,4 +1,4 @@
-"""Commands that talk MQTT: serve (the daemon), ask and status (clients)."""
+"""Commands for the device and its clients: serve (the daemon), tune (its thread count), ask and status."""
 
 from __future__ import annotations
 
@@ -7,7 +7,18 @@ from typing import Any
 
 import click
 
-from edgekit.cli.common import Output, broker_options, broker_overrides, connect, err, friendly, out, output_option, table
+from edgekit.cli.common import (
+    Output,
+    broker_options,
+    broker_overrides,
+    connect,
+    err,
+    friendly,
+    int_list,
+    out,
+    output_option,
+    table,
+)
 from edgekit.errors import EdgekitError
 
 
@@ -150,4 +161,57 @@ def _quality(quality: dict[str, Any] | None) -> str:
     return figures if quality["passed"] else f"BELOW GATE ({figures})"
 
 
-COMMANDS = (serve, ask, status)
+DEVICE_CONFIG = Path("/etc/edgekit/daemon.yaml")  # where deploy and flash put it (edgekit.deploy.layout)
+
+
+@click.command()
+@click.argument("bundle_dir", type=click.Path(file_okay=False, path_type=Path), required=False)
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help=f"Daemon config to read the bundle from and write the winner into [default: {DEVICE_CONFIG} if it exists].")
+@click.option("--threads", "counts", default="", metavar="N1,N2,...", callback=int_list(1, "1,2,4"),
+              help="Thread counts to try [default: 1-4, then doubling, up to the physical cores].")
+@click.option("--runs", type=click.IntRange(1), default=3, show_default=True, help="Runs per thread count (medians).")
+@click.option("--prompt-tokens", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--new-tokens", type=click.IntRange(2), default=32, show_default=True)
+@click.option("--pause-daemon", is_flag=True, help="Stop the serving daemon while measuring, start it again after.")
+@click.option("--unit", default="edgekit.service", show_default=True, help="The daemon's systemd unit.")
+@click.option("--dry-run", is_flag=True, help="Measure and report; write nothing.")
+@output_option()
+@friendly
+def tune(bundle_dir: Path | None, config_file: Path | None, counts: tuple[int, ...], runs: int, prompt_tokens: int,
+         new_tokens: int, pause_daemon: bool, unit: str, dry_run: bool, output: Output) -> None:
+    """Measure the bundle at each thread count on this device; keep the fastest in the daemon's config.
+
+    The daemon reads the new count when it starts: with --pause-daemon that is right after tuning.
+
+    \b
+    Example:
+      sudo edgekit tune --pause-daemon
+      edgekit tune dist/qwen3.5-0.8b-raspberry-pi-5-int4 --threads 1,2,4 --dry-run --json
+    """
+    from edgekit.serve.tune import thread_counts
+    from edgekit.serve.tune import tune as run_tune
+
+    if config_file is None and DEVICE_CONFIG.is_file():
+        config_file = DEVICE_CONFIG
+    report = run_tune(bundle_dir, config_file, counts or thread_counts(), runs, prompt_tokens, new_tokens, unit,
+                      pause_daemon, write=not dry_run, progress=lambda text: err.print(f"[dim]measuring {text}[/]"))
+    output.result(report.to_dict(), _draw_tune)
+
+
+def _draw_tune(report: dict[str, Any]) -> None:
+    rows = [(t["threads"], f"{t['prefill_tps']:.1f}", f"{t['decode_tps']:.1f}", f"{t['decode_min']:.1f}-{t['decode_max']:.1f}",
+             "<- chosen" if t["threads"] == report["chosen"] else "") for t in report["trials"]]
+    out.print(table(("threads", "prefill tok/s", "decode tok/s", "decode range", ""), rows,
+                    title=f"{report['bundle']}: prompt {report['prompt_tokens']}, {report['new_tokens']} new, "
+                          f"medians of {report['runs']} runs"))
+    was = report["previous"] or report["bundle_threads"]
+    if report["written"]:
+        out.print(f"wrote threads: {report['chosen']} to {report['config']} (was {was or 'unset'})"
+                  + ("; the daemon was stopped while measuring and started again" if report["daemon_paused"] else
+                     "; it applies when the daemon next starts"))
+    else:
+        out.print(f"fastest here: {report['chosen']} threads (the bundle's: {report['bundle_threads'] or 'unset'}); nothing written")
+
+
+COMMANDS = (serve, tune, ask, status)

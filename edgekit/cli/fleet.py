@@ -135,10 +135,13 @@ class _RichDeploy:
 @click.option("--online-timeout", type=click.FloatRange(1), default=120.0, show_default=True,
               help="Seconds to wait for the device's online status before rolling back.")
 @click.option("--dry-run", is_flag=True, help="Probe the device and print every step without changing anything.")
+@click.option("--tune", is_flag=True,
+              help="Then run `edgekit tune` on the device: measure thread counts, keep the fastest in its config.")
 @_device_options
 @friendly
 def deploy(bundle_dir: Path, destination: str, port: int | None, identity: Path | None, known_hosts: Path | None,
-           connect_timeout: int, wheelhouse: Path | None, online_timeout: float, dry_run: bool, device_id: str | None,
+           connect_timeout: int, wheelhouse: Path | None, online_timeout: float, dry_run: bool, tune: bool,
+           device_id: str | None,
            pools: tuple[str, ...], trust: tuple[Path, ...], index_url: str | None, device_root: str, service_user: str,
            keep: int, output: Output, **broker: Any) -> None:
     """Install the runtime and BUNDLE on a device over SSH, start it, and roll back if it does not come online.
@@ -147,6 +150,7 @@ def deploy(bundle_dir: Path, destination: str, port: int | None, identity: Path 
     Example:
       edgekit deploy dist/qwen3.5-0.8b-raspberry-pi-5-int4 --host pi@kitchen.local --broker mqtt://hub.local
       edgekit deploy dist/BUNDLE --host pi@kitchen.local --trust keys/release.pub --dry-run
+      edgekit deploy dist/BUNDLE --host pi@kitchen.local --broker mqtt://hub.local --tune
     """
     from edgekit.deploy.deploy import DeployFailed, DeployOptions
     from edgekit.deploy.deploy import deploy as run_deploy
@@ -157,7 +161,7 @@ def deploy(bundle_dir: Path, destination: str, port: int | None, identity: Path 
     options = DeployOptions(bundle=bundle_dir, broker=_broker(**broker), device_id=device_id, pools=pools, trust=trust,
                             wheelhouse=wheelhouse, index_url=index_url,
                             layout=DeviceLayout(root=device_root, user=service_user, keep_bundles=keep),
-                            online_timeout=online_timeout, dry_run=dry_run)
+                            online_timeout=online_timeout, dry_run=dry_run, tune=tune)
     try:
         report = run_deploy(target, options, _RichDeploy(quiet=output.as_json))
     except DeployFailed as exc:
@@ -182,6 +186,10 @@ def _print_deploy(report: DeployReport, destination: str, dry_run: bool) -> None
     resumed = f", resumed {report.bytes_resumed / 1024**2:.0f} MiB" if report.bytes_resumed else ""
     out.print(f"[green]deployed[/] {report.bundle_id} to {destination} as {report.device_id} "
               f"(copied {report.bytes_copied / 1024**2:.0f} MiB{resumed}); the device is online")
+    if report.tune:
+        fastest = next(t for t in report.tune["trials"] if t["threads"] == report.tune["chosen"])
+        out.print(f"tuned: {report.tune['chosen']} threads (decode {fastest['decode_tps']:.1f} tok/s, prefill "
+                  f"{fastest['prefill_tps']:.1f}; tried {', '.join(str(t['threads']) for t in report.tune['trials'])})")
 
 
 @click.command()

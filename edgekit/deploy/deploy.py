@@ -52,6 +52,7 @@ class DeployOptions:
     layout: DeviceLayout = field(default_factory=DeviceLayout)
     online_timeout: float = 120.0
     dry_run: bool = False
+    tune: bool = False  # after the deploy, `edgekit tune` on the device picks its thread count
 
 
 @dataclass
@@ -67,6 +68,7 @@ class DeployReport:
     bytes_resumed: int = 0
     previous: str | None = None
     status: dict[str, Any] | None = None
+    tune: dict[str, Any] | None = None  # `edgekit tune`'s report, with --tune
     outcome: str = "pending"  # deployed, dry-run, refused (nothing changed), rolled-back, failed
     error: str | None = None
 
@@ -155,6 +157,12 @@ def _deploy(target: Target, options: DeployOptions, reporter: Reporter, report: 
                     report.outcome = "rolled-back"
                     rolled = f"rolled back to {facts.current}" if facts.current else f"stopped and disabled {UNIT_NAME} (first deploy)"
                     raise EdgekitError(f"{bundle_id} did not come up on {target.host}: {exc}; {rolled}") from exc
+            elif step.kind == "tune":
+                # The bundle is deployed and was online: a failed tuning is reported, not rolled back.
+                started, _, tuned = _run(remote, layout, step).partition("\n")
+                report.tune = json.loads(tuned)
+                report.status = _wait_online(remote, layout, report.device_id, manifest.name, int(started),
+                                             options.online_timeout)
             else:
                 _run(remote, layout, step)
         report.outcome = "deployed"
@@ -175,6 +183,8 @@ def _plan(options: DeployOptions, manifest: Manifest, facts: DeviceFacts, bundle
     steps.append(provision.install_unit(layout, provision.memory_limit(facts.ram_total, manifest.profile.ram_share)))
     steps.append(provision.activate(layout, bundle_id))
     steps.append(provision.enable_and_restart())
+    if options.tune:
+        steps.append(provision.tune())
     steps.append(provision.prune())
     return steps
 

@@ -28,7 +28,8 @@ class Step:
     title: str
     script: str
     detail: str = ""
-    kind: str = "script"  # "copy": done by the deploy runner itself; "restart": followed by a health check
+    # "copy": done by the deploy runner itself; "restart" and "tune": followed by a health check
+    kind: str = "script"
 
 
 def _q(value: str) -> str:
@@ -216,6 +217,14 @@ def enable_and_restart() -> Step:
     return Step(f"enable and restart {UNIT_NAME}",
                 f"date +%s\nsystemctl enable {UNIT_NAME} >/dev/null 2>&1\nsystemctl restart --no-block {UNIT_NAME}\n",
                 kind="restart")
+
+
+def tune() -> Step:
+    """`edgekit tune` on the device: each thread count measured with the daemon stopped, the fastest
+    written into its config, the daemon started again; prints the device clock, then the JSON report."""
+    return Step("measure thread counts on the device and keep the fastest (the daemon pauses meanwhile)",
+                f'date +%s\n"$EK_VENV/bin/edgekit" tune --config "$EK_CONFIG" --unit {UNIT_NAME} --pause-daemon --json\n',
+                kind="tune")
 
 
 def prune() -> Step:

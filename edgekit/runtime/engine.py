@@ -75,6 +75,12 @@ class GenerationStats:
         return steps / self.decode_s if self.decode_s else 0.0
 
 
+def configured_threads(folder: Path) -> int | None:
+    """The thread count ``folder``'s bundle was built for (None: left to ONNX Runtime)."""
+    config = json.loads((folder / "genai_config.json").read_text())
+    return config["model"]["decoder"].get("session_options", {}).get("intra_op_num_threads") or None
+
+
 class Engine:
     """A loaded bundle graph that runs prefill and decode steps for any number of sequences."""
 
