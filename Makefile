@@ -14,7 +14,7 @@ RANDOM := $(if $(findstring fixtures/,$(MODEL)),--random-weights,)
 # torch from the CPU build: an unpinned torch pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install system-deps run test test-fast bench quality fixtures lint clean
+.PHONY: install system-deps run test test-fast bench bench-anchor quality fixtures lint clean
 
 $(BIN)/edgekit: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -71,6 +71,12 @@ bench: install fixtures/qwen3.5-0.8b/config.json fixtures/qwen3.5-2b/config.json
 	$(BIN)/edgekit bench bench-results/bench-0.8b --threads $$(nproc) --runs 5 --json > bench-results/serve.json
 	cat bench-results/serve.json
 
+# edgekit against llama.cpp on the same weights (docs/benchmarks.md): alternating rounds at 1 and 2
+# threads, prefill and decode after 0/1k/4k tokens of context, with bandwidth probes that tell quiet
+# rounds from contended ones. Builds llama.cpp once (as `make quality` does); an hour or more.
+bench-anchor: install fixtures/qwen3.5-0.8b/config.json fixtures/qwen3.5-2b/config.json
+	$(BIN)/python bench/anchor.py --out anchor-results
+
 # The quality table (docs/quality.md): every recipe the profiles offer, built from the trained fixture,
 # beside llama.cpp's Q4_0 and Q4_K_M of it on the same held-out text. Downloads llama-cpp-python's
 # sdist and builds its llama.cpp once (cached in ~/.cache/edgekit); not part of `make test`.
@@ -83,4 +89,4 @@ lint: install
 	$(BIN)/mypy
 
 clean:
-	rm -rf dist bench-results quality-results .pytest_cache
+	rm -rf dist bench-results quality-results anchor-results .pytest_cache

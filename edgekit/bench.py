@@ -6,7 +6,6 @@ machine noise, and their ratios come from the same run.
 
 from __future__ import annotations
 
-import json
 import random
 import signal
 import statistics
@@ -42,6 +41,28 @@ def direct_run(engine: Engine, prompt_len: int, new_tokens: int) -> dict[str, An
     gaps = [b - a for a, b in zip(stats.token_times, stats.token_times[1:])]
     return {"prefill_tps": stats.prefill_tps, "decode_tps": stats.decode_tps,
             "ttft_s": stats.token_times[0] - started, "itl": gaps}
+
+
+def depth_run(engine: Engine, depth: int, new_tokens: int) -> float:
+    """Decode tok/s after ``depth`` tokens of context, prefilled first and not timed (llama-bench's
+    ``-d``): what a long conversation or document costs each new token."""
+    stats = GenerationStats()
+    list(engine.generate(_prompt(max(depth, 1)), new_tokens, stats=stats))
+    return stats.decode_tps
+
+
+def depth_sweep(engine: Engine, depths: tuple[int, ...], new_tokens: int, runs: int,
+                progress: Any = print) -> dict[str, dict[str, float]]:
+    """Decode tok/s (min, median, max over ``runs``) after each of ``depths`` tokens of context."""
+    for depth in depths:
+        if depth + new_tokens >= engine.context_length:
+            raise EdgekitError(f"--depths: {depth} tokens of context plus {new_tokens} new ones do not fit the bundle's "
+                               f"context of {engine.context_length} tokens")
+    sweep = {}
+    for depth in depths:
+        progress(f"decode after {depth} tokens of context")
+        sweep[str(depth)] = _spread([depth_run(engine, depth, new_tokens) for _ in range(runs)])
+    return sweep
 
 
 def _timed_request(client: DeviceClient, device: str, request: dict[str, Any]) -> tuple[float, list[float], dict[str, Any]]:
@@ -126,9 +147,11 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def run(bundle: Path, runs: int, prompt_len: int, new_tokens: int, threads: int | None,
-        progress: Any = print) -> dict[str, Any]:
-    """The full benchmark; returns a JSON-ready report."""
+        progress: Any = print, depths: tuple[int, ...] = ()) -> dict[str, Any]:
+    """The full benchmark; returns a JSON-ready report. ``depths`` adds decode speed after that many
+    tokens of context (``depth_decode_tps``)."""
     engine = Engine(bundle, threads=threads)
+    sweep = depth_sweep(engine, depths, new_tokens, runs, progress) if depths else None
     broker = embedded_broker.start()
     device = "bench"
     command = [sys.executable, "-m", "edgekit.cli", "serve", str(bundle), "--device-id", device, "--port",
@@ -136,8 +159,7 @@ def run(bundle: Path, runs: int, prompt_len: int, new_tokens: int, threads: int 
     if threads:
         command += ["--threads", str(threads)]
     daemon = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    used_threads = threads or json.loads((bundle / "genai_config.json").read_text())["model"]["decoder"][
-        "session_options"].get("intra_op_num_threads")
+    used_threads = threads or engine.threads or None
     report: dict[str, Any] = {"bundle": str(bundle), "prompt_tokens": prompt_len, "new_tokens": new_tokens,
                               "threads": used_threads, "runs": runs, "machine": machine.facts(used_threads)}
     try:
@@ -181,6 +203,8 @@ def run(bundle: Path, runs: int, prompt_len: int, new_tokens: int, threads: int 
             # Added TTFT: what the broker round trip adds to the daemon's own time to first token.
             report["added_ttft_ms"] = med(1000 * (m["ttft_s"] - m["server_ttft_s"]) for m in remote)
             report["session"] = _session_bench(client, device, progress)
+            if sweep is not None:
+                report["depth_decode_tps"] = sweep
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=60)

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+from click.testing import CliRunner
 
+from edgekit.cli import main
 from edgekit.client import DeviceClient
 from edgekit.errors import EdgekitError
 from edgekit.runtime.engine import Engine
@@ -406,13 +408,25 @@ def test_mqtt5_message_expiry_answers_expired(daemon: Daemon, broker: int) -> No
         assert last["code"] == "expired"
 
 
+def test_bench_depths_are_checked_before_measuring(host_bundle: Path) -> None:
+    runner = CliRunner()
+    bad = runner.invoke(main, ["bench", str(host_bundle), "--depths", "0,1k"])
+    assert bad.exit_code == 2 and "--depths" in bad.output and "0,1k" in bad.output
+    context = json.loads((host_bundle / "genai_config.json").read_text())["model"]["context_length"]
+    too_deep = runner.invoke(main, ["bench", str(host_bundle), "--depths", f"0,{context}"])
+    assert too_deep.exit_code == 1 and f"do not fit the bundle's context of {context}" in too_deep.output
+
+
 @pytest.mark.slow
 def test_bench_report(host_bundle: Path) -> None:
     """`edgekit bench` runs end to end; its MQTT prompt has the same length as the engine's."""
     from edgekit.bench import run
 
-    report = run(host_bundle, runs=1, prompt_len=32, new_tokens=4, threads=None, progress=lambda _: None)
+    report = run(host_bundle, runs=1, prompt_len=32, new_tokens=4, threads=None, progress=lambda _: None, depths=(0, 512))
     assert report["mqtt"]["prompt_tokens"] == 32
+    # The depth sweep: decode after 0 and 512 tokens of context (llama-bench's -d).
+    assert set(report["depth_decode_tps"]) == {"0", "512"}
+    assert all(figures["median"] > 0 for figures in report["depth_decode_tps"].values())
     assert report["direct"]["decode_tps"] > 0 and report["mqtt"]["decode_tps"] > 0
     assert report["daemon_rss_mb"] > 0 and report["session"]["history_tokens"] > 2000
     # Linux: the peak over the full-context request alone (the load-time peak reset first).

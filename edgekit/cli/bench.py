@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from edgekit.cli.common import Output, err, friendly, out, output_option
+from edgekit.cli.common import Output, err, friendly, int_list, out, output_option
 
 
 @click.command("bench")
@@ -16,18 +16,22 @@ from edgekit.cli.common import Output, err, friendly, out, output_option
 @click.option("--prompt-tokens", type=click.IntRange(1), default=128, show_default=True)
 @click.option("--new-tokens", type=click.IntRange(2), default=64, show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=None, help="Override the bundle's thread count.")
+@click.option("--depths", default="", metavar="D1,D2,...", callback=int_list(0, "0,1024,4032"),
+              help="Also measure decode after each of these many tokens of context (like llama-bench -d).")
 @output_option()
 @friendly
-def bench(bundle_dir: Path, runs: int, prompt_tokens: int, new_tokens: int, threads: int | None, output: Output) -> None:
+def bench(bundle_dir: Path, runs: int, prompt_tokens: int, new_tokens: int, threads: int | None, depths: tuple[int, ...],
+          output: Output) -> None:
     """Measure a bundle: engine speed, the same through an MQTT daemon, idle CPU, RSS, sessions.
 
     \b
     Example:
-      edgekit bench dist/qwen3.5-0.8b-host-int4 --runs 5 --json
+      edgekit bench dist/qwen3.5-0.8b-host-int4 --runs 5 --depths 0,1024,4032 --json
     """
     from edgekit.bench import run
 
-    report = run(bundle_dir, runs, prompt_tokens, new_tokens, threads, progress=lambda text: err.print(f"[dim]{text}[/]"))
+    report = run(bundle_dir, runs, prompt_tokens, new_tokens, threads, progress=lambda text: err.print(f"[dim]{text}[/]"),
+                 depths=depths)
     output.result(report, _draw)
 
 
@@ -45,6 +49,9 @@ def _draw(report: dict[str, Any]) -> None:
               + (f", peak {peak:.0f} MiB with loading" if peak else ""))
     out.print(f"session turn 2 after {sess['history_tokens']} tokens: first token {sess['kept_ttft_ms']:.0f} ms kept vs "
               f"{sess['replay_ttft_ms']:.0f} ms replayed ({sess['speedup']:.1f}x)")
+    for depth, decode in report.get("depth_decode_tps", {}).items():
+        out.print(f"decode after {depth} tokens of context: {decode['median']:.1f} tok/s "
+                  f"(min {decode['min']:.1f}, max {decode['max']:.1f})")
 
 
 COMMANDS = (bench,)

@@ -1,0 +1,265 @@
+"""edgekit against llama.cpp on the same weights: a side-by-side anyone can rerun (`make bench-anchor`).
+
+For each model (the random-weight 0.8B and 2B fixtures: real architecture, real cost), it
+1. gets llama.cpp as bench/llama_cpp.py does (llama-cpp-python's PyPI sdist, built with CMake);
+2. converts the checkpoint to GGUF (f16) and quantizes it to Q4_0 and Q4_K_M; builds edgekit's
+   bundle with the raspberry-pi-5 recipe (int4, block 32, accuracy level 4, int8 KV cache, context 4,096);
+3. runs rounds that alternate the two sides (llama.cpp first in even rounds, edgekit first in odd
+   ones), at each thread count: prefill of a 128-token prompt, and decode of 64 tokens after 0, 1,024
+   and 4,032 tokens of context (llama-bench ``-d``; edgekit: the same prompt prefilled, not timed).
+
+Each side is preceded by a memory-bandwidth probe (``threads`` threads each copying their own 256 MiB;
+bytes read plus bytes written per second, best of three). Decode reads every weight once per token, so
+a neighbour's memory traffic slows it: a round is *quiet* when both of its probes reach at least
+QUIET_SHARE of the best probe of the whole run, else *contended*. Ratios (edgekit / llama.cpp) are
+taken per round and summarised apart for quiet and contended rounds: median, min, max.
+
+Beside tok/s it reports the weight bytes each side reads per decoded token (edgekit: the MatMulNBits
+weights, scales and, at accuracy level 4, the fp32 block sums ONNX Runtime adds when it repacks them;
+llama.cpp: every tensor of the GGUF but the token embedding, which is read by row) and the share of
+the probe's bandwidth that this traffic reaches at the measured decode speed.
+
+Writes OUT/anchor.json and OUT/anchor.md. Nothing of llama.cpp is kept in the repository.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent))
+
+from llama_cpp import SDIST, LlamaCpp, ensure  # noqa: E402
+
+from edgekit.bench import depth_run, direct_run  # noqa: E402
+from edgekit.builder.pipeline import BuildRequest, build  # noqa: E402
+from edgekit.profiles import Quality, load_profile  # noqa: E402
+from edgekit.runtime.engine import Engine  # noqa: E402
+from edgekit.runtime.machine import commit, cpu  # noqa: E402
+
+PROMPT, NEW = 128, 64
+DEPTHS = (0, 1024, 4032)
+QUIET_SHARE = 0.9
+PROBE_BYTES = 256 * 2**20
+LLAMA_KINDS = ("Q4_0", "Q4_K_M")
+PROFILE = "raspberry-pi-5"
+# Random weights: the build's quality gate has nothing to say about them (docs/quality.md).
+RANDOM_WEIGHTS = Quality(min_top1_agreement=0.0, max_mean_kl=10.0)
+
+
+def probe_bandwidth(threads: int, repeats: int = 3) -> float:
+    """Memory bandwidth in GB/s: ``threads`` threads each copy their own buffer (numpy releases the GIL)."""
+    sources = [np.ones(PROBE_BYTES // 8) for _ in range(threads)]
+    targets = [np.empty_like(s) for s in sources]
+    best = 0.0
+    for _ in range(repeats):
+        workers = [threading.Thread(target=np.copyto, args=(t, s)) for t, s in zip(targets, sources)]
+        started = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = max(best, 2 * PROBE_BYTES * threads / (time.perf_counter() - started) / 1e9)
+    return best
+
+
+def edgekit_side(bundle: Path, threads: int) -> dict[str, float]:
+    """edgekit's engine: prefill tok/s at PROMPT, decode tok/s after each of DEPTHS."""
+    engine = Engine(bundle, threads=threads)
+    direct_run(engine, 16, 4)  # warm-up: first-run allocations are not what a serving daemon pays
+    figures = {"prefill": direct_run(engine, PROMPT, 2)["prefill_tps"]}
+    for depth in DEPTHS:
+        figures[f"decode@{depth}"] = depth_run(engine, depth, NEW)
+    return figures
+
+
+def llama_side(llama: LlamaCpp, gguf: Path, threads: int) -> dict[str, float]:
+    """llama-bench on ``gguf``: pp PROMPT, and tg NEW after each of DEPTHS (one repetition each)."""
+    common = [str(llama.tool("llama-bench")), "-m", str(gguf), "-t", str(threads), "-r", "1", "-o", "json"]
+    runs = [subprocess.run([*common, "-p", str(PROMPT), "-n", "0"], check=True, capture_output=True, text=True),
+            subprocess.run([*common, "-p", "0", "-n", str(NEW), "-d", ",".join(map(str, DEPTHS))], check=True,
+                           capture_output=True, text=True)]
+    figures = {}
+    for done in runs:
+        for row in json.loads(done.stdout):
+            key = "prefill" if row["n_prompt"] else f"decode@{row['n_depth']}"
+            figures[key] = row["avg_ts"]
+    return figures
+
+
+def edgekit_bytes_per_token(bundle: Path) -> int:
+    """Weight bytes the bundle's graph reads per decoded token (see the module notes)."""
+    import onnx
+
+    model = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
+    sizes = {t.name: _tensor_bytes(t) for t in model.graph.initializer}
+    total = 0
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        total += sum(sizes.get(name, 0) for name in node.input[1:])
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("accuracy_level") == 4:
+            total += 4 * attrs["N"] * (attrs["K"] // attrs["block_size"])  # the repacked fp32 block sums
+    return total
+
+
+def _tensor_bytes(tensor: Any) -> int:
+    for entry in tensor.external_data:
+        if entry.key == "length":
+            return int(entry.value)
+    return len(tensor.raw_data)
+
+
+def gguf_bytes_per_token(llama: LlamaCpp, gguf: Path) -> int:
+    """Weight bytes llama.cpp reads per decoded token: every tensor but the token embedding."""
+    sys.path.insert(0, str(llama.source / "gguf-py"))
+    from gguf import GGUFReader
+
+    return sum(int(t.n_bytes) for t in GGUFReader(str(gguf)).tensors if t.name != "token_embd.weight")
+
+
+def prepare(model: Path, work: Path, llama: LlamaCpp, progress: Any) -> dict[str, Path]:
+    """edgekit's bundle and llama.cpp's quantized files for ``model`` (kept in ``work`` for reruns)."""
+    work.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    bundle = work / f"edgekit-{PROFILE}"
+    if not (bundle / "manifest.json").is_file():
+        progress(f"building edgekit's {PROFILE} bundle of {model}")
+        build(BuildRequest(profile=load_profile(PROFILE), model=str(model), output=work, name=bundle.name,
+                           quality=RANDOM_WEIGHTS))
+    files["edgekit"] = bundle
+    f16 = work / "model-f16.gguf"
+    if not f16.is_file():
+        progress(f"converting {model} to GGUF (f16)")
+        subprocess.run([*llama.convert, str(model), "--outtype", "f16", "--outfile", str(f16)], check=True,
+                       capture_output=True, env=llama.convert_env())
+    for kind in LLAMA_KINDS:
+        quantized = work / f"model-{kind}.gguf"
+        if not quantized.is_file():
+            progress(f"llama-quantize {kind}")
+            subprocess.run([str(llama.tool("llama-quantize")), str(f16), str(quantized), kind], check=True,
+                           capture_output=True)
+        files[kind] = quantized
+    return files
+
+
+def run_rounds(files: dict[str, Path], llama: LlamaCpp, rounds: int, thread_counts: tuple[int, ...],
+               progress: Any) -> list[dict[str, Any]]:
+    """Alternating rounds; each entry is one round at one thread count, both sides and their probes."""
+    results = []
+    for index in range(rounds):
+        for threads in thread_counts:
+            sides = ["llama.cpp", "edgekit"] if index % 2 == 0 else ["edgekit", "llama.cpp"]
+            entry: dict[str, Any] = {"round": index + 1, "threads": threads, "order": sides}
+            for side in sides:
+                progress(f"round {index + 1}/{rounds}, {threads} thread(s): {side}")
+                entry[f"{side}_probe_gbs"] = probe_bandwidth(threads)
+                if side == "edgekit":
+                    entry["edgekit"] = edgekit_side(files["edgekit"], threads)
+                else:
+                    entry["llama.cpp"] = {kind: llama_side(llama, files[kind], threads) for kind in LLAMA_KINDS}
+            results.append(entry)
+    return results
+
+
+def summarise(rounds: list[dict[str, Any]], bytes_per_token: dict[str, int]) -> dict[str, Any]:
+    """Per thread count and spell (quiet, contended): medians of each side's figures and of the
+    per-round ratios edgekit / Q4_0, with min and max; bandwidth shares at the median decode."""
+    best = max(max(r["edgekit_probe_gbs"], r["llama.cpp_probe_gbs"]) for r in rounds)
+    for r in rounds:
+        r["spell"] = "quiet" if min(r["edgekit_probe_gbs"], r["llama.cpp_probe_gbs"]) >= QUIET_SHARE * best else "contended"
+    summary: dict[str, Any] = {"best_probe_gbs": best}
+    for threads in sorted({r["threads"] for r in rounds}):
+        for spell in ("quiet", "contended"):
+            group = [r for r in rounds if r["threads"] == threads and r["spell"] == spell]
+            if not group:
+                continue
+            figures: dict[str, Any] = {"rounds": len(group)}
+            for key in group[0]["edgekit"]:
+                ours = [r["edgekit"][key] for r in group]
+                theirs = {kind: [r["llama.cpp"][kind][key] for r in group] for kind in LLAMA_KINDS}
+                ratios = [r["edgekit"][key] / r["llama.cpp"]["Q4_0"][key] for r in group]
+                figures[key] = {"edgekit": statistics.median(ours),
+                                **{kind: statistics.median(v) for kind, v in theirs.items()},
+                                "ratio_vs_Q4_0": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}}
+            probe = statistics.median(min(r["edgekit_probe_gbs"], r["llama.cpp_probe_gbs"]) for r in group)
+            figures["bandwidth_share_decode@0"] = {
+                side: bytes_per_token[side] * figures["decode@0"][side] / (probe * 1e9) for side in ("edgekit", *LLAMA_KINDS)}
+            summary[f"{threads} threads, {spell}"] = figures
+    return summary
+
+
+def markdown(model_name: str, result: dict[str, Any]) -> str:
+    """One table per thread count and spell: each figure, each side's median, the ratio's spread."""
+    mib = {side: b / 2**20 for side, b in result["bytes_per_token"].items()}
+    lines = [f"### {model_name}", "",
+             "Weight bytes read per decoded token: " + ", ".join(f"{side} {v:.1f} MiB" for side, v in mib.items()) + ".", ""]
+    for label, figures in result["summary"].items():
+        if not isinstance(figures, dict):
+            continue
+        lines += [f"**{label}** ({figures['rounds']} rounds; share of the probe's bandwidth at decode depth 0: "
+                  + ", ".join(f"{s} {v:.0%}" for s, v in figures["bandwidth_share_decode@0"].items()) + ")", "",
+                  "| figure (tok/s) | edgekit | llama.cpp Q4_0 | llama.cpp Q4_K_M | edgekit / Q4_0 (median, min-max) |",
+                  "|---|---|---|---|---|"]
+        for key, row in figures.items():
+            if key in ("rounds", "bandwidth_share_decode@0"):
+                continue
+            ratio = row["ratio_vs_Q4_0"]
+            name = "prefill 128" if key == "prefill" else f"decode 64 after {key.split('@')[1]}"
+            lines.append(f"| {name} | {row['edgekit']:.1f} | {row['Q4_0']:.1f} | {row['Q4_K_M']:.1f} | "
+                         f"{ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f}) |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+@click.command()
+@click.option("--model", "models", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=[Path("fixtures/qwen3.5-0.8b"), Path("fixtures/qwen3.5-2b")], show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("anchor-results"), show_default=True)
+@click.option("--rounds", type=click.IntRange(1), default=4, show_default=True)
+@click.option("--threads", "thread_counts", type=click.IntRange(1), multiple=True, default=[1, 2], show_default=True)
+def main(models: tuple[Path, ...], out: Path, rounds: int, thread_counts: tuple[int, ...]) -> None:
+    """Run the side-by-side for each MODEL; write OUT/anchor.json and OUT/anchor.md (an hour or more)."""
+    import onnxruntime
+
+    llama = ensure(progress=click.echo)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"date": dt.date.today().isoformat(), "cpu": cpu()["model"], "machine": platform.machine(),
+            "edgekit_commit": commit(), "onnxruntime": onnxruntime.__version__, "llama_cpp": f"as vendored in {SDIST}'s sdist",
+            "prompt": PROMPT, "new": NEW, "depths": DEPTHS, "profile": PROFILE, "quiet_share": QUIET_SHARE}
+    report: dict[str, Any] = {"meta": meta, "models": {}}
+    sections = []
+    for model in models:
+        files = prepare(model, out / "work" / model.name, llama, click.echo)
+        bytes_per_token = {"edgekit": edgekit_bytes_per_token(files["edgekit"]),
+                           **{kind: gguf_bytes_per_token(llama, files[kind]) for kind in LLAMA_KINDS}}
+        measured = run_rounds(files, llama, rounds, thread_counts, click.echo)
+        result = {"bytes_per_token": bytes_per_token, "rounds": measured, "summary": summarise(measured, bytes_per_token)}
+        report["models"][model.name] = result
+        (out / "anchor.json").write_text(json.dumps(report, indent=2) + "\n")  # kept if a later model fails
+        sections.append(markdown(model.name, result))
+    best = max(r["summary"]["best_probe_gbs"] for r in report["models"].values())
+    header = (f"Measured {meta['date']} on {meta['cpu']} ({meta['machine']}), edgekit {meta['edgekit_commit'] or '?'}, "
+              f"ONNX Runtime {meta['onnxruntime']}, llama.cpp {meta['llama_cpp']}; edgekit's {PROFILE} recipe (int4, "
+              f"block 32, accuracy level 4, int8 KV cache); prompt {PROMPT}, {NEW} new tokens; a round is quiet when both "
+              f"of its bandwidth probes reach {QUIET_SHARE:.0%} of its model's best (best seen: {best:.1f} GB/s).\n\n")
+    table = header + "\n".join(sections)
+    (out / "anchor.md").write_text(table)
+    click.echo(table)
+
+
+if __name__ == "__main__":
+    main()
