@@ -158,11 +158,15 @@ def _deploy(target: Target, options: DeployOptions, reporter: Reporter, report: 
                     rolled = f"rolled back to {facts.current}" if facts.current else f"stopped and disabled {UNIT_NAME} (first deploy)"
                     raise EdgekitError(f"{bundle_id} did not come up on {target.host}: {exc}; {rolled}") from exc
             elif step.kind == "tune":
-                # The bundle is deployed and was online: a failed tuning is reported, not rolled back.
-                started, _, tuned = _run(remote, layout, step).partition("\n")
-                report.tune = json.loads(tuned)
-                report.status = _wait_online(remote, layout, report.device_id, manifest.name, int(started),
-                                             options.online_timeout)
+                try:
+                    clock, _, tuned = _run(remote, layout, step).partition("\n")
+                    report.tune = json.loads(tuned)
+                    report.status = _wait_online(remote, layout, report.device_id, manifest.name, int(clock),
+                                                 options.online_timeout)
+                except EdgekitError as exc:
+                    # The bundle is deployed and was online: a failed tuning is reported, not rolled back.
+                    report.outcome = "deployed"
+                    raise EdgekitError(f"{bundle_id} is deployed on {target.host}, but tuning failed: {exc}") from exc
             else:
                 _run(remote, layout, step)
         report.outcome = "deployed"
@@ -183,9 +187,9 @@ def _plan(options: DeployOptions, manifest: Manifest, facts: DeviceFacts, bundle
     steps.append(provision.install_unit(layout, provision.memory_limit(facts.ram_total, manifest.profile.ram_share)))
     steps.append(provision.activate(layout, bundle_id))
     steps.append(provision.enable_and_restart())
+    steps.append(provision.prune())
     if options.tune:
         steps.append(provision.tune())
-    steps.append(provision.prune())
     return steps
 
 
