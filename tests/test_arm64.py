@@ -36,7 +36,8 @@ from .test_deploy import edgekit
 pytestmark = pytest.mark.slow
 
 RUN = "/opt/edgekit-test"  # inside the emulated device (an overlay: nothing reaches the cached tree)
-PYTHON = f"{RUN}/venv/bin/python"
+VENV = "/opt/edgekit/venv"  # where `edgekit deploy` installs the runtime
+PYTHON = f"{VENV}/bin/python"
 FORCE = """
 import json, sys
 from pathlib import Path
@@ -70,13 +71,6 @@ def new_device(emulation: Arm64Emulation) -> Iterator[EmulatedPi]:
 
 
 @pytest.fixture(scope="session")
-def pi(emulation: Arm64Emulation) -> Iterator[EmulatedPi]:
-    """The device the runtime checks and the teacher-forced comparisons share."""
-    with new_device(emulation) as device:
-        yield device
-
-
-@pytest.fixture(scope="session")
 def arm64_wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`edgekit wheelhouse --arch aarch64`: the runtime's wheels for a Pi."""
     wheels = tmp_path_factory.mktemp("wheels-aarch64")
@@ -84,29 +78,40 @@ def arm64_wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return wheels
 
 
-@pytest.fixture(scope="session")
-def arm64_runtime(pi: EmulatedPi, arm64_wheels: Path) -> str:
-    """edgekit's runtime in a venv on the emulated device, from the wheelhouse alone."""
-    shutil.copytree(arm64_wheels, pi.path(f"{RUN}/wheels"))
-    for command in (["python3", "-m", "venv", f"{RUN}/venv"],
-                    [f"{RUN}/venv/bin/pip", "install", "-q", "--disable-pip-version-check", "--no-index",
-                     "--find-links", f"{RUN}/wheels", "edgekit"]):
-        done = pi.run(command, "cortex-a76", timeout=1200)
-        assert done.returncode == 0, done.stderr[-3000:]
-    pi.path(f"{RUN}/force.py").write_text(FORCE)
-    return PYTHON
+@pytest.fixture(scope="module")
+def deployed_pi5(emulation: Arm64Emulation, pi_bundles: dict[str, Path], arm64_wheels: Path,
+                 broker: int) -> Iterator[tuple[EmulatedPi, dict]]:
+    """An emulated Pi 5 that `edgekit deploy` set up over SSH, and the deploy's report. Its runtime
+    (/opt/edgekit/venv, from the wheelhouse alone) also runs the comparisons and checks below, so the
+    lane installs the runtime under emulation twice (here and on the flashed Pi 4), not three times."""
+    with new_device(emulation) as device:
+        ssh = device.sshd("cortex-a76")
+        done = edgekit("deploy", str(pi_bundles["raspberry-pi-5"]), *ssh.ssh_args(), "--device-id", "emulated-pi5",
+                       "--broker", f"mqtt://127.0.0.1:{broker}", "--wheelhouse", str(arm64_wheels),
+                       "--online-timeout", str(ONLINE_TIMEOUT), "--json", timeout=3 * ONLINE_TIMEOUT)
+        assert done.returncode == 0, done.stdout + done.stderr + device.service_log()
+        device.path(RUN).mkdir(parents=True)
+        device.path(f"{RUN}/force.py").write_text(FORCE)
+        yield device, json.loads(done.stdout)
 
 
-def test_the_runtime_installs_from_the_wheelhouse_alone(pi: EmulatedPi, arm64_runtime: str) -> None:
-    listed = pi.run([f"{RUN}/venv/bin/pip", "list", "--format=json"], "cortex-a76")
+@pytest.fixture(scope="module")
+def pi(deployed_pi5: tuple[EmulatedPi, dict]) -> EmulatedPi:
+    """The device the runtime checks and the teacher-forced comparisons share: the deployed Pi 5,
+    switched to a Cortex-A72 (a Pi 4) where a case asks for one."""
+    return deployed_pi5[0]
+
+
+def test_the_runtime_installs_from_the_wheelhouse_alone(pi: EmulatedPi) -> None:
+    listed = pi.run([f"{VENV}/bin/pip", "list", "--format=json"], "cortex-a76")
     names = {p["name"].lower() for p in json.loads(listed.stdout)}
     assert {"edgekit", "onnxruntime", "tokenizers", "paho-mqtt"} <= names
     assert not names & {"torch", "transformers", "onnxruntime-genai", "onnx"}, names
     for cpu in ("cortex-a76", "cortex-a72"):
-        done = pi.run([f"{RUN}/venv/bin/edgekit", "--version"], cpu)
+        done = pi.run([f"{VENV}/bin/edgekit", "--version"], cpu)
         assert done.returncode == 0 and __version__ in done.stdout, done.stderr[-2000:]
         # ONNX Runtime's native library loads on both CPUs (it crashed while cpuinfo showed the x86 host).
-        done = pi.run([arm64_runtime, "-c", "import onnxruntime, platform; print(platform.machine(), onnxruntime.__version__)"], cpu)
+        done = pi.run([PYTHON, "-c", "import onnxruntime, platform; print(platform.machine(), onnxruntime.__version__)"], cpu)
         assert done.returncode == 0 and done.stdout.startswith("aarch64"), done.stderr[-2000:]
 
 
@@ -154,12 +159,12 @@ def _sequence(bundle: Path) -> dict[str, list[int]]:
     return {"prompt": prompt, "tokens": tokens[:32]}
 
 
-def _on_device(pi: EmulatedPi, runtime: str, bundle: Path, cpu: str, sequence: dict[str, list[int]]) -> np.ndarray:
+def _on_device(pi: EmulatedPi, bundle: Path, cpu: str, sequence: dict[str, list[int]]) -> np.ndarray:
     inside = f"{RUN}/bundles/{bundle.name}"
     if not pi.path(inside).exists():
         shutil.copytree(bundle, pi.path(inside))
     pi.path(f"{RUN}/tokens.json").write_text(json.dumps(sequence))
-    done = pi.run([runtime, f"{RUN}/force.py", inside, f"{RUN}/tokens.json", f"{RUN}/logits.npy"], cpu)
+    done = pi.run([PYTHON, f"{RUN}/force.py", inside, f"{RUN}/tokens.json", f"{RUN}/logits.npy"], cpu)
     assert done.returncode == 0, done.stderr[-3000:]
     return np.load(pi.path(f"{RUN}/logits.npy"))
 
@@ -179,12 +184,12 @@ CASES = [
 
 
 @pytest.mark.parametrize(("device_bundle", "cpu", "reference", "bounds"), CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
-def test_the_device_computes_what_the_build_host_computes(pi: EmulatedPi, arm64_runtime: str, pi_bundles: dict[str, Path],
+def test_the_device_computes_what_the_build_host_computes(pi: EmulatedPi, pi_bundles: dict[str, Path],
                                                           device_bundle: str, cpu: str, reference: str,
                                                           bounds: tuple[float, float, float]) -> None:
     sequence = _sequence(pi_bundles[device_bundle])
     host = forced_logits(Engine(pi_bundles[reference], threads=1), sequence["prompt"], sequence["tokens"])
-    device = _on_device(pi, arm64_runtime, pi_bundles[device_bundle], cpu, sequence)
+    device = _on_device(pi, pi_bundles[device_bundle], cpu, sequence)
     found = Agreement.of([(host, device)])
     print(f"{device_bundle} on {cpu} vs {reference} on x86: {found}")
     min_top1, max_kl, max_delta = bounds
@@ -196,12 +201,12 @@ def test_the_device_computes_what_the_build_host_computes(pi: EmulatedPi, arm64_
 
 @pytest.mark.parametrize(("profile", "cpu", "board"), [("raspberry-pi-5", "cortex-a76", "Raspberry Pi 5"),
                                                      ("raspberry-pi-4", "cortex-a72", "Raspberry Pi 4")])
-def test_the_quality_check_passes_on_the_device(pi: EmulatedPi, arm64_runtime: str, pi_bundles: dict[str, Path],
+def test_the_quality_check_passes_on_the_device(pi: EmulatedPi, pi_bundles: dict[str, Path],
                                                 profile: str, cpu: str, board: str) -> None:
     inside = f"{RUN}/bundles/{pi_bundles[profile].name}"
     if not pi.path(inside).exists():
         shutil.copytree(pi_bundles[profile], pi.path(inside))
-    done = pi.run([f"{RUN}/venv/bin/edgekit", "verify", inside, "--run", "--json"], cpu)
+    done = pi.run([f"{VENV}/bin/edgekit", "verify", inside, "--run", "--json"], cpu)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     quality = json.loads(done.stdout)["device_quality"]
     print(f"{profile} on {cpu}: {quality}")
@@ -223,20 +228,13 @@ def _serves(broker: int, device_id: str, board: str) -> None:
         assert telemetry and telemetry["memory"]["process_rss_mb"] > 0, client.statuses()[device_id]
 
 
-def test_deploy_over_ssh_to_an_emulated_pi_5(emulation: Arm64Emulation, pi_bundles: dict[str, Path], arm64_wheels: Path,
-                                             broker: int) -> None:
-    with new_device(emulation) as device:
-        ssh = device.sshd("cortex-a76")
-        done = edgekit("deploy", str(pi_bundles["raspberry-pi-5"]), *ssh.ssh_args(), "--device-id", "emulated-pi5",
-                       "--broker", f"mqtt://127.0.0.1:{broker}", "--wheelhouse", str(arm64_wheels),
-                       "--online-timeout", str(ONLINE_TIMEOUT), "--json", timeout=3 * ONLINE_TIMEOUT)
-        assert done.returncode == 0, done.stdout + done.stderr + device.service_log()
-        report = json.loads(done.stdout)
-        assert report["outcome"] == "deployed" and report["facts"]["machine"] == "aarch64", report
-        assert report["status"]["state"] == "online", report["status"]
-        # The real layout, inside the device: /opt/edgekit, /etc/edgekit, the unit, the service user.
-        assert device.path("/opt/edgekit/current").is_symlink() and device.path("/etc/edgekit/daemon.yaml").is_file()
-        _serves(broker, "emulated-pi5", "Raspberry Pi 5")
+def test_deploy_over_ssh_to_an_emulated_pi_5(deployed_pi5: tuple[EmulatedPi, dict], broker: int) -> None:
+    device, report = deployed_pi5
+    assert report["outcome"] == "deployed" and report["facts"]["machine"] == "aarch64", report
+    assert report["status"]["state"] == "online", report["status"]
+    # The real layout, inside the device: /opt/edgekit, /etc/edgekit, the unit, the service user.
+    assert device.path("/opt/edgekit/current").is_symlink() and device.path("/etc/edgekit/daemon.yaml").is_file()
+    _serves(broker, "emulated-pi5", "Raspberry Pi 5")
 
 
 def test_flash_first_boot_script_on_an_emulated_pi_4(emulation: Arm64Emulation, pi_bundles: dict[str, Path],
