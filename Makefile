@@ -78,7 +78,7 @@ bench-anchor: install fixtures/qwen3.5-0.8b/config.json fixtures/qwen3.5-2b/conf
 	$(BIN)/python bench/anchor.py --out anchor-results
 
 # The quality table (docs/quality.md): every recipe the profiles offer, built from the trained fixture,
-# beside llama.cpp's Q4_0 and Q4_K_M of it on the same held-out text. Downloads llama-cpp-python's
+# beside llama.cpp's Q4_0, Q4_K_M and Q2_K of it on the same held-out text. Downloads llama-cpp-python's
 # sdist and builds its llama.cpp once (cached in ~/.cache/edgekit); not part of `make test`.
 quality: install fixtures/qwen3.5-trained/config.json
 	$(BIN)/python bench/quality_table.py --model fixtures/qwen3.5-trained --out quality-results

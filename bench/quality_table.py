@@ -1,5 +1,5 @@
 """The quality table (docs/quality.md): every recipe the profiles offer, built from the trained
-checkpoint, beside llama.cpp's Q4_0 and Q4_K_M of the same checkpoint, on the same held-out text.
+checkpoint, beside llama.cpp's Q4_0, Q4_K_M and Q2_K of the same checkpoint, on the same held-out text.
 
 Both sides follow llama-perplexity's protocol: the held-out text (the trained fixture's held-out
 files) is tokenized whole, cut into windows of CTX tokens, and in each window the positions of its
