@@ -11,13 +11,13 @@ For each model (the random-weight 0.8B and 2B fixtures: real architecture, real 
 Each side is preceded by a memory-bandwidth probe (``threads`` threads each copying their own 256 MiB;
 bytes read plus bytes written per second, best of three). Decode reads every weight once per token, so
 a neighbour's memory traffic slows it: a round is *quiet* when both of its probes reach at least
-QUIET_SHARE of the best probe of the whole run, else *contended*. Ratios (edgekit / llama.cpp) are
+QUIET_SHARE of the best probe of the whole run at the same thread count, else *contended*. Ratios (edgekit / llama.cpp) are
 taken per round and summarised apart for quiet and contended rounds: median, min, max.
 
 Beside tok/s it reports the weight bytes each side reads per decoded token (edgekit: the MatMulNBits
 weights, scales and, at accuracy level 4, the fp32 block sums ONNX Runtime adds when it repacks them;
-llama.cpp: every tensor of the GGUF but the token embedding, which is read by row) and the share of
-the probe's bandwidth that this traffic reaches at the measured decode speed.
+llama.cpp: every tensor of the GGUF, the token embedding only where it is also the LM head) and the
+share of that side's probed bandwidth this traffic reaches at its measured decode speed.
 
 Writes OUT/anchor.json and OUT/anchor.md. Nothing of llama.cpp is kept in the repository.
 """
@@ -124,11 +124,15 @@ def _tensor_bytes(tensor: Any) -> int:
 
 
 def gguf_bytes_per_token(llama: LlamaCpp, gguf: Path) -> int:
-    """Weight bytes llama.cpp reads per decoded token: every tensor but the token embedding."""
+    """Weight bytes llama.cpp reads per decoded token: every tensor, but the token embedding only
+    where a separate output tensor exists (with tied embeddings it is the LM head, read in full)."""
     sys.path.insert(0, str(llama.source / "gguf-py"))
     from gguf import GGUFReader
 
-    return sum(int(t.n_bytes) for t in GGUFReader(str(gguf)).tensors if t.name != "token_embd.weight")
+    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(str(gguf)).tensors}
+    if "output.weight" in tensors:
+        tensors.pop("token_embd.weight", None)
+    return sum(tensors.values())
 
 
 def prepare(model: Path, work: Path, llama: LlamaCpp, progress: Any) -> dict[str, Path]:
@@ -178,10 +182,13 @@ def run_rounds(files: dict[str, Path], llama: LlamaCpp, rounds: int, thread_coun
 def summarise(rounds: list[dict[str, Any]], bytes_per_token: dict[str, int]) -> dict[str, Any]:
     """Per thread count and spell (quiet, contended): medians of each side's figures and of the
     per-round ratios edgekit / Q4_0, with min and max; bandwidth shares at the median decode."""
-    best = max(max(r["edgekit_probe_gbs"], r["llama.cpp_probe_gbs"]) for r in rounds)
+    # One thread moves less memory than two: each thread count is judged against its own best probe.
+    best = {threads: max(max(r["edgekit_probe_gbs"], r["llama.cpp_probe_gbs"]) for r in rounds if r["threads"] == threads)
+            for threads in {r["threads"] for r in rounds}}
     for r in rounds:
-        r["spell"] = "quiet" if min(r["edgekit_probe_gbs"], r["llama.cpp_probe_gbs"]) >= QUIET_SHARE * best else "contended"
-    summary: dict[str, Any] = {"best_probe_gbs": best}
+        quiet = min(r["edgekit_probe_gbs"], r["llama.cpp_probe_gbs"]) >= QUIET_SHARE * best[r["threads"]]
+        r["spell"] = "quiet" if quiet else "contended"
+    summary: dict[str, Any] = {"best_probe_gbs": {str(t): gbs for t, gbs in sorted(best.items())}}
     for threads in sorted({r["threads"] for r in rounds}):
         for spell in ("quiet", "contended"):
             group = [r for r in rounds if r["threads"] == threads and r["spell"] == spell]
@@ -195,9 +202,11 @@ def summarise(rounds: list[dict[str, Any]], bytes_per_token: dict[str, int]) -> 
                 figures[key] = {"edgekit": statistics.median(ours),
                                 **{kind: statistics.median(v) for kind, v in theirs.items()},
                                 "ratio_vs_Q4_0": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}}
-            probe = statistics.median(min(r["edgekit_probe_gbs"], r["llama.cpp_probe_gbs"]) for r in group)
             figures["bandwidth_share_decode@0"] = {
-                side: bytes_per_token[side] * figures["decode@0"][side] / (probe * 1e9) for side in ("edgekit", *LLAMA_KINDS)}
+                "edgekit": statistics.median(bytes_per_token["edgekit"] * r["edgekit"]["decode@0"] / (r["edgekit_probe_gbs"] * 1e9)
+                                             for r in group),
+                **{kind: statistics.median(bytes_per_token[kind] * r["llama.cpp"][kind]["decode@0"]
+                                           / (r["llama.cpp_probe_gbs"] * 1e9) for r in group) for kind in LLAMA_KINDS}}
             summary[f"{threads} threads, {spell}"] = figures
     return summary
 
@@ -208,7 +217,7 @@ def markdown(model_name: str, result: dict[str, Any]) -> str:
     lines = [f"### {model_name}", "",
              "Weight bytes read per decoded token: " + ", ".join(f"{side} {v:.1f} MiB" for side, v in mib.items()) + ".", ""]
     for label, figures in result["summary"].items():
-        if not isinstance(figures, dict):
+        if label == "best_probe_gbs":
             continue
         lines += [f"**{label}** ({figures['rounds']} rounds; share of the probe's bandwidth at decode depth 0: "
                   + ", ".join(f"{s} {v:.0%}" for s, v in figures["bandwidth_share_decode@0"].items()) + ")", "",
@@ -231,17 +240,27 @@ def markdown(model_name: str, result: dict[str, Any]) -> str:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("anchor-results"), show_default=True)
 @click.option("--rounds", type=click.IntRange(1), default=4, show_default=True)
 @click.option("--threads", "thread_counts", type=click.IntRange(1), multiple=True, default=[1, 2], show_default=True)
-def main(models: tuple[Path, ...], out: Path, rounds: int, thread_counts: tuple[int, ...]) -> None:
+@click.option("--render-only", is_flag=True, help="Summarise OUT/anchor.json's rounds again and rewrite OUT/anchor.md.")
+def main(models: tuple[Path, ...], out: Path, rounds: int, thread_counts: tuple[int, ...], render_only: bool) -> None:
     """Run the side-by-side for each MODEL; write OUT/anchor.json and OUT/anchor.md (an hour or more)."""
     import onnxruntime
+
+    if render_only:
+        report = json.loads((out / "anchor.json").read_text())
+        for result in report["models"].values():
+            result["summary"] = summarise(result["rounds"], result["bytes_per_token"])
+        (out / "anchor.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out / "anchor.md").write_text(render(report))
+        click.echo(render(report))
+        return
 
     llama = ensure(progress=click.echo)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"date": dt.date.today().isoformat(), "cpu": cpu()["model"], "machine": platform.machine(),
-            "edgekit_commit": commit(), "onnxruntime": onnxruntime.__version__, "llama_cpp": f"as vendored in {SDIST}'s sdist",
+            "edgekit_commit": (commit() or "?")[:12], "onnxruntime": onnxruntime.__version__,
+            "llama_cpp": f"as vendored in {SDIST}'s sdist",
             "prompt": PROMPT, "new": NEW, "depths": DEPTHS, "profile": PROFILE, "quiet_share": QUIET_SHARE}
     report: dict[str, Any] = {"meta": meta, "models": {}}
-    sections = []
     for model in models:
         files = prepare(model, out / "work" / model.name, llama, click.echo)
         bytes_per_token = {"edgekit": edgekit_bytes_per_token(files["edgekit"]),
@@ -250,15 +269,21 @@ def main(models: tuple[Path, ...], out: Path, rounds: int, thread_counts: tuple[
         result = {"bytes_per_token": bytes_per_token, "rounds": measured, "summary": summarise(measured, bytes_per_token)}
         report["models"][model.name] = result
         (out / "anchor.json").write_text(json.dumps(report, indent=2) + "\n")  # kept if a later model fails
-        sections.append(markdown(model.name, result))
-    best = max(r["summary"]["best_probe_gbs"] for r in report["models"].values())
-    header = (f"Measured {meta['date']} on {meta['cpu']} ({meta['machine']}), edgekit {meta['edgekit_commit'] or '?'}, "
-              f"ONNX Runtime {meta['onnxruntime']}, llama.cpp {meta['llama_cpp']}; edgekit's {PROFILE} recipe (int4, "
-              f"block 32, accuracy level 4, int8 KV cache); prompt {PROMPT}, {NEW} new tokens; a round is quiet when both "
-              f"of its bandwidth probes reach {QUIET_SHARE:.0%} of its model's best (best seen: {best:.1f} GB/s).\n\n")
-    table = header + "\n".join(sections)
-    (out / "anchor.md").write_text(table)
-    click.echo(table)
+    (out / "anchor.md").write_text(render(report))
+    click.echo(render(report))
+
+
+def render(report: dict[str, Any]) -> str:
+    """The markdown of a whole run (``--render-only`` redoes it from anchor.json)."""
+    meta = report["meta"]
+    best = "; ".join(f"{name}: " + ", ".join(f"{gbs:.1f} GB/s at {t} thread(s)" for t, gbs in r["summary"]["best_probe_gbs"].items())
+                     for name, r in report["models"].items())
+    header = (f"Measured {meta['date']} on {meta['cpu']} ({meta['machine']}), edgekit {meta['edgekit_commit']}, "
+              f"ONNX Runtime {meta['onnxruntime']}, llama.cpp {meta['llama_cpp']}; edgekit's {meta['profile']} recipe (int4, "
+              f"block 32, accuracy level 4, int8 KV cache); prompt {meta['prompt']}, {meta['new']} new tokens; a round is "
+              f"quiet when both of its bandwidth probes reach {meta['quiet_share']:.0%} of the best at its thread count "
+              f"({best}).\n\n")
+    return header + "\n".join(markdown(name, result) for name, result in report["models"].items())
 
 
 if __name__ == "__main__":
