@@ -24,6 +24,7 @@ Writes OUT/anchor.json and OUT/anchor.md. Nothing of llama.cpp is kept in the re
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import platform
@@ -135,16 +136,32 @@ def gguf_bytes_per_token(llama: LlamaCpp, gguf: Path) -> int:
     return sum(tensors.values())
 
 
-def prepare(model: Path, work: Path, llama: LlamaCpp, progress: Any) -> dict[str, Path]:
-    """edgekit's bundle and llama.cpp's quantized files for ``model`` (kept in ``work`` for reruns)."""
+def parse_variant(text: str) -> dict[str, Any]:
+    """``--variant``: quantization fields over the profile's, e.g. ``lm_head_block_size=128,block_size=64``."""
+    fields: dict[str, Any] = {}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        if not value:
+            raise click.BadParameter(f"expected FIELD=VALUE[,FIELD=VALUE] (got {text!r})", param_hint="--variant")
+        fields[key.strip()] = int(value) if value.strip().isdigit() else value.strip()
+    return fields
+
+
+def prepare(model: Path, work: Path, llama: LlamaCpp, variants: tuple[str, ...], progress: Any) -> dict[str, Path]:
+    """Every side's files for ``model`` (kept in ``work`` for reruns): edgekit's bundle of the profile's
+    recipe and of each variant, and llama.cpp's quantized GGUFs. Keys are the sides' names."""
     work.mkdir(parents=True, exist_ok=True)
+    profile = load_profile(PROFILE)
     files: dict[str, Path] = {}
-    bundle = work / f"edgekit-{PROFILE}"
-    if not (bundle / "manifest.json").is_file():
-        progress(f"building edgekit's {PROFILE} bundle of {model}")
-        build(BuildRequest(profile=load_profile(PROFILE), model=str(model), output=work, name=bundle.name,
-                           quality=RANDOM_WEIGHTS))
-    files["edgekit"] = bundle
+    for variant in ("", *variants):
+        side = f"edgekit {variant}".strip()
+        bundle = work / ("edgekit-" + PROFILE + (f"-{variant.replace('=', '').replace(',', '-')}" if variant else ""))
+        if not (bundle / "manifest.json").is_file():
+            progress(f"building {side} from {model}")
+            recipe = dataclasses.replace(profile, quantization=dataclasses.replace(profile.quantization, **parse_variant(variant))) \
+                if variant else profile
+            build(BuildRequest(profile=recipe, model=str(model), output=work, name=bundle.name, quality=RANDOM_WEIGHTS))
+        files[side] = bundle
     f16 = work / "model-f16.gguf"
     if not f16.is_file():
         progress(f"converting {model} to GGUF (f16)")
@@ -162,26 +179,31 @@ def prepare(model: Path, work: Path, llama: LlamaCpp, progress: Any) -> dict[str
 
 def run_rounds(files: dict[str, Path], llama: LlamaCpp, rounds: int, thread_counts: tuple[int, ...],
                progress: Any) -> list[dict[str, Any]]:
-    """Alternating rounds; each entry is one round at one thread count, both sides and their probes."""
+    """Alternating rounds; each entry is one round at one thread count: every side's figures
+    (``figures``) and each tool's bandwidth probe, taken just before that tool's runs."""
     results = []
+    ours = [side for side in files if side.startswith("edgekit")]
     for index in range(rounds):
         for threads in thread_counts:
-            sides = ["llama.cpp", "edgekit"] if index % 2 == 0 else ["edgekit", "llama.cpp"]
-            entry: dict[str, Any] = {"round": index + 1, "threads": threads, "order": sides}
-            for side in sides:
-                progress(f"round {index + 1}/{rounds}, {threads} thread(s): {side}")
-                entry[f"{side}_probe_gbs"] = probe_bandwidth(threads)
-                if side == "edgekit":
-                    entry["edgekit"] = edgekit_side(files["edgekit"], threads)
-                else:
-                    entry["llama.cpp"] = {kind: llama_side(llama, files[kind], threads) for kind in LLAMA_KINDS}
+            tools = ["llama.cpp", "edgekit"] if index % 2 == 0 else ["edgekit", "llama.cpp"]
+            entry: dict[str, Any] = {"round": index + 1, "threads": threads, "order": tools, "figures": {}}
+            for tool in tools:
+                progress(f"round {index + 1}/{rounds}, {threads} thread(s): {tool}")
+                entry[f"{tool}_probe_gbs"] = probe_bandwidth(threads)
+                for side in ours if tool == "edgekit" else LLAMA_KINDS:
+                    measure = edgekit_side(files[side], threads) if tool == "edgekit" else llama_side(llama, files[side], threads)
+                    entry["figures"][side] = measure
             results.append(entry)
     return results
 
 
+def _tool(side: str) -> str:
+    return "edgekit" if side.startswith("edgekit") else "llama.cpp"
+
+
 def summarise(rounds: list[dict[str, Any]], bytes_per_token: dict[str, int]) -> dict[str, Any]:
     """Per thread count and spell (quiet, contended): medians of each side's figures and of the
-    per-round ratios edgekit / Q4_0, with min and max; bandwidth shares at the median decode."""
+    per-round ratios of each edgekit side to Q4_0, with min and max; bandwidth shares at decode depth 0."""
     # One thread moves less memory than two: each thread count is judged against its own best probe.
     best = {threads: max(max(r["edgekit_probe_gbs"], r["llama.cpp_probe_gbs"]) for r in rounds if r["threads"] == threads)
             for threads in {r["threads"] for r in rounds}}
@@ -189,31 +211,32 @@ def summarise(rounds: list[dict[str, Any]], bytes_per_token: dict[str, int]) -> 
         quiet = min(r["edgekit_probe_gbs"], r["llama.cpp_probe_gbs"]) >= QUIET_SHARE * best[r["threads"]]
         r["spell"] = "quiet" if quiet else "contended"
     summary: dict[str, Any] = {"best_probe_gbs": {str(t): gbs for t, gbs in sorted(best.items())}}
+    sides = list(rounds[0]["figures"])
     for threads in sorted({r["threads"] for r in rounds}):
         for spell in ("quiet", "contended"):
             group = [r for r in rounds if r["threads"] == threads and r["spell"] == spell]
             if not group:
                 continue
             figures: dict[str, Any] = {"rounds": len(group)}
-            for key in group[0]["edgekit"]:
-                ours = [r["edgekit"][key] for r in group]
-                theirs = {kind: [r["llama.cpp"][kind][key] for r in group] for kind in LLAMA_KINDS}
-                ratios = [r["edgekit"][key] / r["llama.cpp"]["Q4_0"][key] for r in group]
-                figures[key] = {"edgekit": statistics.median(ours),
-                                **{kind: statistics.median(v) for kind, v in theirs.items()},
-                                "ratio_vs_Q4_0": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}}
+            for key in group[0]["figures"]["edgekit"]:
+                row: dict[str, Any] = {side: statistics.median(r["figures"][side][key] for r in group) for side in sides}
+                for side in sides:
+                    if _tool(side) == "edgekit":
+                        ratios = [r["figures"][side][key] / r["figures"]["Q4_0"][key] for r in group]
+                        row[f"{side} / Q4_0"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+                figures[key] = row
             figures["bandwidth_share_decode@0"] = {
-                "edgekit": statistics.median(bytes_per_token["edgekit"] * r["edgekit"]["decode@0"] / (r["edgekit_probe_gbs"] * 1e9)
-                                             for r in group),
-                **{kind: statistics.median(bytes_per_token[kind] * r["llama.cpp"][kind]["decode@0"]
-                                           / (r["llama.cpp_probe_gbs"] * 1e9) for r in group) for kind in LLAMA_KINDS}}
+                side: statistics.median(bytes_per_token[side] * r["figures"][side]["decode@0"]
+                                        / (r[f"{_tool(side)}_probe_gbs"] * 1e9) for r in group) for side in sides}
             summary[f"{threads} threads, {spell}"] = figures
     return summary
 
 
 def markdown(model_name: str, result: dict[str, Any]) -> str:
-    """One table per thread count and spell: each figure, each side's median, the ratio's spread."""
+    """One table per thread count and spell: each figure, each side's median, the ratios' spread."""
     mib = {side: b / 2**20 for side, b in result["bytes_per_token"].items()}
+    sides = list(mib)
+    ours = [side for side in sides if _tool(side) == "edgekit"]
     lines = [f"### {model_name}", "",
              "Weight bytes read per decoded token: " + ", ".join(f"{side} {v:.1f} MiB" for side, v in mib.items()) + ".", ""]
     for label, figures in result["summary"].items():
@@ -221,15 +244,15 @@ def markdown(model_name: str, result: dict[str, Any]) -> str:
             continue
         lines += [f"**{label}** ({figures['rounds']} rounds; share of the probe's bandwidth at decode depth 0: "
                   + ", ".join(f"{s} {v:.0%}" for s, v in figures["bandwidth_share_decode@0"].items()) + ")", "",
-                  "| figure (tok/s) | edgekit | llama.cpp Q4_0 | llama.cpp Q4_K_M | edgekit / Q4_0 (median, min-max) |",
-                  "|---|---|---|---|---|"]
+                  "| figure (tok/s) | " + " | ".join(sides) + " | " + " | ".join(f"{s} / Q4_0 (median, min-max)" for s in ours) + " |",
+                  "|---|" + "---|" * (len(sides) + len(ours))]
         for key, row in figures.items():
             if key in ("rounds", "bandwidth_share_decode@0"):
                 continue
-            ratio = row["ratio_vs_Q4_0"]
             name = "prefill 128" if key == "prefill" else f"decode 64 after {key.split('@')[1]}"
-            lines.append(f"| {name} | {row['edgekit']:.1f} | {row['Q4_0']:.1f} | {row['Q4_K_M']:.1f} | "
-                         f"{ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f}) |")
+            ratios = [row[f"{s} / Q4_0"] for s in ours]
+            lines.append(f"| {name} | " + " | ".join(f"{row[s]:.1f}" for s in sides) + " | "
+                         + " | ".join(f"{r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f})" for r in ratios) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -240,8 +263,11 @@ def markdown(model_name: str, result: dict[str, Any]) -> str:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("anchor-results"), show_default=True)
 @click.option("--rounds", type=click.IntRange(1), default=4, show_default=True)
 @click.option("--threads", "thread_counts", type=click.IntRange(1), multiple=True, default=[1, 2], show_default=True)
+@click.option("--variant", "variants", multiple=True, metavar="FIELD=VALUE[,...]",
+              help="Also measure edgekit with these quantization fields over the profile's (e.g. lm_head_block_size=128).")
 @click.option("--render-only", is_flag=True, help="Summarise OUT/anchor.json's rounds again and rewrite OUT/anchor.md.")
-def main(models: tuple[Path, ...], out: Path, rounds: int, thread_counts: tuple[int, ...], render_only: bool) -> None:
+def main(models: tuple[Path, ...], out: Path, rounds: int, thread_counts: tuple[int, ...], variants: tuple[str, ...],
+         render_only: bool) -> None:
     """Run the side-by-side for each MODEL; write OUT/anchor.json and OUT/anchor.md (an hour or more)."""
     import onnxruntime
 
@@ -259,12 +285,13 @@ def main(models: tuple[Path, ...], out: Path, rounds: int, thread_counts: tuple[
     meta = {"date": dt.date.today().isoformat(), "cpu": cpu()["model"], "machine": platform.machine(),
             "edgekit_commit": (commit() or "?")[:12], "onnxruntime": onnxruntime.__version__,
             "llama_cpp": f"as vendored in {SDIST}'s sdist",
-            "prompt": PROMPT, "new": NEW, "depths": DEPTHS, "profile": PROFILE, "quiet_share": QUIET_SHARE}
+            "prompt": PROMPT, "new": NEW, "depths": DEPTHS, "profile": PROFILE, "quiet_share": QUIET_SHARE,
+            "variants": variants}
     report: dict[str, Any] = {"meta": meta, "models": {}}
     for model in models:
-        files = prepare(model, out / "work" / model.name, llama, click.echo)
-        bytes_per_token = {"edgekit": edgekit_bytes_per_token(files["edgekit"]),
-                           **{kind: gguf_bytes_per_token(llama, files[kind]) for kind in LLAMA_KINDS}}
+        files = prepare(model, out / "work" / model.name, llama, variants, click.echo)
+        bytes_per_token = {side: edgekit_bytes_per_token(path) if _tool(side) == "edgekit" else gguf_bytes_per_token(llama, path)
+                           for side, path in files.items()}
         measured = run_rounds(files, llama, rounds, thread_counts, click.echo)
         result = {"bytes_per_token": bytes_per_token, "rounds": measured, "summary": summarise(measured, bytes_per_token)}
         report["models"][model.name] = result
