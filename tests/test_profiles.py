@@ -64,7 +64,7 @@ def _write(tmp_path: Path, edit) -> Path:
         (lambda d: d.update(threads="four"), "threads", "an integer"),
         (lambda d: d.update(threads=True), "threads", "an integer"),
         (lambda d: d.update(ram_share=1.5), "ram_share", "from 0.05 to 1.0"),
-        (lambda d: d["quantization"].update(precision="int3"), "quantization.precision", "one of int4, int8, fp16, fp32"),
+        (lambda d: d["quantization"].update(precision="int3"), "quantization.precision", "one of int2, int4, int8, fp16, fp32"),
         (lambda d: d["quantization"].update(block_size=48), "quantization.block_size", "one of 16, 32, 64, 128, 256"),
         (lambda d: d["quantization"].update(kv_cache="int4"), "quantization.kv_cache", "one of int8, fp16, fp32"),
         (lambda d: d["cpu"].update(arch="armv7l"), "cpu.arch", "one of aarch64, x86_64"),
