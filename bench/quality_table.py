@@ -56,6 +56,9 @@ RECIPES: list[tuple[str, dict]] = [
     ("int4 block 128, level 4, int8 KV", _quant("int4", 128, 4, "int8")),
     ("int4 k_quant block 32, level 4, int8 KV", _quant("int4", 32, 4, "int8", algorithm="k_quant")),
     ("int4 block 32, LM head block 16, level 4, int8 KV", _quant("int4", 32, 4, "int8", lm_head_block_size=16)),
+    # The LM head is the largest weight read per token: larger blocks there trade quality for decode speed.
+    ("int4 block 32, LM head block 64, level 4, int8 KV", _quant("int4", 32, 4, "int8", lm_head_block_size=64)),
+    ("int4 block 32, LM head block 128, level 4, int8 KV", _quant("int4", 32, 4, "int8", lm_head_block_size=128)),
     ("int8 block 32, level 4, int8 KV", _quant("int8", 32, 4, "int8")),
     # Not one the profiles use: the damage every gate must refuse (beside llama.cpp's Q2_K).
     ("int2 block 32 (LM head int4), level 4, int8 KV", _quant("int2", 32, 4, "int8")),
