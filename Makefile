@@ -63,12 +63,12 @@ test-fast: install system-deps
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # Build benchmarks on the full-size 0.8B and 2B fixtures, then the serve benchmark on the 0.8B
-# bundle (4096-token context, threads = this machine's cores).
+# bundle (4096-token context, threads = this machine's cores, decode after 0, 1,024 and 4,032 tokens).
 bench: install fixtures/qwen3.5-0.8b/config.json fixtures/qwen3.5-2b/config.json
 	$(BIN)/python bench/build_bench.py --out bench-results
 	$(BIN)/edgekit build --profile raspberry-pi-5 --model fixtures/qwen3.5-0.8b --output bench-results \
 		--name bench-0.8b --overwrite --min-top1 0 --max-kl 1.0
-	$(BIN)/edgekit bench bench-results/bench-0.8b --threads $$(nproc) --runs 5 --json > bench-results/serve.json
+	$(BIN)/edgekit bench bench-results/bench-0.8b --threads $$(nproc) --runs 5 --depths 0,1024,4032 --json > bench-results/serve.json
 	cat bench-results/serve.json
 
 # edgekit against llama.cpp on the same weights (docs/benchmarks.md): alternating rounds at 1 and 2

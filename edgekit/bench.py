@@ -55,7 +55,7 @@ def depth_sweep(engine: Engine, depths: tuple[int, ...], new_tokens: int, runs: 
                 progress: Any = print) -> dict[str, dict[str, float]]:
     """Decode tok/s (min, median, max over ``runs``) after each of ``depths`` tokens of context."""
     for depth in depths:
-        if depth + new_tokens >= engine.context_length:
+        if depth + new_tokens > engine.context_length:
             raise EdgekitError(f"--depths: {depth} tokens of context plus {new_tokens} new ones do not fit the bundle's "
                                f"context of {engine.context_length} tokens")
     sweep = {}
