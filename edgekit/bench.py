@@ -20,24 +20,17 @@ import psutil
 from edgekit.client import DeviceClient
 from edgekit.errors import EdgekitError
 from edgekit.runtime import machine
-from edgekit.runtime.engine import Engine, GenerationStats
+from edgekit.runtime.engine import Engine
+from edgekit.runtime.timing import timed_generation
 from edgekit.runtime.tokenizer import ChatTokenizer
 from edgekit.serve import embedded_broker
 from edgekit.serve.daemon import TRIM_AFTER_IDLE_S
 
-# Distinct ordinary tokens: a fixed-length prompt without template effects.
-FILLER = 1000
-
-
-def _prompt(length: int) -> list[int]:
-    return [FILLER + i for i in range(length)]
-
 
 def direct_run(engine: Engine, prompt_len: int, new_tokens: int) -> dict[str, Any]:
     """One generation on the engine: prefill/decode tok/s, TTFT and inter-token latencies."""
-    stats = GenerationStats()
     started = time.perf_counter()
-    list(engine.generate(_prompt(prompt_len), new_tokens, stats=stats))
+    stats = timed_generation(engine, prompt_len, new_tokens)
     gaps = [b - a for a, b in zip(stats.token_times, stats.token_times[1:])]
     return {"prefill_tps": stats.prefill_tps, "decode_tps": stats.decode_tps,
             "ttft_s": stats.token_times[0] - started, "itl": gaps}
@@ -46,9 +39,7 @@ def direct_run(engine: Engine, prompt_len: int, new_tokens: int) -> dict[str, An
 def depth_run(engine: Engine, depth: int, new_tokens: int) -> float:
     """Decode tok/s after ``depth`` tokens of context, prefilled first and not timed (llama-bench's
     ``-d``): what a long conversation or document costs each new token."""
-    stats = GenerationStats()
-    list(engine.generate(_prompt(max(depth, 1)), new_tokens, stats=stats))
-    return stats.decode_tps
+    return timed_generation(engine, max(depth, 1), new_tokens).decode_tps
 
 
 def depth_sweep(engine: Engine, depths: tuple[int, ...], new_tokens: int, runs: int,

@@ -28,13 +28,13 @@ from typing import Any
 import psutil
 
 from edgekit.errors import EdgekitError
-from edgekit.runtime.engine import Engine, GenerationStats, configured_threads
+from edgekit.runtime.engine import Engine, configured_threads
+from edgekit.runtime.timing import timed_generation
 from edgekit.serve import config as daemon_config
 
 # Thread counts within this share of the best decode speed count as equally fast for decode; among
 # them the best prefill wins, then the fewest threads (cores left to the device's other work).
 DECODE_TIE = 0.03
-FILLER = 1000  # distinct ordinary token ids: a fixed-length prompt without template effects
 
 
 @dataclass(frozen=True)
@@ -84,16 +84,14 @@ def measure(bundle: Path, counts: tuple[int, ...], runs: int, prompt_tokens: int
             progress: Callable[[str], None] = print) -> list[Trial]:
     """Prefill and decode speed of ``bundle`` at each of ``counts`` threads. One engine at a time: a
     Pi 4 has no room for four copies of the weights."""
-    prompt = [FILLER + i for i in range(prompt_tokens)]
     trials = []
     for threads in counts:
         progress(f"{threads} thread(s)")
         engine = Engine(bundle, threads=threads)
-        list(engine.generate(prompt[:8], 2))  # warm-up: first-run allocations are not what serving pays
+        timed_generation(engine, 8, 2)  # warm-up: first-run allocations are not what serving pays
         prefill, decode = [], []
         for _ in range(runs):
-            stats = GenerationStats()
-            list(engine.generate(prompt, new_tokens, stats=stats))
+            stats = timed_generation(engine, prompt_tokens, new_tokens)
             prefill.append(stats.prefill_tps)
             decode.append(stats.decode_tps)
         trials.append(Trial(threads, statistics.median(prefill), statistics.median(decode), min(decode), max(decode)))
