@@ -19,6 +19,7 @@ from edgekit.cli.common import (
     output_option,
     table,
 )
+from edgekit.deploy.layout import UNIT_NAME, DeviceLayout
 from edgekit.errors import EdgekitError
 
 
@@ -161,7 +162,7 @@ def _quality(quality: dict[str, Any] | None) -> str:
     return figures if quality["passed"] else f"BELOW GATE ({figures})"
 
 
-DEVICE_CONFIG = Path("/etc/edgekit/daemon.yaml")  # where deploy and flash put it (edgekit.deploy.layout)
+DEVICE_CONFIG = Path(DeviceLayout().config)  # where deploy and flash put it
 
 
 @click.command()
@@ -174,7 +175,7 @@ DEVICE_CONFIG = Path("/etc/edgekit/daemon.yaml")  # where deploy and flash put i
 @click.option("--prompt-tokens", type=click.IntRange(1), default=128, show_default=True)
 @click.option("--new-tokens", type=click.IntRange(2), default=32, show_default=True)
 @click.option("--pause-daemon", is_flag=True, help="Stop the serving daemon while measuring, start it again after.")
-@click.option("--unit", default="edgekit.service", show_default=True, help="The daemon's systemd unit.")
+@click.option("--unit", default=UNIT_NAME, show_default=True, help="The daemon's systemd unit.")
 @click.option("--dry-run", is_flag=True, help="Measure and report; write nothing.")
 @output_option()
 @friendly

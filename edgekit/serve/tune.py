@@ -107,11 +107,11 @@ def choose(trials: list[Trial]) -> Trial:
     return max(close, key=lambda t: (t.prefill_tps, -t.threads))
 
 
-def write_threads(path: Path, threads: int) -> int | None:
-    """Set ``threads`` in the daemon config at ``path``; return the value it had. The file is
-    replaced atomically, with its mode and owner (it may hold a password file's path and be 0600)."""
-    before = daemon_config.load(path, environ={})
-    text = dataclasses.replace(before, threads=threads).to_yaml()
+def write_threads(path: Path, threads: int) -> None:
+    """Set ``threads`` in the daemon config at ``path``. The file as written, without the command's
+    bundle argument, is what is kept; it is replaced atomically, with its mode and owner (it may hold
+    a password file's path and be 0600)."""
+    text = dataclasses.replace(daemon_config.load(path, environ={}), threads=threads).to_yaml()
     info = path.stat()
     try:
         fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -128,7 +128,6 @@ def write_threads(path: Path, threads: int) -> int | None:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
-    return before.threads
 
 
 def _systemctl(*args: str) -> subprocess.CompletedProcess[str]:
