@@ -95,11 +95,11 @@ def fp32_bundle(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory)
     return build(request).path
 
 
-def write_profile(folder: Path, name: str, **quantization: object) -> Path:
-    """A user profile file based on x86-64 with ``quantization`` fields replaced."""
+def write_profile(folder: Path, name: str, base: str = "x86-64", **quantization: object) -> Path:
+    """A user profile file based on the bundled ``base`` with ``quantization`` fields replaced."""
     import yaml
 
-    data = yaml.safe_load(Path(load_profile("x86-64").path).read_text())
+    data = yaml.safe_load(Path(load_profile(base).path).read_text())
     data["name"] = name
     data["threads"] = 2
     data["quantization"].update(quantization)

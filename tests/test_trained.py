@@ -10,12 +10,12 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
 
 from edgekit.builder.pipeline import BuildRequest, build
 from edgekit.fixtures import trained
 from edgekit.profiles import load_profile
 from edgekit.runtime.quality_check import Reference
+from tests.conftest import write_profile
 from tests.test_deploy import edgekit
 
 pytestmark = pytest.mark.slow
@@ -91,10 +91,7 @@ def test_a_damaging_recipe_fails_the_build_naming_the_figure_the_threshold_and_a
     """The Raspberry Pi 5's own gate against 2-bit weights, the damage docs/quality.md measured on
     this model; the recipes the profiles offer pass the same gate (above)."""
     pi5 = load_profile("raspberry-pi-5")
-    data = yaml.safe_load(Path(pi5.path).read_text())
-    data["quantization"]["precision"] = "int2"
-    profile = tmp_path / "pi5-int2.yaml"
-    profile.write_text(yaml.safe_dump(data))
+    profile = write_profile(tmp_path, pi5.name, base=pi5.name, precision="int2")
     output = tmp_path / "dist"
     done = edgekit("build", "--profile", str(profile), "--model", str(trained_checkpoint), "-o", str(output))
     print(done.stderr[-2000:])
