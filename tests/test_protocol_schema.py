@@ -43,6 +43,8 @@ def test_error_codes_match_the_implementation() -> None:
         {"id": "a", "prompt": "x", "reply_to": "edgekit/v1/replies//a"},
         {"id": "a", "prompt": "x", "reply_to": "edgekit/v1/replies/c/a"},
         {"id": "", "prompt": "x"},
+        {"id": "a", "prompt": "x", "speculative": False},
+        {"id": "a", "prompt": "x", "speculative": "no"},
     ],
 )
 def test_request_schema_agrees_with_the_parser(payload: dict) -> None:

@@ -53,7 +53,7 @@ def test_long_prompt_chunks_shrink_for_its_second_half_and_stay_exact(engine: En
     monkeypatch.setattr(engine_module, "LONG_CONTEXT", 64)  # the capacity for 240 tokens is 256
     sizes: list[int] = []
     run = engine._run
-    monkeypatch.setattr(engine, "_run", lambda state, chunk: sizes.append(len(chunk)) or run(state, chunk))
+    monkeypatch.setattr(engine, "_run", lambda state, chunk, **kw: sizes.append(len(chunk)) or run(state, chunk, **kw))
     np.testing.assert_array_equal(engine.forward(engine.new_state(), ids), whole)
     # 128 x 256 > 128 x 64: 32-token chunks, then 16 from position 128 (half of 256) on.
     assert sizes == [32] * 4 + [16] * 7

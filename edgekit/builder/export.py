@@ -95,8 +95,9 @@ def run_builder(
         "-i", str(source), "-o", str(output),
         "-p", precision, "-e", profile.execution_provider,
         "-c", str(cache_dir),
-        "--extra_options", *[f"{k}={v}" for k, v in extra.items()],
     ]
+    if extra:  # the builder refuses an empty --extra_options (an fp32 build with --include-mtp has none)
+        command += ["--extra_options", *[f"{k}={v}" for k, v in extra.items()]]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
     quantized = 0
     with log_path.open("w") as log, subprocess.Popen(

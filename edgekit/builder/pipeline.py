@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from edgekit import __version__
-from edgekit.builder import export, kv_quant, parity
+from edgekit.builder import draft_graph, export, kv_quant, parity
 from edgekit.builder.checkpoint import Checkpoint, inspect, read_config, resolve
 from edgekit.builder.graph_memory import lighten
 from edgekit.builder.memory import MIB, MemoryEstimate, check_fits, estimate
@@ -130,6 +130,8 @@ def build(request: BuildRequest, reporter: Reporter | None = None) -> BuildResul
         source = export.prepare_input(checkpoint, work / "input", context)
         export.run_builder(source, staging, profile, extra, work / "cache", work / "builder.log",
                            report.progress, checkpoint.shape.layers)
+        if request.include_mtp:
+            draft_graph.prepare(staging)
         # An int8 cache starts as fp16 (onnxruntime-genai's model.onnx keeps that) and is calibrated on it.
         lighten(staging / "model.onnx", kv_cache_fp16=profile.quantization.kv_cache in ("fp16", "int8"))
         export.tune_genai_config(staging, profile, context)

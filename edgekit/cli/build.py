@@ -107,7 +107,8 @@ class _RichReporter:
 @click.option("--max-kl", type=click.FloatRange(0), default=None,
               help="Override the profile's maximum mean KL divergence from the reference.")
 @click.option("--include-mtp", is_flag=True,
-              help="Also export the checkpoint's MTP head (speculative decoding; does not load on CPU with genai 0.18).")
+              help="Also export the checkpoint's MTP head: edgekit's engine drafts greedy replies with it "
+                   "(speculative decoding; onnxruntime-genai 0.18 cannot load such a bundle on the CPU).")
 @click.option("--force", is_flag=True, help="Build even if the memory estimate exceeds the device's budget.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle of the same name.")
 @click.option("--sign", "sign_key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,

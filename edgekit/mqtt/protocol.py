@@ -34,7 +34,7 @@ ERROR_CODES = {
 
 _REQUEST_FIELDS = {
     "id", "messages", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "session",
-    "thinking", "reply_to", "deadline", "new_session",
+    "thinking", "reply_to", "deadline", "new_session", "speculative",
 }
 
 
@@ -61,6 +61,7 @@ class Request:
     session: str | None = None
     new_session: bool = False
     thinking: bool = False
+    speculative: bool = True
     reply_to: str | None = None
     deadline: float | None = None
     received_at: float = field(default_factory=time.time)
@@ -123,7 +124,7 @@ def _validate(data: dict[str, Any]) -> Request:
     session = data.get("session")
     _check(session is None or (isinstance(session, str) and 0 < len(session) <= 128),
            "field 'session' must be a string of 1-128 characters", rid)
-    for flag in ("thinking", "new_session"):
+    for flag in ("thinking", "new_session", "speculative"):
         _check(isinstance(data.get(flag, False), bool), f"field '{flag}' must be true or false", rid)
     reply_to = data.get("reply_to")
     _check(reply_to is None or (isinstance(reply_to, str) and publish_topic_problem(reply_to) is None),
@@ -149,6 +150,7 @@ def _validate(data: dict[str, Any]) -> Request:
         session=session,
         new_session=data.get("new_session", False),
         thinking=data.get("thinking", False),
+        speculative=data.get("speculative", True),
         reply_to=reply_to,
         deadline=float(deadline) if deadline is not None else None,
     )
@@ -188,7 +190,7 @@ def chunk(request_id: str, seq: int, text: str) -> bytes:
     return _dump({"id": request_id, "type": "chunk", "seq": seq, "text": text})
 
 
-def final(request_id: str, seq: int, finish_reason: str, usage: dict[str, int], timings: dict[str, float],
+def final(request_id: str, seq: int, finish_reason: str, usage: dict[str, int], timings: dict[str, float | None],
           session: str | None = None, device_id: str | None = None) -> bytes:
     return _dump({"id": request_id, "type": "final", "seq": seq, "finish_reason": finish_reason, "usage": usage,
                   "timings": timings, "session": session, "device_id": device_id})

@@ -31,6 +31,7 @@ class Turn:
     thinking: bool = False
     session: str | None = None
     new_session: bool = False
+    speculative: bool = True  # draft with the MTP head where the bundle has one (greedy only)
 
 
 @dataclass
@@ -70,7 +71,8 @@ def run_turn(
     hold = max((len(s) for s in turn.stop), default=1) - 1
     finish = None
     generated: list[int] = []
-    for token in engine.generate(ids, turn.max_tokens, turn.sampling, state=state, stats=stats):
+    for token in engine.generate(ids, turn.max_tokens, turn.sampling, state=state, stats=stats,
+                                 speculative=turn.speculative):
         generated.append(token)
         if token in engine.eos_ids:
             break

@@ -21,6 +21,7 @@ from edgekit.runtime.embedding import INPUT as EMBEDS_INPUT
 from edgekit.runtime.embedding import EmbeddingTable, embeds_graph
 from edgekit.runtime.resident import clean_mappings, drop_pages, trim_heap, tune_allocator
 from edgekit.runtime.sampling import Sampler, Sampling
+from edgekit.runtime.speculative import DRAFT_GRAPH, STOP_SPINNING, Drafter
 
 # Bounds prefill activations (chunked prefill is exact): smaller chunks lower the daemon's peak for a
 # little prefill speed (figures: docs/benchmarks.md, "Prefill chunks").
@@ -30,6 +31,8 @@ PREFILL_CHUNK = 128
 LONG_CONTEXT = 2048
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
 ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+KEEP_INPUT = "logits_to_keep"  # written by edgekit.builder.draft_graph
+HIDDEN_OUTPUT = "hidden_states"
 
 
 @dataclass
@@ -63,6 +66,19 @@ class GenerationStats:
     decode_s: float = 0.0
     finish_reason: str = ""
     token_times: list[float] = field(default_factory=list)
+    decode_steps: int = 0  # main-graph steps after the prefill (counted when drafting)
+    draft_steps: int = 0  # steps that verified a draft
+    drafts_accepted: int = 0
+
+    @property
+    def acceptance(self) -> float | None:
+        """Share of drafts accepted; None when nothing was drafted."""
+        return self.drafts_accepted / self.draft_steps if self.draft_steps else None
+
+    @property
+    def tokens_per_step(self) -> float | None:
+        """New tokens per main-graph decode step (1.0 without drafting); None before any step."""
+        return (self.completion_tokens - 1) / self.decode_steps if self.decode_steps else None
 
     @property
     def prefill_tps(self) -> float:
@@ -84,8 +100,11 @@ def configured_threads(folder: Path) -> int | None:
 class Engine:
     """A loaded bundle graph that runs prefill and decode steps for any number of sequences."""
 
-    def __init__(self, folder: Path, threads: int | None = None, provider: str | None = None) -> None:
-        """Load ``folder``'s graph; ``threads`` and ``provider`` (cpu, cuda) override the bundle's settings."""
+    def __init__(self, folder: Path, threads: int | None = None, provider: str | None = None,
+                 speculative: bool = True) -> None:
+        """Load ``folder``'s graph; ``threads`` and ``provider`` (cpu, cuda) override the bundle's settings.
+        With ``speculative`` (the default) a bundle built with ``--include-mtp`` drafts greedy
+        generations with its MTP head (:mod:`edgekit.runtime.speculative`)."""
         config_path = folder / "genai_config.json"
         try:
             config = json.loads(config_path.read_text())
@@ -105,6 +124,9 @@ class Engine:
         # Without the arena, a finished request's activations go back to the heap, and from there
         # (trim_heap) to the device; the arena would keep its peak for the process's life.
         options.enable_cpu_mem_arena = False
+        drafting = speculative and (folder / DRAFT_GRAPH).is_file()
+        if drafting:
+            options.add_session_config_entry(STOP_SPINNING, "1")
         self.provider = provider or configured_provider(config)
         providers = [ORT_PROVIDERS.get(self.provider, self.provider)]
         if "CPUExecutionProvider" not in providers:
@@ -128,14 +150,7 @@ class Engine:
         inputs = {i.name for i in self.session.get_inputs()}
         self._embedding = (EmbeddingTable.from_metadata(folder, self.session.get_modelmeta().custom_metadata_map)
                            if EMBEDS_INPUT in inputs and "input_ids" not in inputs else None)
-        self._file_pages = {data: clean_mappings(data) for data in sorted(folder.glob("*.data"))}
-        self.release_memory()
-        if self._embedding is not None:
-            # Prepacking read every page once (dropped just now); per token, only the lookup's rows
-            # came back through the mapping, and those are read with pread now. Later drops would
-            # just make the small weights fault in again.
-            self._file_pages = {}
-        self._head_size = int(decoder["head_size"])
+        self.head_size = int(decoder["head_size"])
         self._past_specs = {
             i.name: (self._zero_shape(i.shape), _ORT_TYPES[i.type])
             for i in self.session.get_inputs()
@@ -144,6 +159,10 @@ class Engine:
         outputs = [o.name for o in self.session.get_outputs()]
         if "logits" not in outputs:
             raise EdgekitError(f"{graph}: the graph has no 'logits' output")
+        # Bundles built for drafting (builder/draft_graph.py) compute logits for the last
+        # ``logits_to_keep`` positions and put out the final hidden states the draft reads.
+        self._keeps_logits = KEEP_INPUT in inputs
+        self.has_hidden_states = HIDDEN_OUTPUT in outputs
         # past_key_values.3.key -> present.3.key, past.0.conv -> present.0.conv. Other outputs (an MTP
         # head's hidden states) are not bound, so not computed.
         self._past_to_present = {_past_name(name): name for name in outputs if name.startswith("present")}
@@ -159,6 +178,19 @@ class Engine:
         self._kv = caches if share else frozenset()
         # Without a shared buffer each step returns a longer cache, in a new array.
         self._growing = caches - self._kv
+        # A bundle built for drafting carries draft.onnx; drafting needs in-place KV caches (a step's
+        # entries are discarded by moving the length back).
+        self.drafter: Drafter | None = None
+        if drafting and self._keeps_logits and self.has_hidden_states and not self._growing:
+            self.drafter = Drafter(folder, self.threads, self._embedding)
+        # After every session of this bundle has prepacked its weights (the draft's too).
+        self._file_pages = {data: clean_mappings(data) for data in sorted(folder.glob("*.data"))}
+        self.release_memory()
+        if self._embedding is not None:
+            # Prepacking read every page once (dropped just now); per token, only the lookup's rows
+            # came back through the mapping, and those are read with pread now. Later drops would
+            # just make the small weights fault in again.
+            self._file_pages = {}
 
     def release_memory(self, heap: bool = True) -> None:
         """Give back what the device need not keep resident: clean pages of the weights file, and
@@ -174,7 +206,7 @@ class Engine:
             trim_heap()
 
     def _zero_shape(self, shape: list) -> tuple[int, ...]:
-        sizes = {"batch_size": 1, "past_sequence_length": 0, "kv_cache_dim": self._head_size}
+        sizes = {"batch_size": 1, "past_sequence_length": 0, "kv_cache_dim": self.head_size}
         try:
             return tuple(d if isinstance(d, int) else sizes[d] for d in shape)
         except KeyError as exc:
@@ -186,6 +218,33 @@ class Engine:
 
     def forward(self, state: State, ids: list[int]) -> np.ndarray:
         """Run ``ids`` after ``state`` (updated in place); return the logits for the last position."""
+        return self._forward(state, ids, hidden=False)[0]
+
+    def forward_with_hidden(self, state: State, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """As :meth:`forward`, also returning the final hidden state of every position of ``ids``
+        [len(ids), hidden] (a graph built for drafting only)."""
+        logits, hidden = self._forward(state, ids, hidden=True)
+        assert hidden is not None
+        return logits, hidden
+
+    def step(self, state: State, ids: list[int], keep: int, spare: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """One step of ``ids`` for speculative decoding: the logits of the last ``keep`` positions
+        [keep, vocab] and the hidden states of all [len(ids), hidden]. The recurrent and conv state
+        are written into ``spare`` (same names and shapes as ``state``'s), leaving ``state``'s own
+        arrays as they were before the step: the caller keeps whichever is right. KV caches are
+        appended in place; ``state.length`` moves on, and setting it back discards the entries."""
+        if state.length + len(ids) > self.context_length:
+            raise ContextExceeded(f"sequence of {state.length + len(ids)} tokens exceeds the bundle's context of {self.context_length}")
+        self._reserve(state, state.length + len(ids))
+        logits, hidden = self._run(state, ids, keep=keep, spare=spare, hidden=True)
+        assert hidden is not None
+        return logits, hidden
+
+    def spare_buffers(self, state: State) -> dict[str, np.ndarray]:
+        """Arrays to receive a :meth:`step`'s recurrent and conv state: every non-KV tensor of ``state``."""
+        return {name: np.empty_like(array) for name, array in state.past.items() if name not in state.kv}
+
+    def _forward(self, state: State, ids: list[int], hidden: bool) -> tuple[np.ndarray, np.ndarray | None]:
         if state.length + len(ids) > self.context_length:
             raise ContextExceeded(
                 f"sequence of {state.length + len(ids)} tokens exceeds the bundle's context of {self.context_length}"
@@ -198,6 +257,7 @@ class Engine:
         while step > 16 and step * capacity > PREFILL_CHUNK * LONG_CONTEXT:
             step //= 2
         logits = None
+        rows: list[np.ndarray] = []
         start = 0
         while start < len(ids):
             if start:
@@ -209,12 +269,17 @@ class Engine:
                 # The KV cache becomes resident as it fills, so a long prompt peaks near its end: the
                 # second half runs in half-size chunks, trading some prefill speed for a lower peak.
                 size = max(16, step // 2)
-            logits = self._run(state, ids[start : start + size])
+            logits, chunk_hidden = self._run(state, ids[start : start + size], hidden=hidden)
+            if chunk_hidden is not None:
+                rows.append(chunk_hidden)
             start += size
         assert logits is not None, "forward needs at least one token"
-        return logits
+        return logits[-1], np.concatenate(rows) if hidden else None
 
-    def _run(self, state: State, ids: list[int]) -> np.ndarray:
+    def _run(self, state: State, ids: list[int], keep: int = 1, spare: dict[str, np.ndarray] | None = None,
+             hidden: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Run one chunk: the logits of its last ``keep`` positions (all of them in a graph that
+        computes every position's) and, with ``hidden``, its final hidden states."""
         n = len(ids)
         positions = np.arange(state.length, state.length + n, dtype=np.int64)
         binding = self.session.io_binding()
@@ -225,6 +290,8 @@ class Engine:
         binding.bind_cpu_input("attention_mask", np.ones((1, state.length + n), dtype=np.int64))
         # Text-only M-RoPE: the same position on the temporal, height and width rows.
         binding.bind_cpu_input("position_ids", np.broadcast_to(positions, (3, 1, n)).copy())
+        if self._keeps_logits:
+            binding.bind_cpu_input(KEEP_INPUT, np.array([keep], dtype=np.int64))
         # Each state tensor is the step's input and output in one buffer: KV caches are appended in
         # place (see __init__), the recurrent and conv state overwritten in place (bit-exact against
         # fresh outputs, tested): a second set would add the whole state's size to every request,
@@ -237,15 +304,19 @@ class Engine:
             else:
                 value = ort.OrtValue.ortvalue_from_numpy(array)
                 binding.bind_ortvalue_input(name, value)
-                binding.bind_ortvalue_output(self._past_to_present[name], value)
+                target = value if spare is None or name in state.kv else ort.OrtValue.ortvalue_from_numpy(spare[name])
+                binding.bind_ortvalue_output(self._past_to_present[name], target)
         binding.bind_output("logits")
+        if hidden:
+            binding.bind_output(HIDDEN_OUTPUT)
         self.session.run_with_iobinding(binding)
-        outputs = binding.get_outputs()  # in binding order: the state's, then the logits
+        outputs = binding.get_outputs()  # in binding order: the state's, the logits, the hidden states
         for name, value in zip(names, outputs):
             if name in self._growing:
                 state.past[name] = value.numpy()
         state.length += n
-        return outputs[-1].numpy()[0, -1]
+        logits = outputs[len(names)].numpy()[0, -keep:]
+        return logits, outputs[len(names) + 1].numpy()[0] if hidden else None
 
     def _reserve(self, state: State, needed: int) -> None:
         """Make every KV cache of ``state`` hold ``needed`` positions: each one too small is replaced
@@ -266,11 +337,13 @@ class Engine:
         sampling: Sampling | None = None,
         state: State | None = None,
         stats: GenerationStats | None = None,
+        speculative: bool = True,
     ) -> Iterator[int]:
         """Yield up to ``max_new_tokens`` tokens after ``prompt``; stop at an end-of-sequence token.
 
         ``state`` continues an earlier sequence. The last token yielded is not yet in the state: it
-        is fed on the next step, or by the caller's next ``forward``.
+        is fed on the next step, or by the caller's next ``forward``. Greedy generations draft with
+        the bundle's MTP head where it has one, unless ``speculative`` is False.
         """
         state = state if state is not None else self.new_state()
         stats = stats if stats is not None else GenerationStats()
@@ -281,9 +354,14 @@ class Engine:
                 f"prompt of {len(prompt)} tokens (after {state.length} already in this sequence) does not fit "
                 f"the bundle's context of {self.context_length} tokens"
             )
-        sampler = Sampler(sampling or Sampling())
+        sampling = sampling or Sampling()
+        sampler = Sampler(sampling)
+        drafter = self.drafter if speculative and sampling.temperature <= 0 else None
         stats.prompt_tokens = len(prompt)
         started = time.perf_counter()
+        if drafter is not None:
+            yield from drafter.generate(self, state, prompt, max_new_tokens, stats)
+            return
         logits = self.forward(state, prompt)
         stats.prefill_s = time.perf_counter() - started
         stats.finish_reason = "length"
@@ -302,6 +380,7 @@ class Engine:
             if state.length + 1 >= self.context_length:
                 stats.finish_reason = "context"
                 break
+            stats.decode_steps += 1
             logits = self.forward(state, [token])
         stats.decode_s = time.perf_counter() - decode_started
 

@@ -47,6 +47,8 @@ class DaemonConfig:
     trusted_keys: tuple[Path, ...] = ()  # when set, only bundles signed by one of these keys are served
     # Serve even when the quality check on this device falls below the bundle's gate (the status says so).
     serve_below_quality_gate: bool = False
+    # Draft greedy requests with the bundle's MTP head where it has one (requests may opt out).
+    speculative: bool = True
     # Where the quality check's result is kept between starts; None: systemd's CacheDirectory
     # ($CACHE_DIRECTORY), else ~/.cache/edgekit.
     cache_dir: Path | None = None
@@ -77,6 +79,8 @@ class DaemonConfig:
             data["trusted_keys"] = [str(k) for k in self.trusted_keys]
         if self.serve_below_quality_gate:
             data["serve_below_quality_gate"] = True
+        if not self.speculative:
+            data["speculative"] = False
         if self.cache_dir is not None:
             data["cache_dir"] = str(self.cache_dir)
         data["broker"] = broker_settings.dump_section(self.broker)
@@ -124,6 +128,7 @@ def _read_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         "pools": top.get("pools", list, "a list of pool names", None),
         "trusted_keys": top.get("trusted_keys", list, "a list of paths to ed25519 public keys (PEM)", None),
         "serve_below_quality_gate": top.get("serve_below_quality_gate", bool, "true or false", None),
+        "speculative": top.get("speculative", bool, "true or false", None),
         "cache_dir": top.get("cache_dir", str, "a folder path", None),
     }
     for name in ("pools", "trusted_keys"):

@@ -68,7 +68,7 @@ class Daemon:
         # load then fills instead of growing it.
         tune_allocator()
         self.tokenizer = ChatTokenizer(config.bundle)
-        self.engine = Engine(config.bundle, threads=config.threads)
+        self.engine = Engine(config.bundle, threads=config.threads, speculative=config.speculative)
         self._self_test()
         quality = self._check_quality()
         self.sessions = SessionStore(config.session_memory_mb * 1024**2, config.session_idle_s)
@@ -243,7 +243,7 @@ class Daemon:
 
         turn = Turn(messages=request.messages, prompt=request.prompt, max_tokens=request.max_tokens,
                     sampling=request.sampling, stop=request.stop, thinking=request.thinking,
-                    session=request.session, new_session=request.new_session)
+                    session=request.session, new_session=request.new_session, speculative=request.speculative)
         try:
             result = run_turn(self.engine, self.tokenizer, turn, on_text, job.cancelled.is_set, self.sessions)
         except SessionEvicted as exc:
@@ -254,14 +254,17 @@ class Daemon:
             return self._error(topic, correlation, request.id, "internal", str(exc))
         stats = result.stats
         finish = "shutdown" if job.shutdown else result.finish_reason
-        self.metrics.finished(stats.completion_tokens, stats.prefill_s, stats.decode_tps)
+        self.metrics.finished(stats.completion_tokens, stats.prefill_s, stats.decode_tps, stats.draft_steps,
+                              stats.drafts_accepted)
         self._publish(topic, protocol.final(
             request.id, seq, finish,
             usage={"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
                    "session_tokens": result.session_tokens},
             timings={"queue_s": round(queue_wait, 4), "time_to_first_token_s": round(stats.prefill_s, 4),
                      "prefill_tokens_per_s": round(stats.prefill_tps, 1),
-                     "decode_tokens_per_s": round(stats.decode_tps, 1)},
+                     "decode_tokens_per_s": round(stats.decode_tps, 1),
+                     "tokens_per_step": round(stats.tokens_per_step, 3) if stats.tokens_per_step else None,
+                     "draft_acceptance": round(stats.acceptance, 3) if stats.acceptance is not None else None},
             session=request.session, device_id=self.device_id), correlation, qos=1)
 
     def _report(self) -> None:

@@ -1,0 +1,264 @@
+"""What speculative decoding with Qwen3.5's MTP head costs on this CPU: the mtp issue's go/no-go, measured.
+
+It needs two bundles of the same random-weight checkpoint (real shapes, so real cost) and recipe:
+PLAIN, as the daemon runs it (logits for the last position only), and MTP, built with ``--include-mtp``
+(logits for every position, as verifying a draft needs, plus ``mtp.onnx``). After DEPTH tokens of
+context it times, in alternating rounds:
+
+- ``plain``: one decode step of PLAIN, the unit every other cost is divided by;
+- ``verify k``: one step of k tokens through MTP's main graph (k = 1..4);
+- ``draft p``: one step of ``mtp.onnx`` over p positions (p = 1, 2), its layer's KV cache holding DEPTH
+  positions, with the full tied LM head and with the head cut to its first ROWS rows. A draft head
+  over the most frequent tokens only (FR-Spec, arXiv 2502.14856) costs what any ROWS rows cost; which
+  rows, and what they do to acceptance on a real checkpoint, is not measured here.
+
+The model of the speculative loop, with a one-token draft and greedy acceptance a. A step feeds the p
+tokens not yet in the recurrent state plus the draft (p + 1 tokens). Accepted (probability a): 2 new
+tokens, the MTP layer runs over 2 positions, and next step p = 1. Rejected: 1 new token, and the state,
+which now holds a wrong token, goes back to its copy from before the step (alternating two state
+buffers copies nothing), so the step's p tokens and the new one are all pending: p + 1. Past a cap C
+of pending tokens a plain step of p tokens, without a draft, brings p back to 1. The steady state of
+that chain gives tokens per unit cost (cost in plain decode steps):
+
+    speed-up(a, C) = sum_p pi_p * tokens_p / sum_p pi_p * cost_p,   pi_p proportional to (1 - a)^(p - 1)
+    p <= C:  tokens 1 + a,  cost verify(p + 1) + a * draft 2 + (1 - a) * draft 1
+    p = C+1: tokens 1,      cost verify(C + 1) + draft 1
+
+before any per-step overhead of the loop itself. The rule, written before measuring: build the drafting
+engine only if the best speed-up(a, C) reaches 1.10 at the trained fixture's measured acceptance
+(0.666, bench/mtp_acceptance.py); a smaller gain is inside this machine's run-to-run spread and would go
+to the loop's own overheads.
+
+Prints JSON: the step costs (median seconds and relative to ``plain``) and speed-up(a) for a few a.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import numpy_helper
+
+sys.path.insert(0, str(Path(__file__).parent.parent))
+
+from edgekit.runtime.engine import Engine, GenerationStats  # noqa: E402
+from edgekit.runtime.timing import filler_prompt  # noqa: E402
+
+HEAD_NODE_OUTPUT = "logits"
+ACCEPTANCES = (0.6, 0.666, 0.7, 0.8, 0.9)
+CAPS = (1, 2, 3)  # pending-token caps of the loop (module docstring); verify is timed up to 4 tokens
+
+
+def cut_head(mtp: Path, rows: int, out: Path) -> Path:
+    """A copy of ``mtp`` whose LM head (the MatMulNBits producing the logits) keeps its first ``rows`` rows."""
+    model = onnx.load(str(mtp))  # loads the external data, the shared head included
+    head = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and HEAD_NODE_OUTPUT in n.output[0])
+    initializers = {i.name: i for i in model.graph.initializer}
+    n_attribute = next(a for a in head.attribute if a.name == "N")
+    for index, name in enumerate(head.input):
+        if index and name in initializers:
+            array = numpy_helper.to_array(initializers[name])
+            # Packed weights are [N, blocks, bytes], scales [N * blocks] or [N, blocks]: N leads. The
+            # token embedding reads the same tensors (tied), so the cut ones are new initializers.
+            per_row = array.shape[0] // n_attribute.i
+            model.graph.initializer.append(numpy_helper.from_array(array[: rows * per_row], f"{name}_rows{rows}"))
+            head.input[index] = f"{name}_rows{rows}"
+    n_attribute.i = rows
+    for output in model.graph.output:
+        if output.name == "logits":
+            output.type.tensor_type.shape.dim[-1].dim_value = rows
+    target = out / f"mtp-head{rows}.onnx"
+    onnx.save(model, str(target), save_as_external_data=True, location=target.name + ".data")
+    return target
+
+
+class Draft:
+    """One ``mtp.onnx`` session with its layer's KV cache filled to ``depth`` positions (values are
+    irrelevant to cost) in one shared buffer, as the main graph's caches are bound."""
+
+    def __init__(self, graph: Path, threads: int, depth: int, capacity: int, head_size: int) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+        self.depth = depth
+        self.hidden = next(i.shape[-1] for i in self.session.get_inputs() if i.name == "hidden_states")
+        self.caches = {
+            i.name: ort.OrtValue.ortvalue_from_numpy(np.zeros((1, i.shape[1], capacity, head_size), np.float32))
+            for i in self.session.get_inputs() if i.name.startswith("past")
+        }
+
+    def step(self, positions: int) -> None:
+        """Run ``positions`` new positions after ``depth`` (the cache is not advanced: same cost each time)."""
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.zeros((1, positions), np.int64))
+        binding.bind_cpu_input("hidden_states", np.zeros((1, positions, self.hidden), np.float32))
+        binding.bind_cpu_input("attention_mask", np.ones((1, self.depth + positions), np.int64))
+        spots = np.arange(self.depth, self.depth + positions, dtype=np.int64)
+        binding.bind_cpu_input("position_ids", np.broadcast_to(spots, (3, 1, positions)).copy())
+        for name, value in self.caches.items():
+            binding.bind_ortvalue_input(name, value)
+            binding.bind_ortvalue_output(name.replace("past_key_values", "present"), value)
+        binding.bind_output("logits")
+        binding.bind_output("hidden_states_out")
+        self.session.run_with_iobinding(binding)
+
+
+def time_steps(prepare: Callable[[], Callable[[], Any]], count: int) -> float:
+    """Median seconds of ``count`` steps after one untimed one; ``prepare`` (untimed) returns each step."""
+    prepare()()
+    times = []
+    for _ in range(count):
+        step = prepare()
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def engine_step(engine: Engine, depth: int, tokens: int) -> Callable[[], Callable[[], Any]]:
+    """Prepares one ``tokens``-token step after ``depth`` tokens of context, each from a fresh copy
+    of the same state (copied before the clock starts), so every step pays the same depth."""
+    state = engine.new_state()
+    engine.forward(state, [1000 + i % 5000 for i in range(depth)])
+    return lambda: functools.partial(engine.forward, state.copy(), [42] * tokens)
+
+
+def speedup(costs: dict[str, float], a: float, draft: str, cap: int) -> float:
+    """Tokens per plain-step cost of the loop's steady state (the chain in the module docstring)."""
+    weights = [(1 - a) ** (p - 1) for p in range(1, cap + 2)]
+    tokens = cost = 0.0
+    for p, weight in enumerate(weights, start=1):
+        if p <= cap:
+            tokens += weight * (1 + a)
+            cost += weight * (costs[f"verify {p + 1}"] + a * costs[f"{draft} 2"] + (1 - a) * costs[f"{draft} 1"])
+        else:
+            tokens += weight
+            cost += weight * (costs[f"verify {p}"] + costs[f"{draft} 1"])
+    return tokens / cost
+
+
+def end_to_end(plain: Engine, drafting: Engine, acceptances: tuple[float, ...], rounds: int) -> dict[str, Any]:
+    """Decode tok/s (medians over ``rounds``) of plain decoding and of drafting at each oracle acceptance."""
+    ids = filler_prompt(128)
+    samples: dict[str, list[float]] = {"plain": []}
+    measured: dict[str, list[float]] = {}
+    for round_index in range(rounds):
+        stats = GenerationStats()
+        list(plain.generate(ids, 64, stats=stats))
+        samples["plain"].append(stats.decode_tps)
+        for a in acceptances:
+            stats = oracle_decode(drafting, ids, 64, a, seed=round_index)
+            samples.setdefault(f"drafting at {a}", []).append(stats.decode_tps)
+            measured.setdefault(f"drafting at {a}", []).append(stats.acceptance or 0.0)
+        print(f"round {round_index + 1}/{rounds} done", file=sys.stderr)
+    tps = {name: statistics.median(values) for name, values in samples.items()}
+    return {"decode_tps": tps, "speedup": {name: value / tps["plain"] for name, value in tps.items()},
+            "measured_acceptance": {name: statistics.median(values) for name, values in measured.items()}}
+
+
+def oracle_decode(engine: Engine, ids: list[int], new: int, acceptance: float, seed: int = 0) -> GenerationStats:
+    """A drafted generation whose drafts cost what the real draft costs (it runs) but are right with
+    probability ``acceptance``: the true greedy token from a plain run, else another. Random weights
+    make the real head's drafts worthless, so this is how the loop's speed at a given acceptance is
+    measured on real shapes. The output must still be plain greedy decoding's (checked)."""
+    truth = ids + list(engine.generate(ids, new, speculative=False))
+    drafter = engine.drafter
+    assert drafter is not None, "the MTP bundle has no draft graph (build it with --include-mtp)"
+    real_enter = drafter._enter
+    rng = random.Random(seed)
+
+    def enter(entries: Any) -> int:
+        real_enter(entries)
+        target = entries.entered + 1  # the draft is for two positions past the last one entered
+        right = truth[target] if target < len(truth) else 0
+        return right if rng.random() < acceptance else (right + 1) % drafter.rows
+
+    drafter._enter = enter  # type: ignore[method-assign]
+    try:
+        stats = GenerationStats()
+        drafted = list(engine.generate(ids, new, stats=stats))
+    finally:
+        del drafter._enter
+    assert drafted == truth[len(ids):], "drafted output differs from plain greedy decoding"
+    return stats
+
+
+@click.command()
+@click.option("--plain", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Bundle built without --include-mtp.")
+@click.option("--mtp", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="The same checkpoint and recipe built with --include-mtp.")
+@click.option("--threads", type=click.IntRange(1), default=2, show_default=True)
+@click.option("--depth", type=click.IntRange(1), default=256, show_default=True, help="Tokens of context before the step.")
+@click.option("--rows", "row_counts", type=click.IntRange(1), multiple=True, default=[32768, 16384], show_default=True,
+              help="LM head rows of the cut draft heads.")
+@click.option("--rounds", type=click.IntRange(1), default=5, show_default=True)
+@click.option("--steps", type=click.IntRange(1), default=20, show_default=True, help="Timed steps per figure and round.")
+@click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=Path("mtp-results"), show_default=True,
+              help="Folder for the cut draft graphs.")
+@click.option("--end-to-end", "acceptances", type=click.FloatRange(0, 1), multiple=True,
+              help="Instead: decode tok/s of PLAIN and of MTP drafting at this oracle acceptance (repeatable), "
+                   "a 128-token prompt and 64 new tokens, alternating rounds.")
+def main(plain: Path, mtp: Path, threads: int, depth: int, row_counts: tuple[int, ...], rounds: int, steps: int,
+         work: Path, acceptances: tuple[float, ...]) -> None:
+    """Time plain decode, k-token verify and MTP draft steps; print the costs and predicted speed-ups.
+
+    Example: python bench/mtp_cost.py --plain dist/plain --mtp dist/with-mtp --threads 2
+    """
+    plain_engine = Engine(plain, threads=threads)
+    verify_engine = Engine(mtp, threads=threads)
+    if acceptances:
+        click.echo(json.dumps(end_to_end(plain_engine, verify_engine, acceptances, rounds), indent=2))
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    shape = (threads, depth, verify_engine.context_length,
+             int(json.loads((mtp / "genai_config.json").read_text())["model"]["mtp"]["head_size"]))
+    drafts = {"draft": Draft(mtp / "mtp.onnx", *shape)}
+    for rows in row_counts:
+        drafts[f"draft{rows}"] = Draft(cut_head(mtp / "mtp.onnx", rows, work), *shape)
+    steps_by_name: dict[str, Callable[[], Callable[[], Any]]] = {"plain": engine_step(plain_engine, depth, 1)}
+    for k in (1, 2, 3, 4):
+        steps_by_name[f"verify {k}"] = engine_step(verify_engine, depth, k)
+    # In the loop a draft follows a main step, which streams every weight through the caches: each
+    # timed draft does too, or a cut head small enough for the last-level cache would look free.
+    evict = engine_step(plain_engine, depth, 1)
+
+    def after_main_step(draft: Draft, positions: int) -> Callable[[], Any]:
+        evict()()
+        return functools.partial(draft.step, positions)
+
+    for name, draft in drafts.items():
+        for positions in (1, 2):
+            steps_by_name[f"{name} {positions}"] = functools.partial(after_main_step, draft, positions)
+    samples: dict[str, list[float]] = {name: [] for name in steps_by_name}
+    for round_index in range(rounds):
+        order = list(steps_by_name) if round_index % 2 == 0 else list(reversed(steps_by_name))
+        for name in order:
+            samples[name].append(time_steps(steps_by_name[name], steps))
+        print(f"round {round_index + 1}/{rounds} done", file=sys.stderr)
+    seconds = {name: statistics.median(values) for name, values in samples.items()}
+    relative = {name: value / seconds["plain"] for name, value in seconds.items()}
+    report = {
+        "threads": threads, "depth": depth, "rounds": rounds, "steps": steps,
+        "seconds": seconds, "relative": relative,
+        "speedup": {f"{name}, cap {cap}": {str(a): round(speedup(relative, a, name, cap), 3) for a in ACCEPTANCES}
+                    for name in drafts for cap in CAPS},
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""Speculative decoding with Qwen3.5's own MTP head: the draft proposes one token, one main-graph step
+verifies it, greedy only.
+
+A bundle built with ``--include-mtp`` carries ``draft.onnx`` (edgekit.builder.draft_graph): the MTP
+layer with a head over the first token ids. At position p it takes the main model's final hidden
+state h_p and the embedding of token p+1 (an *entry*, kept in the draft's own KV cache) and proposes
+token p+2.
+
+Each step feeds the main graph the tokens not yet in its state (``pending``: one, or more after a
+rejection) plus the draft, and keeps the logits of the last two positions:
+- the first says what follows the last pending token: if it is the draft, the draft is accepted and
+  the second is a bonus token (two tokens for one step);
+- otherwise it is the next token, and the step's recurrent and conv state are thrown away (they were
+  written into spare buffers; the state's own arrays still hold the state before the step); its KV
+  entries are discarded by setting the length back. The pending tokens are fed again next step.
+Past PENDING_CAP pending tokens a plain step (no draft) catches up. Every token comes from the main
+graph's argmax, so the output is plain greedy decoding's; only a multi-token step's arithmetic may
+differ in the last bits from one-token steps (docs/benchmarks.md: agreement on int4).
+
+The step model and its measured costs: bench/mtp_cost.py and docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnxruntime as ort
+
+from edgekit.errors import EdgekitError
+
+if TYPE_CHECKING:
+    from edgekit.runtime.embedding import EmbeddingTable
+    from edgekit.runtime.engine import Engine, GenerationStats, State
+
+DRAFT_GRAPH = "draft.onnx"
+STOP_SPINNING = "session.force_spinning_stop"
+# Pending tokens before a plain step: caps 2 and 3 measured within 0.5 % of each other, 1 about 1.5 %
+# slower (bench/mtp_cost.py, 0.8B int4, 2 threads).
+PENDING_CAP = 2
+ENTRY_CHUNK = 128
+# Below this acceptance drafting loses (0.69x of plain decoding at none, 1.12x at 0.66, measured on
+# the 0.8B: docs/benchmarks.md); after PROBE_DRAFTS drafts a generation that accepts fewer stops drafting.
+MIN_ACCEPTANCE = 0.5
+PROBE_DRAFTS = 8
+
+
+@dataclass
+class _Entries:
+    """What the draft has seen in one generation: its KV cache, and the hidden states and tokens of
+    positions not yet entered."""
+
+    caches: dict[str, ort.OrtValue]
+    entered: int  # first position without an entry
+    tokens: dict[int, int] = field(default_factory=dict)  # position -> token, from ``entered`` on
+    hidden: dict[int, np.ndarray] = field(default_factory=dict)  # position -> h_p, from ``entered`` on
+    length: int = 0  # entries in the cache
+
+
+class Drafter:
+    """A bundle's draft graph, run beside its engine (same threads, same embedding table)."""
+
+    def __init__(self, folder: Path, threads: int, embedding: EmbeddingTable | None) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        options.enable_cpu_mem_arena = False
+        # Two sessions take turns on the same cores: threads that spin on after their run would
+        # take the other's time (see Engine: the main session stops spinning too when drafting).
+        options.add_session_config_entry(STOP_SPINNING, "1")
+        try:
+            self.session = ort.InferenceSession(str(folder / DRAFT_GRAPH), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types per failure
+            raise EdgekitError(f"{folder / DRAFT_GRAPH}: cannot load the draft graph ({exc})") from exc
+        # The engine's table where the draft takes embeddings (draft_graph), else None: it takes ids.
+        self.embedding = embedding if any(i.name == "inputs_embeds" for i in self.session.get_inputs()) else None
+        self._caches = {i.name: i for i in self.session.get_inputs() if i.name.startswith("past")}
+        self._cache_type = np.float16 if next(iter(self._caches.values())).type == "tensor(float16)" else np.float32
+        self.rows = int(self.session.get_outputs()[0].shape[-1])
+
+    def _new_entries(self, first: int, capacity: int, head_size: int) -> _Entries:
+        caches = {name: ort.OrtValue.ortvalue_from_numpy(np.zeros((1, i.shape[1], capacity, head_size), self._cache_type))
+                  for name, i in self._caches.items()}
+        return _Entries(caches, first)
+
+    def _enter(self, entries: _Entries) -> int:
+        """Enter every position whose hidden state and next token are known; return the draft for
+        two positions past the last one entered."""
+        positions = []
+        p = entries.entered
+        while p in entries.hidden and p + 1 in entries.tokens:
+            positions.append(p)
+            p += 1
+        if not positions:
+            raise AssertionError("the draft has nothing new to enter")
+        # A prompt's positions go in chunks: attention scores take chunk x cache x heads floats.
+        draft = 0
+        for start in range(0, len(positions), ENTRY_CHUNK):
+            draft = self._run(entries, positions[start : start + ENTRY_CHUNK])
+        return draft
+
+    def _run(self, entries: _Entries, positions: list[int]) -> int:
+        n = len(positions)
+        binding = self.session.io_binding()
+        following = [entries.tokens[q + 1] for q in positions]
+        if self.embedding is None:
+            binding.bind_cpu_input("input_ids", np.array([following], np.int64))
+        else:
+            binding.bind_cpu_input("inputs_embeds", self.embedding.lookup(following))
+        binding.bind_cpu_input("hidden_states", np.stack([entries.hidden[q] for q in positions])[None])
+        binding.bind_cpu_input("attention_mask", np.ones((1, entries.length + n), np.int64))
+        binding.bind_cpu_input("position_ids", np.broadcast_to(np.array(positions, np.int64), (3, 1, n)).copy())
+        for name, value in entries.caches.items():
+            binding.bind_ortvalue_input(name, value)
+            binding.bind_ortvalue_output(name.replace("past_key_values", "present"), value)
+        binding.bind_output("logits")
+        self.session.run_with_iobinding(binding)
+        logits = binding.get_outputs()[-1].numpy()
+        for q in positions:
+            del entries.hidden[q]
+            entries.tokens.pop(q, None)  # the first position's token was never needed
+        entries.entered = positions[-1] + 1
+        entries.length += n
+        return int(np.argmax(logits[0, -1]))
+
+    def generate(self, engine: Engine, state: State, prompt: list[int], max_new_tokens: int,
+                 stats: GenerationStats) -> Iterator[int]:
+        """Engine.generate's prefill and decode loop, drafting (same contract: the last token yielded
+        is not in the state)."""
+        started = time.perf_counter()
+        base = state.length
+        logits, hidden = engine.forward_with_hidden(state, prompt)
+        stats.prefill_s = time.perf_counter() - started
+        entries = self._new_entries(base, len(prompt) + max_new_tokens + PENDING_CAP + 2, engine.head_size)
+        entries.tokens.update({base + i: t for i, t in enumerate(prompt[1:], start=1)})
+        # Rows are views of one array: it lives until the last is entered (the first draft), no longer.
+        entries.hidden.update({base + i: row for i, row in enumerate(hidden)})
+        del hidden
+        spare = engine.spare_buffers(state)
+        decode_started = time.perf_counter()
+        stats.finish_reason = "length"
+        pending = [int(np.argmax(logits))]
+        produced = 0
+        new = pending[:]
+        try:
+            while True:
+                for token in new:
+                    produced += 1
+                    stats.completion_tokens += 1
+                    stats.token_times.append(time.perf_counter())
+                    yield token
+                    if token in engine.eos_ids:
+                        stats.finish_reason = "stop"
+                        return
+                    if produced == max_new_tokens:
+                        return
+                length, m = state.length, len(pending)
+                if length + m >= engine.context_length:
+                    stats.finish_reason = "context"
+                    return
+                entries.tokens[length + m - 1] = pending[-1]
+                draft = None
+                paying = stats.draft_steps < PROBE_DRAFTS or stats.drafts_accepted >= MIN_ACCEPTANCE * stats.draft_steps
+                if paying and max_new_tokens - produced >= 2 and m <= PENDING_CAP and length + m + 1 < engine.context_length:
+                    draft = self._enter(entries)
+                    if draft in engine.eos_ids:
+                        draft = None  # an accepted end token would sit in the state: the contract forbids it
+                stats.decode_steps += 1
+                if draft is None:
+                    step_logits, step_hidden = engine.forward_with_hidden(state, pending)
+                    entries.hidden.update({length + i: row for i, row in enumerate(step_hidden)})
+                    pending = new = [int(np.argmax(step_logits))]
+                    continue
+                step_logits, step_hidden = engine.step(state, [*pending, draft], keep=2, spare=spare)
+                stats.draft_steps += 1
+                verified = int(np.argmax(step_logits[0]))
+                if verified == draft:
+                    stats.drafts_accepted += 1
+                    for name, array in spare.items():
+                        spare[name], state.past[name] = state.past[name], array
+                    entries.tokens[length + m] = draft
+                    entries.hidden.update({length + i: row for i, row in enumerate(step_hidden)})
+                    pending = [int(np.argmax(step_logits[1]))]
+                    new = [draft, pending[0]]
+                else:
+                    state.length = length  # the step's KV entries go; its recurrent state went to ``spare``
+                    entries.hidden.update({length + i: row for i, row in enumerate(step_hidden[:m])})
+                    pending = [*pending, verified]
+                    new = [verified]
+        finally:
+            if len(pending) > 1:
+                # The contract: every token but the last yielded is in the state (a step never takes
+                # the state past the context, so these fit).
+                engine.forward(state, pending[:-1])
+            stats.decode_s = time.perf_counter() - decode_started
