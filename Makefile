@@ -89,4 +89,4 @@ lint: install
 	$(BIN)/mypy
 
 clean:
-	rm -rf dist bench-results quality-results anchor-results .pytest_cache
+	rm -rf dist bench-results quality-results anchor-results mtp-results .pytest_cache

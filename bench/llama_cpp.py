@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SDIST = "llama-cpp-python==0.3.36"
-TARGETS = ("llama-quantize", "llama-perplexity", "llama-bench")
+TARGETS = ("llama-quantize", "llama-perplexity", "llama-bench", "llama-speculative-simple")
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgekit" / "llama.cpp-0.3.36"
 
 
