@@ -1,8 +1,9 @@
 """edgekit's MTP drafting beside llama.cpp's ``--spec-type draft-mtp`` on the same checkpoint.
 
 For each prompt, both sides generate greedily with one-token drafts from the checkpoint's MTP head and
-report how many drafts the main model accepted: edgekit's engine on an ``--include-mtp`` bundle of
-the raspberry-pi-5 recipe (int4, block 32), llama.cpp's ``llama-speculative-simple`` on the checkpoint
+report how many drafts the main model accepted, and decode tok/s with and without drafting:
+edgekit's engine on an ``--include-mtp`` bundle of the raspberry-pi-5 recipe (int4, block 32),
+llama.cpp's ``llama-speculative-simple`` (drafting) and ``llama-bench`` (plain) on the checkpoint
 converted to GGUF with its MTP tensors and quantized to Q4_0 (llama.cpp from llama-cpp-python's sdist,
 as bench/llama_cpp.py builds it). Same prompts, 2 threads, ``--spec-draft-n-max 1``.
 
@@ -56,10 +57,21 @@ def llama_side(llama: LlamaCpp, gguf: Path, prompt: str, threads: int) -> dict[s
     return {**figures, "decode_tps": float(speed.group(1)) if speed else None}
 
 
+def llama_plain_tps(llama: LlamaCpp, gguf: Path, threads: int) -> float:
+    """llama.cpp's decode tok/s without drafting: ``llama-bench`` generating NEW tokens (median of 3)."""
+    run = subprocess.run([str(llama.tool("llama-bench")), "-m", str(gguf), "-p", "0", "-n", str(NEW), "-t", str(threads),
+                          "-r", "3", "--repack", "0", "-o", "json"], capture_output=True, text=True, check=True)
+    return float(json.loads(run.stdout)[0]["avg_ts"])
+
+
 def edgekit_side(engine: Engine, tokenizer: ChatTokenizer, prompt: str) -> dict[str, Any]:
-    stats = GenerationStats()
-    list(engine.generate(tokenizer.encode(prompt), NEW, stats=stats))
-    return {"n_drafted": stats.draft_steps, "n_accept": stats.drafts_accepted, "decode_tps": stats.decode_tps}
+    """One drafted and one plain greedy generation: drafted, accepted, decode tok/s of each."""
+    ids = tokenizer.encode(prompt)
+    plain, stats = GenerationStats(), GenerationStats()
+    list(engine.generate(ids, NEW, stats=plain, speculative=False))
+    list(engine.generate(ids, NEW, stats=stats))
+    return {"n_drafted": stats.draft_steps, "n_accept": stats.drafts_accepted, "decode_tps": stats.decode_tps,
+            "plain_decode_tps": plain.decode_tps}
 
 
 @click.command()
@@ -92,6 +104,7 @@ def main(model: Path, work: Path, threads: int) -> None:
         drafted = sum(r[side].get("n_drafted", 0) for r in rows)
         accepted = sum(r[side].get("n_accept", 0) for r in rows)
         totals[side] = {"drafted": drafted, "accepted": accepted, "acceptance": accepted / drafted if drafted else None}
+    totals["llama.cpp Q4_0"]["plain_decode_tps"] = llama_plain_tps(llama, q4, threads)
     click.echo(json.dumps({"threads": threads, "new_tokens": NEW, "prompts": rows, "totals": totals}, indent=2))
 
 

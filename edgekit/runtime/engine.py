@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -218,14 +218,13 @@ class Engine:
 
     def forward(self, state: State, ids: list[int]) -> np.ndarray:
         """Run ``ids`` after ``state`` (updated in place); return the logits for the last position."""
-        return self._forward(state, ids, hidden=False)[0]
+        return self._forward(state, ids)
 
-    def forward_with_hidden(self, state: State, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """As :meth:`forward`, also returning the final hidden state of every position of ``ids``
-        [len(ids), hidden] (a graph built for drafting only)."""
-        logits, hidden = self._forward(state, ids, hidden=True)
-        assert hidden is not None
-        return logits, hidden
+    def forward_with_hidden(self, state: State, ids: list[int], on_hidden: Callable[[int, np.ndarray], None]) -> np.ndarray:
+        """As :meth:`forward`, also handing each chunk's final hidden states [chunk, hidden] to
+        ``on_hidden`` with the position of the chunk's first token, as the chunk is done (a graph
+        built for drafting only): a long prompt's hidden states are never all held at once."""
+        return self._forward(state, ids, on_hidden)
 
     def step(self, state: State, ids: list[int], keep: int, spare: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """One step of ``ids`` for speculative decoding: the logits of the last ``keep`` positions
@@ -244,7 +243,8 @@ class Engine:
         """Arrays to receive a :meth:`step`'s recurrent and conv state: every non-KV tensor of ``state``."""
         return {name: np.empty_like(array) for name, array in state.past.items() if name not in state.kv}
 
-    def _forward(self, state: State, ids: list[int], hidden: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    def _forward(self, state: State, ids: list[int],
+                 on_hidden: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray:
         if state.length + len(ids) > self.context_length:
             raise ContextExceeded(
                 f"sequence of {state.length + len(ids)} tokens exceeds the bundle's context of {self.context_length}"
@@ -257,7 +257,6 @@ class Engine:
         while step > 16 and step * capacity > PREFILL_CHUNK * LONG_CONTEXT:
             step //= 2
         logits = None
-        rows: list[np.ndarray] = []
         start = 0
         while start < len(ids):
             if start:
@@ -269,12 +268,13 @@ class Engine:
                 # The KV cache becomes resident as it fills, so a long prompt peaks near its end: the
                 # second half runs in half-size chunks, trading some prefill speed for a lower peak.
                 size = max(16, step // 2)
-            logits, chunk_hidden = self._run(state, ids[start : start + size], hidden=hidden)
-            if chunk_hidden is not None:
-                rows.append(chunk_hidden)
+            first = state.length
+            logits, chunk_hidden = self._run(state, ids[start : start + size], hidden=on_hidden is not None)
+            if on_hidden is not None and chunk_hidden is not None:
+                on_hidden(first, chunk_hidden)
             start += size
         assert logits is not None, "forward needs at least one token"
-        return logits[-1], np.concatenate(rows) if hidden else None
+        return logits[-1]
 
     def _run(self, state: State, ids: list[int], keep: int = 1, spare: dict[str, np.ndarray] | None = None,
              hidden: bool = False) -> tuple[np.ndarray, np.ndarray | None]:

@@ -42,7 +42,7 @@ STOP_SPINNING = "session.force_spinning_stop"
 # Pending tokens before a plain step: caps 2 and 3 measured within 0.5 % of each other, 1 about 1.5 %
 # slower (bench/mtp_cost.py, 0.8B int4, 2 threads).
 PENDING_CAP = 2
-ENTRY_CHUNK = 128
+ENTRY_CHUNK = 64
 # Drafting costs when its drafts are rejected (0.69x plain decoding at no acceptance, break-even
 # near 0.45, 1.12x at 0.66, measured on the 0.8B: docs/benchmarks.md). A generation that accepted
 # fewer than MIN_ACCEPTANCE of at least PROBE_DRAFTS drafts stops drafting: low enough that a head
@@ -136,13 +136,18 @@ class Drafter:
         is not in the state)."""
         started = time.perf_counter()
         base = state.length
-        logits, hidden = engine.forward_with_hidden(state, prompt)
-        stats.prefill_s = time.perf_counter() - started
         entries = self._new_entries(base, len(prompt) + max_new_tokens + PENDING_CAP + 2, engine.head_size)
         entries.tokens.update({base + i: t for i, t in enumerate(prompt[1:], start=1)})
-        # Rows are views of one array: it lives until the last is entered (the first draft), no longer.
-        entries.hidden.update({base + i: row for i, row in enumerate(hidden)})
-        del hidden
+
+        def enter_chunk(first: int, rows: np.ndarray) -> None:
+            # Entered as the prefill goes: a long prompt's hidden states are never all kept. The
+            # last position waits for the first new token.
+            entries.hidden.update({first + i: row for i, row in enumerate(rows)})
+            if entries.entered in entries.hidden and entries.entered + 1 in entries.tokens:
+                self._enter(entries)
+
+        logits = engine.forward_with_hidden(state, prompt, enter_chunk)
+        stats.prefill_s = time.perf_counter() - started
         spare = engine.spare_buffers(state)
         decode_started = time.perf_counter()
         stats.finish_reason = "length"
@@ -174,8 +179,8 @@ class Drafter:
                         draft = None  # an accepted end token would sit in the state: the contract forbids it
                 stats.decode_steps += 1
                 if draft is None:
-                    step_logits, step_hidden = engine.forward_with_hidden(state, pending)
-                    entries.hidden.update({length + i: row for i, row in enumerate(step_hidden)})
+                    step_logits = engine.forward_with_hidden(
+                        state, pending, lambda first, rows: entries.hidden.update({first + i: r for i, r in enumerate(rows)}))
                     pending = new = [int(np.argmax(step_logits))]
                     continue
                 step_logits, step_hidden = engine.step(state, [*pending, draft], keep=2, spare=spare)
