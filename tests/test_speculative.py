@@ -3,6 +3,7 @@ greedy output equals plain decoding's, token for token, and the state after it i
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 
@@ -10,9 +11,11 @@ import jsonschema
 import numpy as np
 import onnx
 import pytest
+from click.testing import CliRunner
 
 from edgekit.builder.draft_graph import DRAFT_ROWS
 from edgekit.builder.pipeline import BuildRequest, build
+from edgekit.cli import main
 from edgekit.client import DeviceClient
 from edgekit.profiles import Quality, load_profile
 from edgekit.runtime.engine import KEEP_INPUT, Engine, GenerationStats
@@ -143,3 +146,15 @@ def test_the_daemon_drafts_and_reports_it_and_a_request_may_opt_out(int4_bundle:
     finally:
         daemon.stop()
         thread.join(timeout=30)
+
+
+def test_generate_command_reports_drafting_and_can_turn_it_off(int4_bundle: Path) -> None:
+    runs = {}
+    for flags in ([], ["--no-speculative"]):
+        result = CliRunner().invoke(main, ["generate", str(int4_bundle), PROMPTS[2], "--raw", "--max-tokens", "24", "--json",
+                                           "--threads", "2", *flags])
+        assert result.exit_code == 0, result.output
+        runs[bool(flags)] = json.loads(result.stdout)
+    assert runs[False]["timings"]["draft_acceptance"] > 0.3 and runs[False]["timings"]["tokens_per_step"] > 1.2
+    assert runs[True]["timings"]["draft_acceptance"] is None and runs[True]["timings"]["tokens_per_step"] == 1.0
+    assert runs[False]["text"] == runs[True]["text"]

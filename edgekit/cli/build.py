@@ -240,10 +240,12 @@ def verify(bundle_dir: Path, trusted_keys: tuple[Path, ...], run_check: bool, th
 @click.option("--think/--no-think", default=False, show_default=True, help="Qwen3.5 thinking mode.")
 @click.option("--raw", is_flag=True, help="Send PROMPT as is, without the chat template.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="Override the bundle's thread count.")
+@click.option("--no-speculative", is_flag=True,
+              help="Do not draft with the bundle's MTP head (bundles built with --include-mtp draft greedy replies).")
 @output_option("Print text, usage and timings as JSON at the end.")
 @friendly
 def generate(bundle_dir: Path, prompt: str, max_tokens: int, temperature: float, top_p: float, top_k: int,
-             seed: int | None, think: bool, raw: bool, threads: int | None, output: Output) -> None:
+             seed: int | None, think: bool, raw: bool, threads: int | None, no_speculative: bool, output: Output) -> None:
     """Generate a reply from a bundle on this machine, streaming it to the terminal.
 
     \b
@@ -263,19 +265,20 @@ def generate(bundle_dir: Path, prompt: str, max_tokens: int, temperature: float,
     load_s = time.perf_counter() - started
     turn = Turn(messages=None if raw else [{"role": "user", "content": prompt}], prompt=prompt if raw else None,
                 max_tokens=max_tokens, sampling=Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
-                thinking=think)
+                thinking=think, speculative=not no_speculative)
     result = run_turn(engine, tokenizer, turn, on_text=output.text())
     stats = result.stats
     summary = {"text": result.text, "finish_reason": result.finish_reason,
                "usage": {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens},
                "timings": {"load_s": round(load_s, 3), "prefill_s": round(stats.prefill_s, 3),
                            "decode_s": round(stats.decode_s, 3), "prefill_tokens_per_s": round(stats.prefill_tps, 1),
-                           "decode_tokens_per_s": round(stats.decode_tps, 1)}}
+                           "decode_tokens_per_s": round(stats.decode_tps, 1), **stats.drafting()}}
 
     def draw(_: Any) -> None:
         click.echo()
+        drafted = f", {stats.acceptance:.0%} of drafts accepted" if stats.acceptance is not None else ""
         err.print(f"[dim]{stats.prompt_tokens} prompt tokens at {stats.prefill_tps:.0f} tok/s, "
-                  f"{stats.completion_tokens} generated at {stats.decode_tps:.1f} tok/s ({result.finish_reason})[/]")
+                  f"{stats.completion_tokens} generated at {stats.decode_tps:.1f} tok/s{drafted} ({result.finish_reason})[/]")
 
     output.result(summary, draw)
 

@@ -80,6 +80,11 @@ class GenerationStats:
         """New tokens per main-graph decode step (1.0 without drafting); None before any step."""
         return (self.completion_tokens - 1) / self.decode_steps if self.decode_steps else None
 
+    def drafting(self) -> dict[str, float | None]:
+        """The timings fields of a reply that say how drafting went (docs/protocol.md)."""
+        return {"tokens_per_step": round(self.tokens_per_step, 3) if self.tokens_per_step else None,
+                "draft_acceptance": round(self.acceptance, 3) if self.acceptance is not None else None}
+
     @property
     def prefill_tps(self) -> float:
         return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0

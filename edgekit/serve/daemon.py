@@ -262,9 +262,7 @@ class Daemon:
                    "session_tokens": result.session_tokens},
             timings={"queue_s": round(queue_wait, 4), "time_to_first_token_s": round(stats.prefill_s, 4),
                      "prefill_tokens_per_s": round(stats.prefill_tps, 1),
-                     "decode_tokens_per_s": round(stats.decode_tps, 1),
-                     "tokens_per_step": round(stats.tokens_per_step, 3) if stats.tokens_per_step else None,
-                     "draft_acceptance": round(stats.acceptance, 3) if stats.acceptance is not None else None},
+                     "decode_tokens_per_s": round(stats.decode_tps, 1), **stats.drafting()},
             session=request.session, device_id=self.device_id), correlation, qos=1)
 
     def _report(self) -> None:
