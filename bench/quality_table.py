@@ -125,7 +125,9 @@ def llama_rows(model: Path, work: Path, windows: int, llama: LlamaCpp, progress)
     progress("converting to GGUF (f32)")
     subprocess.run([*llama.convert, str(model), "--outtype", "f32", "--outfile", str(base)], check=True,
                    capture_output=True, env=llama.convert_env())
-    common = ["-f", str(text), "-c", str(CTX), "-b", str(CTX), "--chunks", str(windows), "-t", "2"]
+    # Unrepacked weights: the repacked (AMX) Q4_0 path segfaults on this 256-wide model on an AMX Xeon
+    # (2026-12-05), and quality does not need the repacked kernels' speed.
+    common = ["-f", str(text), "-c", str(CTX), "-b", str(CTX), "--chunks", str(windows), "-t", "2", "--no-repack"]
     logits_file = work / "base.kld"
     run = subprocess.run([str(llama.tool("llama-perplexity")), "-m", str(base), *common, "--kl-divergence-base",
                           str(logits_file)], check=True, capture_output=True, text=True)
