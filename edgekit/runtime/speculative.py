@@ -32,6 +32,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgekit.errors import EdgekitError
+from edgekit.runtime.resident import trim_heap
 
 if TYPE_CHECKING:
     from edgekit.runtime.embedding import EmbeddingTable
@@ -148,6 +149,9 @@ class Drafter:
 
         logits = engine.forward_with_hidden(state, prompt, enter_chunk)
         stats.prefill_s = time.perf_counter() - started
+        # The prefill's last activations sit freed in the heap: hand them back before the rollback
+        # copy of the state takes its place, or the two add up in the daemon's peak.
+        trim_heap()
         spare = engine.spare_buffers(state)
         decode_started = time.perf_counter()
         stats.finish_reason = "length"
