@@ -40,8 +40,8 @@ if TYPE_CHECKING:
 
 DRAFT_GRAPH = "draft.onnx"
 STOP_SPINNING = "session.force_spinning_stop"
-# Pending tokens before a plain step: caps 2 and 3 measured within 0.5 % of each other, 1 about 1.5 %
-# slower (bench/mtp_cost.py, 0.8B int4, 2 threads).
+# Pending tokens before a plain step: from the measured step costs, caps 2 and 3 predict speed within
+# 0.5 % of each other and cap 1 about 1.5 % less (bench/mtp_cost.py, 0.8B int4, 2 threads).
 PENDING_CAP = 2
 ENTRY_CHUNK = 64
 # Drafting costs when its drafts are rejected (0.69x plain decoding at no acceptance, break-even
