@@ -92,6 +92,14 @@ def _logits_dims(graph: onnx.GraphProto, positions: str | int, rows: int | None 
         dims[2].dim_value = rows
 
 
+def _move_last(graph: onnx.GraphProto, node: onnx.NodeProto) -> onnx.NodeProto:
+    """Move ``node`` after the nodes appended for its new inputs (node order must stay topological);
+    return the graph's copy, which is what later edits must change."""
+    graph.node.remove(node)
+    graph.node.append(node)
+    return graph.node[-1]
+
+
 def keep_last_logits(model: onnx.ModelProto) -> None:
     """Make the main graph's LM head run over the last ``logits_to_keep`` positions only, in place."""
     graph = model.graph
@@ -107,9 +115,7 @@ def keep_last_logits(model: onnx.ModelProto) -> None:
     head.input[0] = kept
     graph.input.append(helper.make_tensor_value_info(KEEP_INPUT, TensorProto.INT64, [1]))
     _logits_dims(graph, "logits_positions")
-    # Node order must stay topological: move the head after its new inputs.
-    graph.node.remove(head)
-    graph.node.append(head)
+    _move_last(graph, head)
 
 
 def draft_graph(mtp: onnx.ModelProto, rows: int = DRAFT_ROWS) -> onnx.ModelProto:
@@ -122,9 +128,7 @@ def draft_graph(mtp: onnx.ModelProto, rows: int = DRAFT_ROWS) -> onnx.ModelProto
     graph.node.append(helper.make_node("Gather", [head.input[0], f"{last}/index"], [last], name=f"{last}/Gather", axis=1))
     graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), f"{last}/index"))
     head.input[0] = last
-    graph.node.remove(head)
-    graph.node.append(head)
-    head = graph.node[-1]  # append stored a copy
+    head = _move_last(graph, head)
     if head.op_type == "MatMulNBits":
         _cut_rows(graph, head, rows)
     else:

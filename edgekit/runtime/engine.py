@@ -237,9 +237,7 @@ class Engine:
         are written into ``spare`` (same names and shapes as ``state``'s), leaving ``state``'s own
         arrays as they were before the step: the caller keeps whichever is right. KV caches are
         appended in place; ``state.length`` moves on, and setting it back discards the entries."""
-        if state.length + len(ids) > self.context_length:
-            raise ContextExceeded(f"sequence of {state.length + len(ids)} tokens exceeds the bundle's context of {self.context_length}")
-        self._reserve(state, state.length + len(ids))
+        self._make_room(state, len(ids))
         logits, hidden = self._run(state, ids, keep=keep, spare=spare, hidden=True)
         assert hidden is not None
         return logits, hidden
@@ -250,13 +248,9 @@ class Engine:
 
     def _forward(self, state: State, ids: list[int],
                  on_hidden: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray:
-        if state.length + len(ids) > self.context_length:
-            raise ContextExceeded(
-                f"sequence of {state.length + len(ids)} tokens exceeds the bundle's context of {self.context_length}"
-            )
         # Room for the whole prompt at once: growing chunk by chunk would leave each outgrown cache
         # behind in the heap.
-        self._reserve(state, state.length + len(ids))
+        self._make_room(state, len(ids))
         capacity = max([state.past[name].shape[2] for name in state.kv], default=state.length + len(ids))
         step = PREFILL_CHUNK
         while step > 16 and step * capacity > PREFILL_CHUNK * LONG_CONTEXT:
@@ -322,6 +316,14 @@ class Engine:
         state.length += n
         logits = outputs[len(names)].numpy()[0, -keep:]
         return logits, outputs[len(names) + 1].numpy()[0] if hidden else None
+
+    def _make_room(self, state: State, count: int) -> None:
+        """Refuse ``count`` more tokens past the context; else make the KV caches hold them."""
+        if state.length + count > self.context_length:
+            raise ContextExceeded(
+                f"sequence of {state.length + count} tokens exceeds the bundle's context of {self.context_length}"
+            )
+        self._reserve(state, state.length + count)
 
     def _reserve(self, state: State, needed: int) -> None:
         """Make every KV cache of ``state`` hold ``needed`` positions: each one too small is replaced

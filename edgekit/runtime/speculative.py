@@ -63,6 +63,10 @@ class _Entries:
     hidden: dict[int, np.ndarray] = field(default_factory=dict)  # position -> h_p, from ``entered`` on
     length: int = 0  # entries in the cache
 
+    def add_hidden(self, first: int, rows: np.ndarray) -> None:
+        """Keep the main model's final hidden states of positions ``first``, ``first + 1``, ... ."""
+        self.hidden.update({first + i: row for i, row in enumerate(rows)})
+
 
 class Drafter:
     """A bundle's draft graph, run beside its engine (same threads, same embedding table)."""
@@ -143,7 +147,7 @@ class Drafter:
         def enter_chunk(first: int, rows: np.ndarray) -> None:
             # Entered as the prefill goes: a long prompt's hidden states are never all kept. The
             # last position waits for the first new token.
-            entries.hidden.update({first + i: row for i, row in enumerate(rows)})
+            entries.add_hidden(first, rows)
             if entries.entered in entries.hidden and entries.entered + 1 in entries.tokens:
                 self._enter(entries)
 
@@ -183,8 +187,7 @@ class Drafter:
                         draft = None  # an accepted end token would sit in the state: the contract forbids it
                 stats.decode_steps += 1
                 if draft is None:
-                    step_logits = engine.forward_with_hidden(
-                        state, pending, lambda first, rows: entries.hidden.update({first + i: r for i, r in enumerate(rows)}))
+                    step_logits = engine.forward_with_hidden(state, pending, entries.add_hidden)
                     pending = new = [int(np.argmax(step_logits))]
                     continue
                 step_logits, step_hidden = engine.step(state, [*pending, draft], keep=2, spare=spare)
@@ -195,12 +198,12 @@ class Drafter:
                     for name, array in spare.items():
                         spare[name], state.past[name] = state.past[name], array
                     entries.tokens[length + m] = draft
-                    entries.hidden.update({length + i: row for i, row in enumerate(step_hidden)})
+                    entries.add_hidden(length, step_hidden)
                     pending = [int(np.argmax(step_logits[1]))]
                     new = [draft, pending[0]]
                 else:
                     state.length = length  # the step's KV entries go; its recurrent state went to ``spare``
-                    entries.hidden.update({length + i: row for i, row in enumerate(step_hidden[:m])})
+                    entries.add_hidden(length, step_hidden[:m])
                     pending = [*pending, verified]
                     new = [verified]
         finally:
