@@ -36,17 +36,37 @@ class ChatTokenizer:
         # The sandbox keeps a bundle's template from reaching Python internals.
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise_template_error
+        # transformers' tojson, which published templates are written for: Jinja's own escapes
+        # <, > and & as \u003c..., and would put different bytes (tokens) in the prompt.
+        env.filters["tojson"] = _tojson
         self.template = env.from_string(template)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; special-token markup such as ``<|im_start|>`` is recognised."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
-    def render(self, messages: Sequence[dict[str, Any]], *, thinking: bool = True, add_generation_prompt: bool = True) -> str:
-        """The prompt text for ``messages`` through the bundle's chat template."""
+    def render(self, messages: Sequence[dict[str, Any]], *, thinking: bool = True, add_generation_prompt: bool = True,
+               tools: Sequence[dict[str, Any]] | None = None) -> str:
+        """The prompt text for ``messages`` (and OpenAI-style ``tools``) through the bundle's chat template."""
         return self.template.render(
-            messages=list(messages), add_generation_prompt=add_generation_prompt, enable_thinking=thinking
+            messages=list(messages), add_generation_prompt=add_generation_prompt, enable_thinking=thinking,
+            tools=list(tools) if tools else None,
         )
+
+    def render_continuation(self, messages: Sequence[dict[str, Any]], *, thinking: bool = True) -> str:
+        """The text that continues a conversation held on the device with ``messages``: what a
+        rendering of the whole history puts after the previous turn's ``<|im_end|>\n``.
+
+        Templates render a message by its neighbours (a tool result opens a user turn only after a
+        non-tool message; Qwen3.5's refuses a history without a user query), so the new messages are
+        rendered after a one-message anchor, and the anchor's own text is cut off.
+        """
+        anchor = [{"role": "user", "content": "."}]
+        head = self.render(anchor, add_generation_prompt=False)
+        full = self.render(anchor + list(messages), thinking=thinking)
+        if not full.startswith(head):
+            raise EdgekitError("chat template: a continuation does not render after the history; start a new session")
+        return full[len(head):]
 
     def token_id(self, text: str) -> int | None:
         return self.tokenizer.token_to_id(text)
@@ -57,6 +77,11 @@ class ChatTokenizer:
     def stream(self, skip_special: bool = False) -> DecodeStream:
         """An incremental decoder: ``step(tokenizer, id)`` yields text only once its UTF-8 is complete."""
         return DecodeStream(skip_special_tokens=skip_special)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: tuple[str, str] | None = None,
+            sort_keys: bool = False) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def _raise_template_error(message: str) -> None:
