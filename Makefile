@@ -85,7 +85,7 @@ quality: install fixtures/qwen3.5-trained/config.json
 
 # Style and types: ruff over the tree, mypy as pyproject.toml sets it (strict on the contract modules).
 lint: install
-	$(BIN)/ruff check edgekit tests bench
+	$(BIN)/ruff check edgekit tests bench examples
 	$(BIN)/mypy
 
 clean:

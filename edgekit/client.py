@@ -19,17 +19,29 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edgekit.agent.tools import ToolCall
 from edgekit.errors import EdgekitError
 from edgekit.mqtt import protocol
 from edgekit.mqtt.connection import negotiate_protocol, new_client
 from edgekit.mqtt.settings import BrokerSettings, MqttVersion
 from edgekit.mqtt.topics import DeviceTopics, PoolTopics, all_devices
+
+
+@dataclass
+class Answer:
+    """A finished reply: its text, tool calls, why it ended, and the final message as sent."""
+
+    text: str
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    finish_reason: str = "stop"
+    final: dict[str, Any] = field(default_factory=dict)
 
 
 class DeviceClient:
@@ -175,21 +187,40 @@ class DeviceClient:
                 return
 
     def ask(self, device_id: str | None, request: dict[str, Any], on_text: Callable[[str], None] | None = None,
-            timeout: float = 120.0, pool: str | None = None) -> dict[str, Any]:
+            timeout: float = 120.0, pool: str | None = None,
+            on_call: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Send a request (to a device or a pool) and wait for its final message; raise on an error reply,
-        and at once for a device that is unknown to the broker or offline."""
+        and at once for a device that is unknown to the broker or offline. ``on_call`` hears each
+        tool call as it forms (``{"index", "call_id", "name"}``); the calls themselves are in the final."""
         if device_id and not pool:
             self.require_online(device_id)
         request_id = self.send(device_id, request, pool=pool)
         for reply in self.replies(request_id, timeout):
             if reply["type"] == "chunk" and on_text:
                 on_text(reply["text"])
+            elif reply["type"] == "tool_call" and on_call:
+                on_call(reply)
             elif reply["type"] == "error":
                 target = f"device {device_id}" if device_id else f"pool {pool}"
                 raise EdgekitError(f"{target}: {reply['code']}: {reply['message']}")
             elif reply["type"] == "final":
                 return reply
         raise AssertionError("unreachable")
+
+    def chat(self, device_id: str | None, request: dict[str, Any], on_text: Callable[[str], None] | None = None,
+             timeout: float = 120.0, pool: str | None = None) -> Answer:
+        """:meth:`ask`, returning the answer's text and its tool calls as objects."""
+        pieces: list[str] = []
+
+        def collect(text: str) -> None:
+            pieces.append(text)
+            if on_text:
+                on_text(text)
+
+        final = self.ask(device_id, request, collect, timeout, pool)
+        calls = [ToolCall(c["id"], c["function"]["name"], c["function"]["arguments"], c.get("error"))
+                 for c in final.get("tool_calls", [])]
+        return Answer("".join(pieces), calls, final["finish_reason"], final)
 
     def wait_for_state(self, device_id: str, state: str, timeout: float = 30.0,
                        alive: Callable[[], bool] = lambda: True,

@@ -45,6 +45,19 @@ def test_error_codes_match_the_implementation() -> None:
         {"id": "", "prompt": "x"},
         {"id": "a", "prompt": "x", "speculative": False},
         {"id": "a", "prompt": "x", "speculative": "no"},
+        {"id": "a", "prompt": "x", "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+         "tool_choice": "required", "parallel_tool_calls": False},
+        {"id": "a", "prompt": "x", "tools": [{"type": "function", "function": {"name": "f", "colour": 1}}]},
+        {"id": "a", "prompt": "x", "tool_choice": "sometimes"},
+        {"id": "a", "prompt": "x", "response_format": {"type": "json_object"}},
+        {"id": "a", "prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "object"}}}},
+        {"id": "a", "prompt": "x", "response_format": {"type": "yaml"}},
+        {"id": "a", "messages": [{"role": "user", "content": "hi"},
+                                 {"role": "assistant", "content": None, "tool_calls": [
+                                     {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{\"a\": 1}"}}]},
+                                 {"role": "tool", "tool_call_id": "c", "content": "ok"}]},
+        {"id": "a", "messages": [{"role": "user", "content": None}]},
+        {"id": "a", "messages": [{"role": "user", "content": "hi", "mood": "ok"}]},
     ],
 )
 def test_request_schema_agrees_with_the_parser(payload: dict) -> None:

@@ -168,3 +168,13 @@ def connect(flags: dict[str, Any]) -> Any:
     from edgekit.mqtt.settings import BrokerSettings, environment
 
     return DeviceClient(BrokerSettings.from_layers(environment(os.environ), broker_overrides(flags)))
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file's content, or an error naming the file and where its JSON breaks."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EdgekitError(f"{path}: cannot read ({exc})") from exc
+    except json.JSONDecodeError as exc:
+        raise EdgekitError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from exc

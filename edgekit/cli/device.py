@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from edgekit.cli.common import (
     int_list,
     out,
     output_option,
+    read_json,
     table,
 )
 from edgekit.deploy.layout import UNIT_NAME, DeviceLayout
@@ -72,30 +74,55 @@ def serve(bundle_dir: Path | None, config_file: Path | None, device_id: str | No
 @click.option("--seed", type=click.IntRange(0), default=None)
 @click.option("--stop", multiple=True, help="Stop before this text (repeatable).")
 @click.option("--think/--no-think", default=False, show_default=True)
+@click.option("--tools", "tools_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="A JSON list of OpenAI-style tool definitions the model may call (the device proposes calls; nothing runs them).")
+@click.option("--tool-choice", default=None, help="auto, none, required, or a function name to force.")
+@click.option("--json-schema", "schema_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Constrain the answer to JSON valid under this JSON Schema file.")
 @click.option("--timeout", type=click.FloatRange(1), default=300.0, show_default=True)
 @output_option("Print the final message as JSON.")
 @friendly
 def ask(prompt: str, device_id: str | None, pool: str | None, session: str | None, max_tokens: int,
         temperature: float, top_p: float | None, top_k: int | None, seed: int | None, stop: tuple[str, ...],
-        think: bool, timeout: float, output: Output, **broker: Any) -> None:
+        think: bool, tools_file: Path | None, tool_choice: str | None, schema_file: Path | None, timeout: float,
+        output: Output, **broker: Any) -> None:
     """Ask a device (or a pool) over MQTT and stream its answer.
 
-    An unknown or offline device is reported at once, naming the broker.
+    An unknown or offline device is reported at once, naming the broker. Tool calls the model
+    makes are printed (with --json: in the final message's tool_calls); the device never runs them.
 
     \b
     Example:
       edgekit ask --device kitchen "Is the oven on?" --session dinner
+      edgekit ask --device kitchen "It is dark in here" --tools tools.json --tool-choice required
+      edgekit ask --device kitchen "Rate the weather 1-5" --json-schema rating.json
     """
     if not device_id and not pool:
         raise EdgekitError("name a device (--device) or a pool (--pool)")
     request: dict[str, Any] = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
                                "temperature": temperature, "thinking": think}
-    optional = {"session": session, "top_p": top_p, "top_k": top_k, "seed": seed, "stop": list(stop) or None}
+    optional = {"session": session, "top_p": top_p, "top_k": top_k, "seed": seed, "stop": list(stop) or None,
+                "tools": read_json(tools_file) if tools_file else None,
+                "tool_choice": _tool_choice(tool_choice),
+                "response_format": {"type": "json_schema", "json_schema": {"name": schema_file.stem, "schema": read_json(schema_file)}}
+                if schema_file else None}
     request.update({key: value for key, value in optional.items() if value is not None})
-    pieces: list[str] = []
     with connect(broker) as client:
-        final = client.ask(device_id, request, on_text=output.text(pieces.append), timeout=timeout, pool=pool)
-    output.result({**final, "text": "".join(pieces)}, lambda _: click.echo())
+        answer = client.chat(device_id, request, on_text=output.text(), timeout=timeout, pool=pool)
+
+    def show(_: Any) -> None:
+        click.echo()
+        for call in answer.tool_calls:
+            arguments = json.dumps(call.arguments, ensure_ascii=False) if call.arguments is not None else "?"
+            click.echo(f"-> {call.name}({arguments})" + (f"  [error: {call.error}]" if call.error else ""))
+
+    output.result({**answer.final, "text": answer.text}, show)
+
+
+def _tool_choice(value: str | None) -> str | dict[str, Any] | None:
+    if value is None or value in ("auto", "none", "required"):
+        return value
+    return {"type": "function", "function": {"name": value}}
 
 
 @click.command()

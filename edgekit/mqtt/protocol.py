@@ -11,11 +11,13 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from edgekit.agent.grammar import ReplyFormat, grammar_problem
+from edgekit.agent.tools import ToolCall, ToolError, parse_tool_choice, parse_tools
 from edgekit.mqtt.topics import VERSION, publish_topic_problem
 from edgekit.runtime.sampling import Sampling
 
 __all__ = ["VERSION", "ERROR_CODES", "ProtocolError", "Request", "Status", "parse_request", "parse_cancel", "reply_topic",
-           "queued", "chunk", "final", "error", "telemetry"]
+           "queued", "chunk", "tool_call", "final", "error", "telemetry"]
 MAX_PAYLOAD = 256 * 1024  # bytes; a 4k-token conversation is far below this
 
 # Error codes: the complete list a client may receive.
@@ -35,7 +37,9 @@ ERROR_CODES = {
 _REQUEST_FIELDS = {
     "id", "messages", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "session",
     "thinking", "reply_to", "deadline", "new_session", "speculative",
+    "tools", "tool_choice", "parallel_tool_calls", "response_format",
 }
+_MESSAGE_FIELDS = {"role", "content", "tool_calls", "tool_call_id", "name", "reasoning_content"}
 
 
 class ProtocolError(Exception):
@@ -53,7 +57,7 @@ class Request:
     """A validated generation request."""
 
     id: str
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
     prompt: str | None = None
     max_tokens: int = 256
     sampling: Sampling = field(default_factory=Sampling)
@@ -62,6 +66,7 @@ class Request:
     new_session: bool = False
     thinking: bool = False
     speculative: bool = True
+    fmt: ReplyFormat = field(default_factory=ReplyFormat)  # tools, tool_choice, response_format
     reply_to: str | None = None
     deadline: float | None = None
     received_at: float = field(default_factory=time.time)
@@ -99,12 +104,7 @@ def _validate(data: dict[str, Any]) -> Request:
     _check((messages is None) != (prompt is None), "give exactly one of 'messages' or 'prompt'", rid)
     if messages is not None:
         _check(isinstance(messages, list) and len(messages) > 0, "field 'messages' must be a non-empty list", rid)
-        for i, message in enumerate(messages):
-            _check(isinstance(message, dict) and isinstance(message.get("role"), str)
-                   and isinstance(message.get("content"), str),
-                   f"field 'messages[{i}]' must be an object with string 'role' and 'content'", rid)
-            _check(message["role"] in ("system", "user", "assistant", "tool"),
-                   f"field 'messages[{i}].role' must be system, user, assistant or tool", rid)
+        messages = [_message(m, i, rid) for i, m in enumerate(messages)]
     if prompt is not None:
         _check(isinstance(prompt, str) and prompt != "", "field 'prompt' must be a non-empty string", rid)
 
@@ -135,6 +135,7 @@ def _validate(data: dict[str, Any]) -> Request:
     seed = data.get("seed")
     _check(seed is None or (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63),
            "field 'seed' must be a non-negative integer", rid)
+    fmt = _reply_format(data, rid)
     return Request(
         id=rid,
         messages=messages,
@@ -151,9 +152,75 @@ def _validate(data: dict[str, Any]) -> Request:
         new_session=data.get("new_session", False),
         thinking=data.get("thinking", False),
         speculative=data.get("speculative", True),
+        fmt=fmt,
         reply_to=reply_to,
         deadline=float(deadline) if deadline is not None else None,
     )
+
+
+def _message(message: Any, i: int, rid: str) -> dict[str, Any]:
+    """One chat message, normalised for the chat template: tool-call arguments become objects."""
+    at = f"messages[{i}]"
+    _check(isinstance(message, dict) and isinstance(message.get("role"), str), f"field '{at}' must be an object with a string 'role'", rid)
+    role = message["role"]
+    _check(role in ("system", "user", "assistant", "tool"), f"field '{at}.role' must be system, user, assistant or tool", rid)
+    unknown = sorted(set(message) - _MESSAGE_FIELDS)
+    _check(not unknown, f"unknown field '{at}.{unknown[0] if unknown else ''}'", rid)
+    calls = message.get("tool_calls")
+    content = message.get("content")
+    # OpenAI's assistant message that only calls tools has a null (or no) content.
+    _check(isinstance(content, str) or (role == "assistant" and calls and content is None),
+           f"field '{at}.content' must be a string", rid)
+    for key in ("tool_call_id", "name", "reasoning_content"):
+        _check(key not in message or isinstance(message[key], str), f"field '{at}.{key}' must be a string", rid)
+    if calls is None:
+        return dict(message)
+    _check(role == "assistant" and isinstance(calls, list), f"field '{at}.tool_calls' must be a list on an assistant message", rid)
+    normalised = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        arguments = function.get("arguments", {}) if isinstance(function, dict) else None
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError:
+                arguments = None
+        _check(isinstance(name, str) and isinstance(arguments, dict),
+               f"field '{at}.tool_calls[{j}]' must be {{\"function\": {{\"name\": ..., \"arguments\": object or JSON object text}}}}", rid)
+        normalised.append({**call, "function": {"name": name, "arguments": arguments}})
+    return {**message, "content": content or "", "tool_calls": normalised}
+
+
+def _reply_format(data: dict[str, Any], rid: str) -> ReplyFormat:
+    """``tools``, ``tool_choice``, ``parallel_tool_calls`` and ``response_format``; a schema the
+    grammar engine cannot compile is refused here, naming the feature, before the request queues."""
+    try:
+        tools = parse_tools(data["tools"]) if data.get("tools") is not None else []
+        choice = parse_tool_choice(data.get("tool_choice"), tools)
+    except ToolError as exc:
+        raise ProtocolError("bad_request", str(exc), rid) from None
+    _check(isinstance(data.get("parallel_tool_calls", True), bool), "field 'parallel_tool_calls' must be true or false", rid)
+    response_format = data.get("response_format")
+    schema = None
+    if response_format is not None:
+        kind = response_format.get("type") if isinstance(response_format, dict) else None
+        _check(kind in ("text", "json_object", "json_schema"),
+               "field 'response_format.type' must be text, json_object or json_schema", rid)
+        if kind == "json_object":
+            schema = {"type": "object"}
+        elif kind == "json_schema":
+            spec = response_format.get("json_schema")
+            _check(isinstance(spec, dict) and isinstance(spec.get("schema"), dict),
+                   "field 'response_format.json_schema.schema' must be a JSON Schema object", rid)
+            schema = spec["schema"]
+    fmt = ReplyFormat(json_schema=schema, tools=tuple(tools), choice=choice,
+                      parallel_tool_calls=data.get("parallel_tool_calls", True))
+    _check(not (schema is not None and fmt.tool_choice.forced),
+           "fields 'response_format' and a 'tool_choice' that forces a call cannot be combined", rid)
+    if problem := grammar_problem(fmt):
+        raise ProtocolError("bad_request", f"field '{'response_format' if schema is not None else 'tools'}': {problem}", rid)
+    return fmt
 
 
 def parse_cancel(payload: bytes | bytearray) -> str | None:
@@ -190,10 +257,18 @@ def chunk(request_id: str, seq: int, text: str) -> bytes:
     return _dump({"id": request_id, "type": "chunk", "seq": seq, "text": text})
 
 
+def tool_call(request_id: str, seq: int, index: int, call: ToolCall) -> bytes:
+    """A call forming in the stream: announced once its function name is known (the arguments come in ``final``)."""
+    return _dump({"id": request_id, "type": "tool_call", "seq": seq, "index": index, "call_id": call.id, "name": call.name})
+
+
 def final(request_id: str, seq: int, finish_reason: str, usage: dict[str, int], timings: dict[str, float | None],
-          session: str | None = None, device_id: str | None = None) -> bytes:
-    return _dump({"id": request_id, "type": "final", "seq": seq, "finish_reason": finish_reason, "usage": usage,
-                  "timings": timings, "session": session, "device_id": device_id})
+          session: str | None = None, device_id: str | None = None, tool_calls: list[ToolCall] | None = None) -> bytes:
+    body: dict[str, Any] = {"id": request_id, "type": "final", "seq": seq, "finish_reason": finish_reason, "usage": usage,
+                            "timings": timings, "session": session, "device_id": device_id}
+    if tool_calls:
+        body["tool_calls"] = [call.as_dict() for call in tool_calls]
+    return _dump(body)
 
 
 def telemetry(sample: dict[str, Any]) -> bytes:

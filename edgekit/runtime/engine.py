@@ -20,7 +20,7 @@ from edgekit.errors import ContextExceeded, EdgekitError
 from edgekit.runtime.embedding import INPUT as EMBEDS_INPUT
 from edgekit.runtime.embedding import EmbeddingTable, embeds_graph
 from edgekit.runtime.resident import clean_mappings, drop_pages, trim_heap, tune_allocator
-from edgekit.runtime.sampling import Sampler, Sampling
+from edgekit.runtime.sampling import LogitsConstraint, Sampler, Sampling
 from edgekit.runtime.speculative import DRAFT_GRAPH, STOP_SPINNING, Drafter
 
 # Bounds prefill activations (chunked prefill is exact): smaller chunks lower the daemon's peak for a
@@ -118,6 +118,7 @@ class Engine:
         except (OSError, json.JSONDecodeError, KeyError) as exc:
             raise EdgekitError(f"{config_path}: cannot read the bundle's genai_config ({exc})") from exc
         self.context_length: int = int(model.get("context_length") or config["search"]["max_length"])
+        self.vocab_size: int = int(model["vocab_size"])  # the logits' width (padded past the tokenizer's ids)
         eos = model.get("eos_token_id", [])
         self.eos_ids: frozenset[int] = frozenset(eos if isinstance(eos, list) else [eos])
         session_options = decoder.get("session_options", {})
@@ -345,12 +346,14 @@ class Engine:
         state: State | None = None,
         stats: GenerationStats | None = None,
         speculative: bool = True,
+        constraint: LogitsConstraint | None = None,
     ) -> Iterator[int]:
         """Yield up to ``max_new_tokens`` tokens after ``prompt``; stop at an end-of-sequence token.
 
         ``state`` continues an earlier sequence. The last token yielded is not yet in the state: it
         is fed on the next step, or by the caller's next ``forward``. Greedy generations draft with
-        the bundle's MTP head where it has one, unless ``speculative`` is False.
+        the bundle's MTP head where it has one, unless ``speculative`` is False or a ``constraint``
+        masks the logits (a draft would need the grammar's mask at every drafted position).
         """
         state = state if state is not None else self.new_state()
         stats = stats if stats is not None else GenerationStats()
@@ -363,7 +366,7 @@ class Engine:
             )
         sampling = sampling or Sampling()
         sampler = Sampler(sampling)
-        drafter = self.drafter if speculative and sampling.temperature <= 0 else None
+        drafter = self.drafter if speculative and sampling.temperature <= 0 and constraint is None else None
         stats.prompt_tokens = len(prompt)
         started = time.perf_counter()
         if drafter is not None:
@@ -373,23 +376,30 @@ class Engine:
         stats.prefill_s = time.perf_counter() - started
         stats.finish_reason = "length"
         decode_started = time.perf_counter()
-        for produced in range(max_new_tokens):
-            token = sampler(logits)
-            stats.completion_tokens += 1
-            stats.token_times.append(time.perf_counter())
-            if token in self.eos_ids:
-                stats.finish_reason = "stop"
+        # The caller stops pulling at an end token: the finally still times the decode.
+        try:
+            for produced in range(max_new_tokens):
+                if constraint is not None:
+                    constraint.apply(logits)
+                token = sampler(logits)
+                if constraint is not None:
+                    constraint.advance(token)
+                stats.completion_tokens += 1
+                stats.token_times.append(time.perf_counter())
+                if token in self.eos_ids:
+                    stats.finish_reason = "stop"
+                    yield token
+                    break
                 yield token
-                break
-            yield token
-            if produced + 1 == max_new_tokens:
-                break
-            if state.length + 1 >= self.context_length:
-                stats.finish_reason = "context"
-                break
-            stats.decode_steps += 1
-            logits = self.forward(state, [token])
-        stats.decode_s = time.perf_counter() - decode_started
+                if produced + 1 == max_new_tokens:
+                    break
+                if state.length + 1 >= self.context_length:
+                    stats.finish_reason = "context"
+                    break
+                stats.decode_steps += 1
+                logits = self.forward(state, [token])
+        finally:
+            stats.decode_s = time.perf_counter() - decode_started
 
 
 def configured_provider(genai_config: dict) -> str:

@@ -3,8 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
+
+
+class LogitsConstraint(Protocol):
+    """What the sampler needs from a grammar (``edgekit.agent.grammar.Constraint``)."""
+
+    def apply(self, logits: np.ndarray) -> None:
+        """Set forbidden tokens' logits to -inf, in place."""
+
+    def advance(self, token: int) -> None:
+        """Record the token that was chosen."""
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from edgekit.agent.tools import Tool
 from edgekit.runtime.engine import State
 
 
@@ -21,6 +22,9 @@ class Session:
     tokens: list[int] = field(default_factory=list)
     # The last generated token: sampled but not yet run through the model (see Engine.generate).
     pending: list[int] = field(default_factory=list)
+    # The tools its first turn rendered into the prompt: later turns parse and constrain calls by them.
+    tools: tuple[Tool, ...] = ()
+    tools_tokens: int = 0
     last_used: float = field(default_factory=time.monotonic)
 
     def nbytes(self) -> int:

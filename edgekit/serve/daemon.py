@@ -23,6 +23,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgekit import __version__, signing
+from edgekit.agent.grammar import GrammarCompiler
+from edgekit.agent.tools import ToolCall, ToolError
 from edgekit.errors import BelowQualityGate, ContextExceeded, EdgekitError
 from edgekit.mqtt import protocol
 from edgekit.mqtt.connection import negotiate_protocol, new_client
@@ -69,6 +71,7 @@ class Daemon:
         tune_allocator()
         self.tokenizer = ChatTokenizer(config.bundle)
         self.engine = Engine(config.bundle, threads=config.threads, speculative=config.speculative)
+        self.grammars = GrammarCompiler(self.tokenizer, self.engine.vocab_size, self.engine.eos_ids)
         self._self_test()
         quality = self._check_quality()
         self.sessions = SessionStore(config.session_memory_mb * 1024**2, config.session_idle_s)
@@ -241,11 +244,20 @@ class Daemon:
             self._publish(topic, protocol.chunk(request.id, seq, text), correlation)
             seq += 1
 
+        def on_call(index: int, call: ToolCall) -> None:
+            nonlocal seq
+            self._publish(topic, protocol.tool_call(request.id, seq, index, call), correlation)
+            seq += 1
+
         turn = Turn(messages=request.messages, prompt=request.prompt, max_tokens=request.max_tokens,
                     sampling=request.sampling, stop=request.stop, thinking=request.thinking,
-                    session=request.session, new_session=request.new_session, speculative=request.speculative)
+                    session=request.session, new_session=request.new_session, speculative=request.speculative,
+                    fmt=request.fmt)
         try:
-            result = run_turn(self.engine, self.tokenizer, turn, on_text, job.cancelled.is_set, self.sessions)
+            result = run_turn(self.engine, self.tokenizer, turn, on_text, job.cancelled.is_set, self.sessions,
+                              self.grammars, on_call)
+        except ToolError as exc:
+            return self._error(topic, correlation, request.id, "bad_request", str(exc))
         except SessionEvicted as exc:
             return self._error(topic, correlation, request.id, "session_evicted", str(exc))
         except ContextExceeded as exc:
@@ -259,11 +271,12 @@ class Daemon:
         self._publish(topic, protocol.final(
             request.id, seq, finish,
             usage={"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
-                   "session_tokens": result.session_tokens},
+                   "session_tokens": result.session_tokens, "tools_tokens": result.tools_tokens},
             timings={"queue_s": round(queue_wait, 4), "time_to_first_token_s": round(stats.prefill_s, 4),
                      "prefill_tokens_per_s": round(stats.prefill_tps, 1),
-                     "decode_tokens_per_s": round(stats.decode_tps, 1), **stats.drafting()},
-            session=request.session, device_id=self.device_id), correlation, qos=1)
+                     "decode_tokens_per_s": round(stats.decode_tps, 1), **stats.drafting(),
+                     "grammar_ms_per_token": result.grammar_ms_per_token},
+            session=request.session, device_id=self.device_id, tool_calls=result.tool_calls), correlation, qos=1)
 
     def _report(self) -> None:
         # psutil's first cpu_percent() reads 0: prime it so the first message is meaningful.

@@ -1,0 +1,1 @@
+"""The device as an agent: tool definitions and calls, and constrained decoding."""
