@@ -105,7 +105,7 @@ def pi(deployed_pi5: tuple[EmulatedPi, dict]) -> EmulatedPi:
 def test_the_runtime_installs_from_the_wheelhouse_alone(pi: EmulatedPi) -> None:
     listed = pi.run([f"{VENV}/bin/pip", "list", "--format=json"], "cortex-a76")
     names = {p["name"].lower() for p in json.loads(listed.stdout)}
-    assert {"edgekit", "onnxruntime", "tokenizers", "paho-mqtt"} <= names
+    assert {"edgekit", "onnxruntime", "tokenizers", "paho-mqtt", "llguidance", "jsonschema"} <= names
     assert not names & {"torch", "transformers", "onnxruntime-genai", "onnx"}, names
     for cpu in ("cortex-a76", "cortex-a72"):
         done = pi.run([f"{VENV}/bin/edgekit", "--version"], cpu)
@@ -235,6 +235,20 @@ def test_deploy_over_ssh_to_an_emulated_pi_5(deployed_pi5: tuple[EmulatedPi, dic
     # The real layout, inside the device: /opt/edgekit, /etc/edgekit, the unit, the service user.
     assert device.path("/opt/edgekit/current").is_symlink() and device.path("/etc/edgekit/daemon.yaml").is_file()
     _serves(broker, "emulated-pi5", "Raspberry Pi 5")
+    # A forced tool call: llguidance's aarch64 wheel (1.6.x, older than x86's) builds its index over
+    # the device's tokenizer and masks every step.
+    tool = {"type": "function", "function": {"name": "set_light", "strict": True, "parameters": {
+        "type": "object", "properties": {"room": {"enum": ["kitchen", "hall"]}, "on": {"type": "boolean"}},
+        "required": ["room", "on"]}}}
+    with DeviceClient(broker_at(broker)) as client:
+        answer = client.chat("emulated-pi5", {"messages": [{"role": "user", "content": "Dark hall"}], "tools": [tool],
+                                              "tool_choice": "required", "parallel_tool_calls": False, "max_tokens": 48,
+                                              "temperature": 0.7, "seed": 1},
+                             timeout=900)
+    assert answer.finish_reason == "tool_calls", answer.final
+    (call,) = answer.tool_calls
+    assert call.name == "set_light" and call.error is None and call.arguments is not None
+    assert call.arguments["room"] in ("kitchen", "hall") and isinstance(call.arguments["on"], bool)
 
 
 def test_flash_first_boot_script_on_an_emulated_pi_4(emulation: Arm64Emulation, pi_bundles: dict[str, Path],
