@@ -170,6 +170,11 @@ def run(bundle: Path, runs: int, prompt_len: int, new_tokens: int, threads: int 
             report["daemon_rss_mb"] = process.memory_info().rss / 2**20
             report["daemon_peak_rss_mb"] = _status_mb(process, "VmHWM")  # loading included
             report.update(_full_context_rss(client, device, process, bundle, engine.context_length))
+            # Again once the daemon has served a constrained request: llguidance, jsonschema and the
+            # grammar's tokenizer index stay resident from then on (docs/agent.md).
+            _timed_request(client, device, {"prompt": "Report the sensor.", "max_tokens": 16,
+                                            "response_format": {"type": "json_object"}})
+            report["agent"] = _full_context_rss(client, device, process, bundle, engine.context_length)
             time.sleep(TRIM_AFTER_IDLE_S + 1)
             report["daemon_rss_idle_mb"] = process.memory_info().rss / 2**20  # after the idle trim
             itl = [gap for r in direct for gap in r["itl"]]
