@@ -21,6 +21,8 @@ from edgekit.deploy import wheelhouse
 from edgekit.fixtures.checkpoint import write_checkpoint
 from edgekit.mqtt.settings import BrokerSettings
 from edgekit.profiles import Quality, load_profile
+from edgekit.runtime.engine import Engine
+from edgekit.runtime.tokenizer import ChatTokenizer
 from edgekit.serve.daemon import Daemon, DaemonConfig
 from edgekit.serve.embedded_broker import free_port, mosquitto_path, wait_for_port
 from tests.sshhost import SSHD, SSHHost
@@ -93,6 +95,17 @@ def fp32_bundle(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory)
     profile = load_profile(str(write_profile(tmp_path_factory.mktemp("prof"), "fp32-host", precision="fp32")))
     request = BuildRequest(profile=profile, model=str(tiny_checkpoint), output=tmp_path_factory.mktemp("dist"))
     return build(request).path
+
+
+@pytest.fixture(scope="module")
+def engine(host_bundle: Path) -> Engine:
+    """An engine over the host bundle, shared by a test module."""
+    return Engine(host_bundle)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(host_bundle: Path) -> ChatTokenizer:
+    return ChatTokenizer(host_bundle)
 
 
 def write_profile(folder: Path, name: str, base: str = "x86-64", **quantization: object) -> Path:

@@ -64,16 +64,6 @@ SCHEMAS = [
 
 
 @pytest.fixture(scope="module")
-def engine(host_bundle: Path) -> Engine:
-    return Engine(host_bundle)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(host_bundle: Path) -> ChatTokenizer:
-    return ChatTokenizer(host_bundle)
-
-
-@pytest.fixture(scope="module")
 def grammars(engine: Engine, tokenizer: ChatTokenizer) -> GrammarCompiler:
     return GrammarCompiler(tokenizer, engine.vocab_size, engine.eos_ids)
 

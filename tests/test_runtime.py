@@ -15,16 +15,6 @@ from edgekit.runtime.sampling import Sampler, Sampling
 from edgekit.runtime.tokenizer import ChatTokenizer
 
 
-@pytest.fixture(scope="module")
-def engine(host_bundle: Path) -> Engine:
-    return Engine(host_bundle)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(host_bundle: Path) -> ChatTokenizer:
-    return ChatTokenizer(host_bundle)
-
-
 def test_continued_sequence_matches_fresh_replay(engine: Engine, tokenizer: ChatTokenizer) -> None:
     first = tokenizer.encode(tokenizer.render([{"role": "user", "content": "Tell me about owls."}]))
     state = engine.new_state()
