@@ -24,7 +24,7 @@ from edgekit.runtime.engine import Engine
 from edgekit.runtime.timing import timed_generation
 from edgekit.runtime.tokenizer import ChatTokenizer
 from edgekit.serve import embedded_broker
-from edgekit.serve.daemon import TRIM_AFTER_IDLE_S
+from edgekit.serve.daemon import GRAMMAR_IDLE_S, TRIM_AFTER_IDLE_S
 
 
 def direct_run(engine: Engine, prompt_len: int, new_tokens: int) -> dict[str, Any]:
@@ -175,6 +175,11 @@ def run(bundle: Path, runs: int, prompt_len: int, new_tokens: int, threads: int 
             _timed_request(client, device, {"prompt": "Report the sensor.", "max_tokens": 16,
                                             "response_format": {"type": "json_object"}})
             report["agent"] = _full_context_rss(client, device, process, bundle, engine.context_length)
+            # And once the daemon has dropped the index for want of constrained requests.
+            _timed_request(client, device, {"prompt": "Report the sensor.", "max_tokens": 16,
+                                            "response_format": {"type": "json_object"}})
+            time.sleep(GRAMMAR_IDLE_S + 1)
+            report["agent_after_idle"] = _full_context_rss(client, device, process, bundle, engine.context_length)
             time.sleep(TRIM_AFTER_IDLE_S + 1)
             report["daemon_rss_idle_mb"] = process.memory_info().rss / 2**20  # after the idle trim
             itl = [gap for r in direct for gap in r["itl"]]

@@ -330,3 +330,15 @@ def test_home_automation_example_runs_its_tool_loop(daemon: Daemon, broker: int)
     assert run.returncode == 0, run.stderr
     assert "-> set_light(" in run.stdout or "-> read_sensor(" in run.stdout
     assert "house: {" in run.stdout
+
+
+def test_the_grammar_index_is_dropped_when_idle_and_rebuilt(engine: Engine, grammars: GrammarCompiler) -> None:
+    fmt = ReplyFormat(json_schema=SCHEMAS[0])
+    assert grammars.constraint(fmt, thinking=False) is not None
+    assert not grammars.release(idle_s=60)  # just used: a tool loop's next round keeps it
+    assert grammars.release() and not grammars.release()
+    constraint = grammars.constraint(fmt, thinking=False)  # built again on demand
+    assert constraint is not None
+    logits = np.zeros(engine.vocab_size, dtype=np.float32)
+    constraint.apply(logits)
+    assert 0 < int(np.isfinite(logits).sum()) < 100

@@ -214,6 +214,7 @@ class GrammarCompiler:
         self.special = {text: tokenizer.token_id(text) for text in (CALL_OPEN, CALL_CLOSE, "</think>")}
         self._tokenizer: llguidance.LLTokenizer | None = None
         self._lock = threading.Lock()
+        self.last_used = 0.0  # time.monotonic() of the last constraint built
 
     def tokenizer(self) -> llguidance.LLTokenizer:
         with self._lock:
@@ -221,9 +222,12 @@ class GrammarCompiler:
                 self._tokenizer = _index(self.chat_tokenizer, self.vocab_size, self.eos_id)
             return self._tokenizer
 
-    def release(self) -> bool:
-        """Drop the tokenizer index (about 32 MiB on Qwen3.5's vocabulary); the next constrained request
-        builds it again (under a second here). True if there was one to drop."""
+    def release(self, idle_s: float = 0.0) -> bool:
+        """Drop the tokenizer index (about 31 MiB on Qwen3.5's vocabulary) unless a constraint was built
+        in the last ``idle_s`` seconds; the next constrained request builds it again (under a second
+        here). True if there was one to drop."""
+        if idle_s and time.monotonic() - self.last_used < idle_s:
+            return False
         with self._lock:
             held, self._tokenizer = self._tokenizer is not None, None
         if held:
@@ -238,6 +242,7 @@ class GrammarCompiler:
         if fmt.tools and (call_open is None or call_close is None):
             raise ToolError("this bundle's tokenizer has no <tool_call> token: it cannot call tools")
         lark = lark_grammar(fmt, call_open or 0, call_close or 0, lead=thinking)
+        self.last_used = time.monotonic()
         import llguidance
 
         matcher = llguidance.LLMatcher(self.tokenizer(), llguidance.LLMatcher.grammar_from_lark(lark), log_level=0)

@@ -44,6 +44,9 @@ from edgekit.serve.telemetry import InferenceMetrics, collect
 
 log = logging.getLogger("edgekit.serve")
 TRIM_AFTER_IDLE_S = 5.0
+# The grammar's tokenizer index goes after this long without a constrained request: a tool loop's
+# rounds (the client runs each call in between) keep it; an idle device gets its 31 MiB back.
+GRAMMAR_IDLE_S = 60.0
 
 
 @dataclass
@@ -303,6 +306,7 @@ class Daemon:
                 if last_job is not None and time.monotonic() - last_job > TRIM_AFTER_IDLE_S:
                     self.engine.release_memory()
                     last_job = None
+                self.grammars.release(idle_s=GRAMMAR_IDLE_S)
                 continue
             self.active = job
             try:
