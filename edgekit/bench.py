@@ -172,12 +172,11 @@ def run(bundle: Path, runs: int, prompt_len: int, new_tokens: int, threads: int 
             report.update(_full_context_rss(client, device, process, bundle, engine.context_length))
             # Again once the daemon has served a constrained request: llguidance, jsonschema and the
             # grammar's tokenizer index stay resident from then on (docs/agent.md).
-            _timed_request(client, device, {"prompt": "Report the sensor.", "max_tokens": 16,
-                                            "response_format": {"type": "json_object"}})
+            constrained = {"prompt": "Report the sensor.", "max_tokens": 16, "response_format": {"type": "json_object"}}
+            _timed_request(client, device, constrained)
             report["agent"] = _full_context_rss(client, device, process, bundle, engine.context_length)
             # And once the daemon has dropped the index for want of constrained requests.
-            _timed_request(client, device, {"prompt": "Report the sensor.", "max_tokens": 16,
-                                            "response_format": {"type": "json_object"}})
+            _timed_request(client, device, constrained)
             time.sleep(GRAMMAR_IDLE_S + 1)
             report["agent_after_idle"] = _full_context_rss(client, device, process, bundle, engine.context_length)
             time.sleep(TRIM_AFTER_IDLE_S + 1)

@@ -218,8 +218,7 @@ class DeviceClient:
                 on_text(text)
 
         final = self.ask(device_id, request, collect, timeout, pool)
-        calls = [ToolCall(c["id"], c["function"]["name"], c["function"]["arguments"], c.get("error"))
-                 for c in final.get("tool_calls", [])]
+        calls = [ToolCall.from_dict(call) for call in final.get("tool_calls", [])]
         return Answer("".join(pieces), calls, final["finish_reason"], final)
 
     def wait_for_state(self, device_id: str, state: str, timeout: float = 30.0,

@@ -81,9 +81,10 @@ class ToolCall:
     error: str | None = None
     raw: str = field(default="", repr=False)
 
-    def as_message(self) -> dict[str, Any]:
-        """The call as an assistant message's ``tool_calls`` entry, to send back with its result."""
-        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments or {}}}
+    @classmethod
+    def from_dict(cls, body: dict[str, Any]) -> ToolCall:
+        """A call from the final message's ``tool_calls`` entry (:meth:`as_dict`'s inverse)."""
+        return cls(body["id"], body["function"]["name"], body["function"]["arguments"], body.get("error"))
 
     def as_dict(self) -> dict[str, Any]:
         """The call as the final message carries it (with ``error`` when it could not be read)."""

@@ -164,8 +164,8 @@ class _Reply:
         if cut is not None:
             self.pending = self.pending[:cut]
             return True
-        if self.calls and not self.pending.strip():
-            return False  # the line breaks between and after calls are markup, not text
+        if self._markup_only():
+            return False
         # Hold back text that may still grow into a stop sequence.
         ready = self.pending[: len(self.pending) - self.hold] if self.hold else self.pending
         if ready:
@@ -188,8 +188,12 @@ class _Reply:
         self.calls.append(call)
         self.markup = None
 
+    def _markup_only(self) -> bool:
+        """Whether the held text is only the line breaks between and after calls: markup, not text."""
+        return bool(self.calls) and not self.pending.strip()
+
     def _flush(self) -> None:
-        if self.calls and not self.pending.strip():
+        if self._markup_only():
             self.pending = ""
         if self.pending:
             self._emit(self.pending)
