@@ -65,6 +65,9 @@ class DeviceClient:
         self._status: dict[str, dict[str, Any]] = {}  # device id -> latest status
         self._telemetry: dict[str, dict[str, Any]] = {}  # device id -> latest telemetry
         self._news = threading.Condition()
+        # request id -> callback that takes its replies as they arrive, on paho's thread (the gateway's way
+        # of serving many requests at once); replies to other requests queue for :meth:`replies`.
+        self._listeners: dict[str, Callable[[dict[str, Any]], None]] = {}
         self._client = new_client(settings, self.client_id)
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
@@ -100,14 +103,28 @@ class DeviceClient:
         kind = levels[-1]
         # <prefix>/v1/<device>/status|telemetry; replies have more levels below replies/.
         if kind in ("status", "telemetry") and "/".join(levels[:-2]) == f"{self.prefix}/{protocol.VERSION}":
+            seen = self._status if kind == "status" else self._telemetry
+            if not message.payload:  # an empty retained message: the device was removed from the fleet
+                with self._news:
+                    seen.pop(levels[-2], None)
+                return
             try:
                 data = json.loads(message.payload)
             except (json.JSONDecodeError, UnicodeDecodeError):
                 return
             with self._news:
-                (self._status if kind == "status" else self._telemetry)[levels[-2]] = data
+                seen[levels[-2]] = data
                 self._news.notify_all()
             return
+        if self._listeners:
+            try:
+                reply = json.loads(message.payload)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                return
+            listener = self._listeners.get(str(reply.get("id"))) if isinstance(reply, dict) else None
+            if listener:
+                listener(reply)
+                return
         self._inbox.put(message)
 
     def _subscribe(self, topic: str) -> None:
@@ -157,8 +174,18 @@ class DeviceClient:
         self.publish(topic, json.dumps(request), properties)
         return str(request["id"])
 
-    def cancel(self, device_id: str, request_id: str) -> None:
-        self.publish(DeviceTopics.of(self.prefix, device_id).cancel, json.dumps({"id": request_id}))
+    def cancel(self, device_id: str | None, request_id: str, pool: str | None = None) -> None:
+        """Stop a request on the device, or on whichever member of ``pool`` holds it."""
+        topic = PoolTopics.of(self.prefix, pool).cancel if pool else DeviceTopics.of(self.prefix, str(device_id)).cancel
+        self.publish(topic, json.dumps({"id": request_id}))
+
+    def listen(self, request_id: str, callback: Callable[[dict[str, Any]], None] | None) -> None:
+        """Hand ``request_id``'s replies to ``callback`` (on the MQTT thread) as they arrive; None stops.
+        Listen before :meth:`send` with the same id, so that no reply arrives unheard."""
+        if callback is None:
+            self._listeners.pop(request_id, None)
+        else:
+            self._listeners[request_id] = callback
 
     def replies(self, request_id: str, timeout: float = 120.0) -> Iterator[dict[str, Any]]:
         """Yield reply messages (dicts) for ``request_id`` until its final or error message."""

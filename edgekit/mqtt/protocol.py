@@ -298,6 +298,7 @@ class Status:
     capabilities: dict[str, bool]
     since: float
     quality: dict[str, Any] | None = None  # the quality check on this device (docs/schema/v1/status.json)
+    pools: tuple[str, ...] = ()  # the pools it serves, so that a gateway can list and route to them
 
     def with_state(self, state: str) -> Status:
         return replace(self, state=state)
