@@ -35,11 +35,15 @@ from edgekit.errors import EdgekitError
 @click.option("--telemetry-interval", type=click.FloatRange(0.1), default=None, help="Seconds [default: 10].")
 @click.option("--pool", "pools", multiple=True, help="Also take requests sent to this device pool (MQTT 5).")
 @click.option("--threads", type=click.IntRange(1), default=None, help="Override the bundle's thread count.")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
+              help="Serve Prometheus metrics on 127.0.0.1 at this port [default: off].")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="json: one object per line, for journald and Loki (never prompts, replies or secrets).")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
 @friendly
 def serve(bundle_dir: Path | None, config_file: Path | None, device_id: str | None, queue_size: int | None,
-          telemetry_interval: float | None, pools: tuple[str, ...], threads: int | None, verbose: bool,
-          **broker: Any) -> None:
+          telemetry_interval: float | None, pools: tuple[str, ...], threads: int | None, metrics_port: int | None,
+          log_format: str, verbose: bool, **broker: Any) -> None:
     """Serve a bundle over MQTT until SIGTERM.
 
     \b
@@ -47,14 +51,14 @@ def serve(bundle_dir: Path | None, config_file: Path | None, device_id: str | No
       edgekit serve dist/qwen3.5-0.8b-raspberry-pi-5-int4 --device-id kitchen --host broker.local
       edgekit serve --config /etc/edgekit/daemon.yaml
     """
-    import logging
-
+    from edgekit import logs
     from edgekit.serve import config as daemon_config
     from edgekit.serve.daemon import Daemon
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    logs.configure(log_format, verbose)
     overrides = {"bundle": bundle_dir, "device_id": device_id, "queue_size": queue_size,
-                 "telemetry_interval": telemetry_interval, "pools": pools or None, "threads": threads}
+                 "telemetry_interval": telemetry_interval, "pools": pools or None, "threads": threads,
+                 "metrics_port": metrics_port}
     config = daemon_config.load(config_file, overrides, broker_overrides(broker))
     daemon = Daemon(config)
     err.print(f"serving {config.bundle} as {daemon.device_id} on {config.broker.address} (Ctrl-C to stop)")

@@ -52,6 +52,8 @@ class DaemonConfig:
     # Where the quality check's result is kept between starts; None: systemd's CacheDirectory
     # ($CACHE_DIRECTORY), else ~/.cache/edgekit.
     cache_dir: Path | None = None
+    # Serve Prometheus metrics on 127.0.0.1 at this port (None: off; a device otherwise only dials out).
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         if self.device_id is not None:
@@ -72,7 +74,7 @@ class DaemonConfig:
             data["prefix"] = self.broker.prefix
         if self.pools:
             data["pools"] = list(self.pools)
-        for name in ("queue_size", "telemetry_interval", "min_available_mb", "threads"):
+        for name in ("queue_size", "telemetry_interval", "min_available_mb", "threads", "metrics_port"):
             if getattr(self, name) != getattr(defaults, name):
                 data[name] = getattr(self, name)
         if self.trusted_keys:
@@ -143,7 +145,7 @@ def _read_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if prefix is not None:
         check_prefix(prefix, f"{where}: field 'prefix'")
     limits = {"queue_size": (1, 1024, True), "telemetry_interval": (0.1, 86400, False),
-              "min_available_mb": (0, 1_000_000, True), "threads": (1, 256, True)}
+              "min_available_mb": (0, 1_000_000, True), "threads": (1, 256, True), "metrics_port": (1, 65535, True)}
     for name, (low, high, integer) in limits.items():
         if name in top.data:
             values[name] = top.number(name, low, high, integer=integer)

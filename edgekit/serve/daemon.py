@@ -14,7 +14,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -86,12 +86,14 @@ class Daemon:
         self.accepting = True
         self.seen: OrderedDict[str, float] = OrderedDict()  # request ids already taken: redelivery is harmless
         self.metrics = InferenceMetrics()
+        self.last_sample: dict[str, Any] = {}  # the latest telemetry, also what the optional /metrics serves
         self.started = time.time()
         self.status = protocol.Status(
             device_id=self.device_id, state="offline", version=__version__, bundle=self.manifest.name,
             model=self.manifest.model.id, profile=self.manifest.profile.name, context_length=self.engine.context_length,
             capabilities={"sessions": True, "thinking": True, "mqtt5": self.v5}, since=self.started,
-            quality=None if quality is None else {**quality.to_dict(), "serving_below_gate": not quality.passed})
+            quality=None if quality is None else {**quality.to_dict(), "serving_below_gate": not quality.passed},
+            pools=config.pools)
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._worker: threading.Thread | None = None
@@ -286,7 +288,7 @@ class Daemon:
         psutil.cpu_percent(percpu=True)
         while not self._stopped.wait(self.config.telemetry_interval):
             if self.client.is_connected():
-                sample = collect(self.config.bundle, self.started, self.metrics, self.jobs.qsize())
+                sample = self.last_sample = collect(self.config.bundle, self.started, self.metrics, self.jobs.qsize())
                 self.client.publish(self.topics.telemetry, protocol.telemetry(sample), qos=0, retain=True)
 
     def _watchdog(self, interval: float) -> None:
@@ -333,6 +335,13 @@ class Daemon:
         worker = self._worker = threading.Thread(target=self._work, name="edgekit-worker", daemon=True)
         worker.start()
         threading.Thread(target=self._report, name="edgekit-telemetry", daemon=True).start()
+        stop_metrics = None
+        if self.config.metrics_port is not None:
+            from edgekit.device_metrics import serve_on_loopback
+
+            stop_metrics = serve_on_loopback(self.config.metrics_port, lambda: {
+                self.device_id: {**asdict(self.status), "telemetry": self.last_sample,
+                                 "state": "online" if self.accepting and self.client.is_connected() else "offline"}})
         if (interval := watchdog_interval()) is not None:
             threading.Thread(target=self._watchdog, args=(interval,), name="edgekit-watchdog", daemon=True).start()
         connect_props = None
@@ -361,6 +370,8 @@ class Daemon:
         info.wait_for_publish(timeout=5)
         self.client.disconnect()
         self.client.loop_stop()
+        if stop_metrics:
+            stop_metrics()
 
     def stop(self) -> None:
         self._stopped.set()
