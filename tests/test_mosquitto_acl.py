@@ -8,16 +8,20 @@ import threading
 import time
 from pathlib import Path
 
+import openai
 import paho.mqtt.client as mqtt
 import pytest
 
 from edgekit.client import DeviceClient
+from edgekit.gateway.app import BackgroundGateway, Gateway, GatewaySettings
+from edgekit.gateway.fleet import Fleet
+from edgekit.gateway.tokens import TokenStore
 from edgekit.serve.daemon import Daemon, DaemonConfig
 
 from .conftest import broker_at, free_port, start_mosquitto
 
 DEPLOY = Path(__file__).parent.parent / "deploy" / "mosquitto"
-USERS = {"kitchen": "k-pass", "pantry": "p-pass", "client-ha": "c-pass"}
+USERS = {"kitchen": "k-pass", "pantry": "p-pass", "client-ha": "c-pass", "gateway": "g-pass"}
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +66,22 @@ def test_example_acl_keeps_devices_and_clients_apart(acl_broker: int, host_bundl
             *_, last = client.replies(request_id, timeout=30)
             assert last["type"] == "final" and last["device_id"] == "kitchen"
             # A client cannot forge a device's status.
+            client.publish("edgekit/v1/kitchen/status", json.dumps({"device_id": "kitchen", "state": "forged"}))
+            time.sleep(0.3)
+            assert client.statuses(0.5)["kitchen"]["state"] == "online"
+
+        # The gateway's user: enough to list the fleet and serve a chat completion and a pool, and no more.
+        with DeviceClient(broker_at(port, username="gateway", password=USERS["gateway"])) as client:
+            fleet = Fleet(client)
+            gateway = BackgroundGateway(Gateway(GatewaySettings(port=0), fleet, TokenStore(None)))
+            try:
+                api = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0)
+                assert {"kitchen", "pool:house"} <= {m.id for m in api.models.list()}
+                for model in ("kitchen", "pool:house"):
+                    reply = api.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+                    assert reply.system_fingerprint == "kitchen"
+            finally:
+                gateway.stop()
             client.publish("edgekit/v1/kitchen/status", json.dumps({"device_id": "kitchen", "state": "forged"}))
             time.sleep(0.3)
             assert client.statuses(0.5)["kitchen"]["state"] == "online"

@@ -1,7 +1,8 @@
 """The ``edgekit`` command: parses arguments, calls a module, formats the result.
 
 One module per command group: :mod:`.build` (profiles, build, verify, generate), :mod:`.device`
-(serve, ask, status), :mod:`.fleet` (keys, sign, deploy, pack, flash, wheelhouse), :mod:`.bench`.
+(serve, ask, status), :mod:`.fleet` (keys, sign, deploy, pack, flash, wheelhouse), :mod:`.bench`,
+:mod:`.gateway` (the HTTP front).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import click
 
 from edgekit import __version__
-from edgekit.cli import bench, build, device, fleet
+from edgekit.cli import bench, build, device, fleet, gateway
 
 
 @click.group()
@@ -25,6 +26,6 @@ def main() -> None:
     """
 
 
-for _module in (build, device, fleet, bench):
+for _module in (build, device, fleet, bench, gateway):
     for _command in _module.COMMANDS:
         main.add_command(_command)
