@@ -1,7 +1,9 @@
 """``make run``: the whole path end to end on this machine.
 
 Builds a bundle for the host profile, starts an embedded MQTT broker (Mosquitto where installed,
-else amqtt), starts the daemon on it, asks one question over MQTT and streams the answer.
+else amqtt), starts the daemon on it, asks one question over MQTT and streams the answer, then asks
+again through the HTTP gateway (OpenAI's chat completions) and prints how to reach it with curl and
+the ``openai`` package; in a terminal it keeps serving until Ctrl-C.
 
 The model defaults to ``Qwen/Qwen3.5-0.8B`` from the Hugging Face Hub, as a user would have it.
 Where the hub cannot be reached and the model is not cached (offline machines, CI), the demo says
@@ -18,6 +20,7 @@ from pathlib import Path
 import click
 
 from edgekit.builder.checkpoint import resolve
+from edgekit.client import DeviceClient
 from edgekit.errors import EdgekitError
 
 # Random weights give near-flat next-token distributions: top-1 agreement is meaningless for
@@ -78,7 +81,6 @@ def main(model: str, profile: str, prompt: str, random_weights: bool, fixtures: 
 
 
 def _serve_and_ask(edgekit: list[str], bundle: Path, prompt: str) -> None:
-    from edgekit.client import DeviceClient
     from edgekit.serve import embedded_broker
 
     broker = embedded_broker.start()
@@ -95,10 +97,49 @@ def _serve_and_ask(edgekit: list[str], bundle: Path, prompt: str) -> None:
             click.secho(f"\n[{final['usage']['completion_tokens']} tokens over MQTT, first after "
                         f"{timings['time_to_first_token_s'] * 1000:.0f} ms, {timings['decode_tokens_per_s']} tok/s]",
                         dim=True, err=True)
+            _through_the_gateway(client, prompt)
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=60)
         broker.stop()
+
+
+def _through_the_gateway(client: DeviceClient, prompt: str) -> None:
+    """The same question over HTTP, through a loopback gateway on the demo's broker connection."""
+    import contextlib
+    import json
+    import time
+    import urllib.request
+
+    from edgekit.gateway.app import BackgroundGateway, Gateway, GatewaySettings
+    from edgekit.gateway.fleet import Fleet
+    from edgekit.gateway.tokens import TokenStore
+
+    gateway = BackgroundGateway(Gateway(GatewaySettings(port=0), Fleet(client), TokenStore(None)))
+    try:
+        url = gateway.url
+        body = {"model": "demo", "messages": [{"role": "user", "content": prompt}], "max_tokens": 16}
+        request = urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            reply = json.load(response)
+        click.secho(f"\nthe gateway at {url} (OpenAI's API; Ollama's at /api/chat) answered over HTTP:", fg="cyan", err=True)
+        click.echo(reply["choices"][0]["message"]["content"])
+        click.secho(f"[{reply['usage']['completion_tokens']} tokens, finish_reason {reply['choices'][0]['finish_reason']}]",
+                    dim=True, err=True)
+        click.secho("\ntry it:", bold=True, err=True)
+        click.echo(f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
+                   f"-d '{{\"model\": \"demo\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'")
+        click.echo(f"  python -c \"from openai import OpenAI; print(OpenAI(base_url='{url}/v1', api_key='none')"
+                   ".chat.completions.create(model='demo', messages=[{'role': 'user', 'content': 'Hello'}])"
+                   ".choices[0].message.content)\"")
+        if sys.stdin.isatty():
+            click.secho("serving until Ctrl-C", dim=True, err=True)
+            with contextlib.suppress(KeyboardInterrupt):
+                while True:
+                    time.sleep(3600)
+    finally:
+        gateway.stop()
 
 
 if __name__ == "__main__":
