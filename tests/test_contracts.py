@@ -122,7 +122,8 @@ def test_daemon_yaml_round_trips_through_the_type_that_parses_it(tmp_path: Path)
     config = DaemonConfig(bundle=Path("/opt/edgekit/current"), broker=broker, device_id="kitchen", pools=("house", "lab"),
                           queue_size=2, telemetry_interval=2.5, session_memory_mb=64, session_idle_s=60.0,
                           min_available_mb=100, threads=3, trusted_keys=(Path("/etc/edgekit/trusted-keys"),),
-                          serve_below_quality_gate=True, cache_dir=Path("/var/cache/edgekit"))
+                          serve_below_quality_gate=True, cache_dir=Path("/var/cache/edgekit"), metrics_port=9100,
+                          discovery=False, discovery_prefix="ha/discovery")
     path = tmp_path / "daemon.yaml"
     path.write_text(config.to_yaml())
     assert "s3cret" not in path.read_text()

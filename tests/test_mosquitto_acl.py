@@ -86,12 +86,24 @@ def test_example_acl_keeps_devices_and_clients_apart(acl_broker: int, host_bundl
             time.sleep(0.3)
             assert client.statuses(0.5)["kitchen"]["state"] == "online"
 
+        # Home Assistant (client-ha) reads the device's discovery config and may prompt it.
+        ha_view, discovered = _raw(port, "client-ha")
+        ha_view.subscribe("homeassistant/device/+/config", qos=1)
+        deadline = time.time() + 10
+        while not discovered and time.time() < deadline:
+            time.sleep(0.1)
+        assert [m.topic for m in discovered] == ["homeassistant/device/edgekit_kitchen/config"]
+        ha_view.loop_stop()
+        ha_view.disconnect()
+
         # A device neither reads another device's requests nor writes its status.
         kitchen, seen = _raw(port, "kitchen")
         kitchen.subscribe("edgekit/v1/pantry/request", qos=1)
         kitchen.publish("edgekit/v1/pantry/status", json.dumps({"state": "forged"}), qos=1, retain=True)
+        kitchen.publish("homeassistant/device/edgekit_pantry/config", json.dumps({"forged": True}), qos=1, retain=True)
         ha, ha_seen = _raw(port, "client-ha")
         ha.subscribe("edgekit/v1/pantry/status", qos=1)
+        ha.subscribe("homeassistant/device/edgekit_pantry/config", qos=1)
         time.sleep(0.3)
         ha.publish("edgekit/v1/pantry/request", json.dumps({"id": "x", "prompt": "y"}), qos=1)
         time.sleep(1.0)

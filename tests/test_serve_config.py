@@ -48,6 +48,9 @@ sessions: {{memory_mb: 64, idle_s: 120}}
         ("bundle: x\npools: [a]\nbroker: {protocol: '3.1.1'}\n", "device pools need MQTT 5"),
         ("device_id: x\n", "no bundle to serve"),
         ("bundle: [unclosed\n", "not valid YAML"),
+        ("bundle: x\nhome_assistant: {prefix: 'ha/#'}\n", "field 'home_assistant.prefix'"),
+        ("bundle: x\nhome_assistant: {discovery: maybe}\n", "field 'home_assistant.discovery' must be true or false"),
+        ("bundle: x\nmetrics_port: 0\n", "field 'metrics_port' must be an integer from 1 to 65535"),
     ],
 )
 def test_invalid_config_names_the_field(tmp_path: Path, text: str, message: str) -> None:

@@ -54,12 +54,16 @@ class DaemonConfig:
     cache_dir: Path | None = None
     # Serve Prometheus metrics on 127.0.0.1 at this port (None: off; a device otherwise only dials out).
     metrics_port: int | None = None
+    # Home Assistant MQTT discovery (docs/home-assistant.md): on, under this topic prefix.
+    discovery: bool = True
+    discovery_prefix: str = "homeassistant"
 
     def __post_init__(self) -> None:
         if self.device_id is not None:
             check_level(self.device_id, "device id")
         for pool in self.pools:
             check_level(pool, "pool name")
+        check_prefix(self.discovery_prefix, "discovery prefix")
         if self.pools and self.broker.protocol is broker_settings.MqttVersion.V311:
             raise EdgekitError("device pools need MQTT 5 (shared subscriptions); set broker.protocol to 5")
 
@@ -83,6 +87,8 @@ class DaemonConfig:
             data["serve_below_quality_gate"] = True
         if not self.speculative:
             data["speculative"] = False
+        if (self.discovery, self.discovery_prefix) != (defaults.discovery, defaults.discovery_prefix):
+            data["home_assistant"] = {"discovery": self.discovery, "prefix": self.discovery_prefix}
         if self.cache_dir is not None:
             data["cache_dir"] = str(self.cache_dir)
         data["broker"] = broker_settings.dump_section(self.broker)
@@ -124,6 +130,7 @@ def _read_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     top = Fields(data or {}, where)
     broker = top.nested("broker", optional=True)
     sessions = top.nested("sessions", optional=True)
+    home_assistant = top.nested("home_assistant", optional=True)
     values: dict[str, Any] = {
         "bundle": top.get("bundle", str, "a bundle folder path", None),
         "device_id": top.get("device_id", str, "a device id", None),
@@ -153,8 +160,12 @@ def _read_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         values["session_memory_mb"] = sessions.number("memory_mb", 0, 1_000_000, integer=True)
     if "idle_s" in sessions.data:
         values["session_idle_s"] = sessions.number("idle_s", 1, 10_000_000)
+    values["discovery"] = home_assistant.get("discovery", bool, "true or false", None)
+    values["discovery_prefix"] = home_assistant.get("prefix", str, "a topic prefix (homeassistant)", None)
+    if values["discovery_prefix"] is not None:
+        check_prefix(values["discovery_prefix"], f"{where}: field 'home_assistant.prefix'")
     broker_values = broker_settings.parse_section(broker, prefix)
-    for part in (top, broker, sessions):
+    for part in (top, broker, sessions, home_assistant):
         part.check_unknown()
     for name in ("telemetry_interval", "session_idle_s"):
         if name in values:

@@ -7,12 +7,14 @@ under the allowed reply prefix. Status is retained, with a Last Will that marks 
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import signal
 import socket
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -37,10 +39,10 @@ from edgekit.runtime.quality_check import DeviceQuality
 from edgekit.runtime.resident import tune_allocator
 from edgekit.runtime.sessions import SessionStore
 from edgekit.runtime.tokenizer import ChatTokenizer
-from edgekit.serve import quality_gate
+from edgekit.serve import discovery, quality_gate
 from edgekit.serve.config import DaemonConfig
 from edgekit.serve.systemd import notify, watchdog_interval
-from edgekit.serve.telemetry import InferenceMetrics, collect
+from edgekit.serve.telemetry import InferenceMetrics, collect, temperature
 
 log = logging.getLogger("edgekit.serve")
 TRIM_AFTER_IDLE_S = 5.0
@@ -52,8 +54,9 @@ GRAMMAR_IDLE_S = 60.0
 @dataclass
 class _Job:
     request: Request
-    reply_topic: str
+    reply_topic: str | None  # None: a prompt from Home Assistant, answered on the device's answer topic
     correlation: bytes | None
+    answer: list[str] | None = None  # the reply's text, collected for that answer
     cancelled: threading.Event = field(default_factory=threading.Event)
     shutdown: bool = False
 
@@ -81,6 +84,7 @@ class Daemon:
         self.topics = DeviceTopics.of(config.broker.prefix, self.device_id)
         self.pool_topics = [PoolTopics.of(config.broker.prefix, pool) for pool in config.pools]
         self.cancel_topics = {self.topics.cancel, *(p.cancel for p in self.pool_topics)}
+        self.ha = discovery.HomeAssistantTopics.of(config.broker.prefix, config.discovery_prefix, self.device_id)
         self.jobs: queue.Queue[_Job] = queue.Queue(maxsize=config.queue_size)
         self.active: _Job | None = None
         self.accepting = True
@@ -90,7 +94,8 @@ class Daemon:
         self.started = time.time()
         self.status = protocol.Status(
             device_id=self.device_id, state="offline", version=__version__, bundle=self.manifest.name,
-            model=self.manifest.model.id, profile=self.manifest.profile.name, context_length=self.engine.context_length,
+            model=discovery.public_model_name(self.manifest.model.id, self.manifest.model.revision),
+            profile=self.manifest.profile.name, context_length=self.engine.context_length,
             capabilities={"sessions": True, "thinking": True, "mqtt5": self.v5}, since=self.started,
             quality=None if quality is None else {**quality.to_dict(), "serving_below_gate": not quality.passed},
             pools=config.pools)
@@ -145,8 +150,14 @@ class Daemon:
         subscriptions = [(self.topics.request, 1), (self.topics.cancel, 1)]
         for pool in self.pool_topics:
             subscriptions += [(pool.shared_request, 1), (pool.cancel, 1)]
+        if self.config.discovery:
+            subscriptions.append((self.ha.prompt, 1))
         client.subscribe(subscriptions)
         client.publish(self.topics.status, self.status.with_state("online").encode(), qos=1, retain=True)
+        # Home Assistant discovery; switched off, an empty retained config removes what an earlier start announced.
+        announce = discovery.config(self.config.broker.prefix, self.config.discovery_prefix, self.device_id, self.status.model,
+                                    self.status.profile, self.status.bundle, has_temperature=temperature() is not None)
+        client.publish(self.ha.config, json.dumps(announce) if self.config.discovery else b"", qos=1, retain=True)
         notify(f"READY=1\nSTATUS=serving {self.manifest.name} as {self.device_id}")
         log.info("connected to %s as %s", self.config.broker.address, self.device_id)
 
@@ -154,16 +165,26 @@ class Daemon:
         try:
             if message.topic in self.cancel_topics:
                 self._cancel(message.payload)
+            elif message.topic == self.ha.prompt:
+                self._prompt(message.payload)
             else:
                 self._accept(message)
         except Exception:  # a bad message must never stop the daemon
             log.exception("failed to handle a message on %s", message.topic)
 
-    def _error(self, topic: str, correlation: bytes | None, request_id: str | None, code: str, message: str) -> None:
-        """Answer a request with an error message (QoS 1, like every final)."""
+    def _error(self, topic: str | None, correlation: bytes | None, request_id: str | None, code: str, message: str) -> None:
+        """Answer a request with an error message (QoS 1, like every final); a Home Assistant prompt's
+        error becomes its answer."""
+        if topic is None:
+            return self._answer(discovery.answer(request_id or "", "", "error", 0, error=f"{code}: {message}"))
         self._publish(topic, protocol.error(request_id, code, message), correlation, qos=1)
 
-    def _publish(self, topic: str, payload: bytes, correlation: bytes | None, qos: int = 0) -> None:
+    def _answer(self, body: dict[str, Any]) -> None:
+        self.client.publish(self.ha.answer, json.dumps(body, ensure_ascii=False), qos=1, retain=True)
+
+    def _publish(self, topic: str | None, payload: bytes, correlation: bytes | None, qos: int = 0) -> None:
+        if topic is None:  # a Home Assistant prompt streams nothing: its answer comes whole
+            return
         properties = None
         if self.v5 and correlation is not None:
             properties = Properties(PacketTypes.PUBLISH)
@@ -201,25 +222,43 @@ class Daemon:
             while len(self.seen) > 4096:
                 self.seen.popitem(last=False)
         self.metrics.count("requests")
+        if expiry is not None and request.deadline is None:
+            request.deadline = time.time() + expiry
+        self._enqueue(_Job(request, reply_topic, correlation))
+
+    def _prompt(self, payload: bytes | bytearray) -> None:
+        """A plain-text prompt from Home Assistant's notify entity; the answer is published retained."""
+        request_id = uuid.uuid4().hex
+        try:
+            text = bytes(payload).decode()
+        except UnicodeDecodeError:
+            text = ""
+        if not text.strip() or len(payload) > discovery.PROMPT_MAX:
+            why = f"a prompt must be UTF-8 text of 1-{discovery.PROMPT_MAX} bytes (got {len(payload)} bytes)"
+            log.warning("prompt on %s refused: %s", self.ha.prompt, why)
+            return self._error(None, None, request_id, "bad_request", why)
+        request = Request(id=request_id, messages=[{"role": "user", "content": text}])
+        self._enqueue(_Job(request, None, None, answer=[]))
+
+    def _enqueue(self, job: _Job) -> None:
+        """Queue a request, or refuse it: the daemon is stopping, short of memory, or its queue is full."""
+        request = job.request
 
         def refuse(code: str, text: str) -> None:
             self.metrics.count("errors")
-            self._error(reply_topic, correlation, request.id, code, text)
+            self._error(job.reply_topic, job.correlation, request.id, code, text)
 
-        if expiry is not None and request.deadline is None:
-            request.deadline = time.time() + expiry
         if not self.accepting:
             return refuse("shutting_down", "the daemon is stopping")
         available = psutil.virtual_memory().available
         if available < self.config.min_available_mb * 1024**2:
             return refuse("resources", f"only {available // 1024**2} MiB available (guard: {self.config.min_available_mb} MiB)")
-        job = _Job(request, reply_topic, correlation)
         try:
             self.jobs.put_nowait(job)
         except queue.Full:
             return refuse("busy", f"queue full ({self.config.queue_size} waiting); retry later")
         position = self.jobs.qsize() + (1 if self.active else 0)
-        self._publish(reply_topic, protocol.queued(request.id, position), correlation)
+        self._publish(job.reply_topic, protocol.queued(request.id, position), job.correlation)
 
     def _cancel(self, payload: bytes | bytearray) -> None:
         request_id = protocol.parse_cancel(payload)
@@ -247,6 +286,8 @@ class Daemon:
         def on_text(text: str) -> None:
             nonlocal seq
             self._publish(topic, protocol.chunk(request.id, seq, text), correlation)
+            if job.answer is not None:
+                job.answer.append(text)
             seq += 1
 
         def on_call(index: int, call: ToolCall) -> None:
@@ -282,9 +323,13 @@ class Daemon:
                      "decode_tokens_per_s": round(stats.decode_tps, 1), **stats.drafting(),
                      "grammar_ms_per_token": result.grammar_ms_per_token},
             session=request.session, device_id=self.device_id, tool_calls=result.tool_calls), correlation, qos=1)
+        if job.answer is not None:
+            self._answer(discovery.answer(request.id, "".join(job.answer), finish, stats.completion_tokens))
 
     def _report(self) -> None:
-        # psutil's first cpu_percent() reads 0: prime it so the first message is meaningful.
+        # psutil's first cpu_percent() reads 0, and the total and per-core readings keep apart baselines:
+        # prime both, so that the first message is meaningful.
+        psutil.cpu_percent()
         psutil.cpu_percent(percpu=True)
         while not self._stopped.wait(self.config.telemetry_interval):
             if self.client.is_connected():

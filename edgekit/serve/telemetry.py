@@ -69,13 +69,13 @@ def collect(bundle: Path, started: float, metrics: InferenceMetrics, queue_depth
         "disk": {"free_mb": disk.free // 2**20, "used_percent": disk.percent},
         "inference": {**metrics.snapshot(), "queue_depth": queue_depth},
     }
-    temperature = _temperature()
-    if temperature is not None:
-        message["temperature_c"] = temperature
+    hottest = temperature()
+    if hottest is not None:
+        message["temperature_c"] = hottest
     return message
 
 
-def _temperature() -> float | None:
+def temperature() -> float | None:
     """The hottest sensor psutil can read (the SoC on a Pi); None where the platform exposes none."""
     try:
         sensors = psutil.sensors_temperatures()
