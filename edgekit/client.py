@@ -34,6 +34,11 @@ from edgekit.mqtt.settings import BrokerSettings, MqttVersion
 from edgekit.mqtt.topics import DeviceTopics, PoolTopics, all_devices
 
 
+class PoolFull(EdgekitError):
+    """The broker had no subscriber for a pool request: every member is full (members leave their
+    pools while their queue is full) or none is online. Retry later, as for ``busy``."""
+
+
 @dataclass
 class Answer:
     """A finished reply: its text, tool calls, why it ended, and the final message as sent."""
@@ -71,6 +76,8 @@ class DeviceClient:
         self._client = new_client(settings, self.client_id)
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
+        self._client.on_publish = self._on_publish
+        self._acks: dict[int, Any] = {}  # message id -> the broker's PUBACK reason (MQTT 5)
         self._client.reconnect_delay_set(min_delay=1, max_delay=10)
         self._refusal: str | None = None
         properties = None
@@ -147,9 +154,16 @@ class DeviceClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def publish(self, topic: str, payload: str | bytes, properties: Properties | None = None) -> None:
-        """Publish at QoS 1 and wait until the broker has it."""
-        self._client.publish(topic, payload, qos=1, properties=properties).wait_for_publish(5)
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        self._acks[mid] = reason  # called before wait_for_publish returns
+
+    def publish(self, topic: str, payload: str | bytes, properties: Properties | None = None) -> bool:
+        """Publish at QoS 1 and wait until the broker has it; False when an MQTT 5 broker said that
+        nobody subscribes to the topic (reason 0x10, "no matching subscribers")."""
+        info = self._client.publish(topic, payload, qos=1, properties=properties)
+        info.wait_for_publish(5)
+        reason = self._acks.pop(info.mid, None)
+        return getattr(reason, "value", 0) != 0x10
 
     def send(self, device_id: str | None, request: dict[str, Any], expiry_s: int | None = None,
              pool: str | None = None) -> str:
@@ -171,7 +185,8 @@ class DeviceClient:
             topic = DeviceTopics.of(self.prefix, device_id).request
         else:
             raise EdgekitError("name a device or a pool to send the request to")
-        self.publish(topic, json.dumps(request), properties)
+        if not self.publish(topic, json.dumps(request), properties) and pool:
+            raise PoolFull(f"pool {pool}: no member took the request (all are full, or none is online); retry later")
         return str(request["id"])
 
     def cancel(self, device_id: str | None, request_id: str, pool: str | None = None) -> None:
@@ -190,8 +205,9 @@ class DeviceClient:
     def replies(self, request_id: str, timeout: float = 120.0) -> Iterator[dict[str, Any]]:
         """Yield reply messages (dicts) for ``request_id`` until its final or error message."""
         deadline = time.monotonic() + timeout
-        held = self._held.pop(request_id, [])
         while True:
+            # Replies another generator read while this one waited are held for it: look each time.
+            held = self._held.get(request_id)
             if held:
                 reply = held.pop(0)
             else:
@@ -211,6 +227,7 @@ class DeviceClient:
                     continue
             yield reply
             if reply.get("type") in ("final", "error"):
+                self._held.pop(request_id, None)
                 return
 
     def ask(self, device_id: str | None, request: dict[str, Any], on_text: Callable[[str], None] | None = None,

@@ -495,3 +495,18 @@ def test_https_metrics_listener_cors_and_limits(gw: Fixture, tmp_path: Path) -> 
         assert scraped.status_code == 200 and "edgekit_device_up" in scraped.text
     finally:
         gateway.stop()
+
+
+def test_a_pool_with_no_room_answers_429(gw: Fixture, fleet_client: DeviceClient) -> None:
+    # a member that is online by its status but subscribes to nothing: the broker has no taker (reason 0x10)
+    device, pool = f"phantom-{uuid.uuid4().hex[:6]}", f"full-{uuid.uuid4().hex[:6]}"
+    topic = DeviceTopics.of("edgekit", device).status
+    fleet_client.publish(topic, Status(device, "online", "0", "b", "m", "host", 512, {}, time.time(), pools=(pool,)).encode())
+    time.sleep(0.3)
+    try:
+        with pytest.raises(openai.RateLimitError) as full:
+            gw.openai().chat.completions.create(model=f"pool:{pool}", messages=ask("hi"), max_tokens=2)
+        assert full.value.code == "busy" and "no member took the request" in full.value.message
+        assert int(full.value.response.headers["Retry-After"]) > 0
+    finally:
+        fleet_client.publish(topic, b"")

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -18,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from edgekit.cli import main
-from edgekit.client import DeviceClient
+from edgekit.client import DeviceClient, PoolFull
 from edgekit.errors import EdgekitError
 from edgekit.runtime.engine import Engine
 from edgekit.runtime.tokenizer import ChatTokenizer
@@ -439,3 +440,47 @@ def test_bench_report(host_bundle: Path) -> None:
     assert facts["threads"] == report["threads"] and len(facts["commit"] or "x" * 40) == 40
     spread = report["spread"]["direct_decode_tps"]
     assert spread["min"] <= report["direct"]["decode_tps"] == spread["median"] <= spread["max"]
+
+
+def test_pool_members_leave_while_full_so_a_burst_meets_no_busy(host_bundle: Path, broker: int) -> None:
+    """Mosquitto hands pool requests round-robin whatever a member's load; a member whose queue is full
+    leaves the pool until half its queue is free. A burst within the pool's room meets no `busy`; one
+    beyond it is refused at once by the broker (no subscriber), never left unanswered."""
+    pool = f"burst-{uuid.uuid4().hex[:6]}"
+    members = [start_daemon(DaemonConfig(bundle=host_bundle, broker=broker_at(broker), device_id=f"{pool}-{name}", pools=(pool,),
+                                         queue_size=1, threads=threads))
+               for name, threads in (("slow", 1), ("fast", 2))]
+    try:
+        with DeviceClient(broker_at(broker)) as client:
+            def burst(count: int) -> tuple[list[dict], int]:
+                sent, refused = [], 0
+                for i in range(count):
+                    try:
+                        sent.append(client.send(None, {"prompt": f"job {i}", "max_tokens": 120}, pool=pool))
+                    except PoolFull:
+                        refused += 1
+                return [list(client.replies(request_id, timeout=120))[-1] for request_id in sent], refused
+
+            finals, refused = burst(4)  # two members, each with one running and a queue of one: room for four
+            assert refused == 0 and [f["type"] for f in finals] == ["final"] * 4, finals
+            spread = Counter(f["device_id"] for f in finals)
+            assert set(spread) == {f"{pool}-slow", f"{pool}-fast"}, spread
+            # the slow member busy with its own long request: it takes one pool request into its queue and
+            # leaves; round-robin would have handed it more, and those would have come back busy
+            long = client.send(f"{pool}-slow", {"prompt": "a long one", "max_tokens": 400})
+            stream = client.replies(long, timeout=120)
+            assert [next(stream)["type"], next(stream)["type"]] == ["queued", "chunk"]
+            finals, refused = burst(3)
+            assert refused == 0 and [f["type"] for f in finals] == ["final"] * 3, finals
+            assert Counter(f["device_id"] for f in finals)[f"{pool}-slow"] <= 1
+            assert list(stream)[-1]["type"] == "final"
+            finals, refused = burst(16)  # beyond the room of both
+            assert refused > 0 and all(f["type"] == "final" for f in finals), finals
+            assert len(finals) + refused == 16
+            # with room again, both members are back in the pool
+            finals, refused = burst(2)
+            assert refused == 0 and all(f["type"] == "final" for f in finals)
+    finally:
+        for daemon, thread in members:
+            daemon.stop()
+            thread.join(timeout=30)

@@ -14,7 +14,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
-from edgekit.client import DeviceClient
+from edgekit.client import DeviceClient, PoolFull
 from edgekit.gateway.errors import GatewayError
 
 POOL, DEVICE = "pool:", "device:"
@@ -121,8 +121,12 @@ class Fleet:
         finished = False
         try:
             # The message expires on the broker with the request: a device that comes back later does not run it.
-            await loop.run_in_executor(None, lambda: self.client.send(target.device, {**request, "id": request_id},
-                                                                      expiry_s=int(total_s) + 1, pool=target.pool))
+            try:
+                await loop.run_in_executor(None, lambda: self.client.send(target.device, {**request, "id": request_id},
+                                                                          expiry_s=int(total_s) + 1, pool=target.pool))
+            except PoolFull as exc:
+                finished = True  # nothing reached a device: nothing to cancel
+                raise GatewayError(429, str(exc), "busy", "rate_limit_error", retry_after=2) from None
             started = time.monotonic()
             acknowledged = False
             while True:

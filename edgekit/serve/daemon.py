@@ -45,6 +45,9 @@ from edgekit.serve.systemd import notify, watchdog_interval
 from edgekit.serve.telemetry import InferenceMetrics, collect, temperature
 
 log = logging.getLogger("edgekit.serve")
+# Places beyond queue_size for pool requests that arrive after the device left its pools: the broker
+# may deliver a few before it has the unsubscribe (docs/protocol.md, "Pools").
+POOL_SLACK = 2
 TRIM_AFTER_IDLE_S = 5.0
 # The grammar's tokenizer index goes after this long without a constrained request: a tool loop's
 # rounds (the client runs each call in between) keep it; an idle device gets its 31 MiB back.
@@ -84,8 +87,13 @@ class Daemon:
         self.topics = DeviceTopics.of(config.broker.prefix, self.device_id)
         self.pool_topics = [PoolTopics.of(config.broker.prefix, pool) for pool in config.pools]
         self.cancel_topics = {self.topics.cancel, *(p.cancel for p in self.pool_topics)}
+        self.pool_requests = {p.request for p in self.pool_topics}
         self.ha = discovery.HomeAssistantTopics.of(config.broker.prefix, config.discovery_prefix, self.device_id)
-        self.jobs: queue.Queue[_Job] = queue.Queue(maxsize=config.queue_size)
+        # Pool requests the broker delivers after this device left its pools (a full queue) are still
+        # served: the queue has POOL_SLACK more places for them (docs/protocol.md, "Pools").
+        self.jobs: queue.Queue[_Job] = queue.Queue(maxsize=config.queue_size + (POOL_SLACK if config.pools else 0))
+        self.in_pools = True  # subscribed to the pools' shared subscriptions (left while the queue is full)
+        self._pool_lock = threading.Lock()
         self.active: _Job | None = None
         self.accepting = True
         self.seen: OrderedDict[str, float] = OrderedDict()  # request ids already taken: redelivery is harmless
@@ -149,7 +157,7 @@ class Daemon:
             return
         subscriptions = [(self.topics.request, 1), (self.topics.cancel, 1)]
         for pool in self.pool_topics:
-            subscriptions += [(pool.shared_request, 1), (pool.cancel, 1)]
+            subscriptions += [(pool.shared_request, 1), (pool.cancel, 1)] if self.in_pools else [(pool.cancel, 1)]
         if self.config.discovery:
             subscriptions.append((self.ha.prompt, 1))
         client.subscribe(subscriptions)
@@ -224,7 +232,7 @@ class Daemon:
         self.metrics.count("requests")
         if expiry is not None and request.deadline is None:
             request.deadline = time.time() + expiry
-        self._enqueue(_Job(request, reply_topic, correlation))
+        self._enqueue(_Job(request, reply_topic, correlation), via_pool=message.topic in self.pool_requests)
 
     def _prompt(self, payload: bytes | bytearray) -> None:
         """A plain-text prompt from Home Assistant's notify entity; the answer is published retained."""
@@ -240,8 +248,9 @@ class Daemon:
         request = Request(id=request_id, messages=[{"role": "user", "content": text}])
         self._enqueue(_Job(request, None, None, answer=[]))
 
-    def _enqueue(self, job: _Job) -> None:
-        """Queue a request, or refuse it: the daemon is stopping, short of memory, or its queue is full."""
+    def _enqueue(self, job: _Job, via_pool: bool = False) -> None:
+        """Queue a request, or refuse it: the daemon is stopping, short of memory, or its queue is full
+        (a pool request may take the slack places). A full queue takes the device out of its pools."""
         request = job.request
 
         def refuse(code: str, text: str) -> None:
@@ -253,12 +262,33 @@ class Daemon:
         available = psutil.virtual_memory().available
         if available < self.config.min_available_mb * 1024**2:
             return refuse("resources", f"only {available // 1024**2} MiB available (guard: {self.config.min_available_mb} MiB)")
+        if self.jobs.qsize() >= self.config.queue_size and not via_pool:
+            return refuse("busy", f"queue full ({self.config.queue_size} waiting); retry later")
         try:
             self.jobs.put_nowait(job)
         except queue.Full:
-            return refuse("busy", f"queue full ({self.config.queue_size} waiting); retry later")
+            return refuse("busy", f"queue full ({self.config.queue_size} waiting, and the pool slack of {POOL_SLACK}); retry later")
+        # Waiting for a turn: an idle worker is about to take the request just queued.
+        if self.jobs.qsize() - (self.active is None) >= self.config.queue_size:
+            self._pools(join=False)
         position = self.jobs.qsize() + (1 if self.active else 0)
         self._publish(job.reply_topic, protocol.queued(request.id, position), job.correlation)
+
+    def _pools(self, join: bool) -> None:
+        """Leave the pools' shared subscriptions (so that the broker hands their requests to members with
+        room: it round-robins whatever their load), or join them again."""
+        if not self.pool_topics:
+            return
+        with self._pool_lock:
+            if self.in_pools == join:
+                return
+            self.in_pools = join
+            shared = [pool.shared_request for pool in self.pool_topics]
+            if join:
+                self.client.subscribe([(topic, 1) for topic in shared])
+            else:
+                self.client.unsubscribe(shared)
+        log.info("%s pools %s (%d waiting)", "joined" if join else "left", ", ".join(self.config.pools), self.jobs.qsize())
 
     def _cancel(self, payload: bytes | bytearray) -> None:
         request_id = protocol.parse_cancel(payload)
@@ -356,6 +386,8 @@ class Daemon:
                 self.grammars.release(idle_s=GRAMMAR_IDLE_S)
                 continue
             self.active = job
+            if self.jobs.qsize() <= self.config.queue_size // 2:
+                self._pools(join=True)  # hysteresis: back once half the queue is free, not at the first free place
             try:
                 self._run(job)
             except Exception:
