@@ -14,7 +14,7 @@ RANDOM := $(if $(findstring fixtures/,$(MODEL)),--random-weights,)
 # torch from the CPU build: an unpinned torch pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install system-deps run test test-fast bench bench-anchor quality fixtures lint clean
+.PHONY: install system-deps run test test-fast bench bench-anchor bench-fleet quality fixtures lint clean
 
 $(BIN)/edgekit: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -76,6 +76,13 @@ bench: install fixtures/qwen3.5-0.8b/config.json fixtures/qwen3.5-2b/config.json
 # rounds from contended ones. Builds llama.cpp once (as `make quality` does); an hour or more.
 bench-anchor: install fixtures/qwen3.5-0.8b/config.json fixtures/qwen3.5-2b/config.json
 	$(BIN)/python bench/anchor.py --out anchor-results
+
+# A simulated fleet (docs/fleet.md): up to twenty tiny-model daemons in one pool behind one Mosquitto and
+# one gateway, on this machine: throughput, fairness, broker and gateway CPU per member count (minutes).
+bench-fleet: install fixtures/qwen3.5-tiny/config.json
+	$(BIN)/edgekit build --profile host --model fixtures/qwen3.5-tiny --output fleet-results --name fleet-tiny \
+		--overwrite --min-top1 0 --max-kl 10
+	$(BIN)/python bench/fleet.py fleet-results/fleet-tiny --members 1,2,5,10,20 --out fleet-results
 
 # The quality table (docs/quality.md): every recipe the profiles offer, built from the trained fixture,
 # beside llama.cpp's Q4_0, Q4_K_M and Q2_K of it on the same held-out text. Downloads llama-cpp-python's

@@ -34,7 +34,7 @@ from edgekit.mqtt.protocol import Status
 from edgekit.mqtt.topics import DeviceTopics
 from edgekit.serve.config import DaemonConfig
 from edgekit.serve.daemon import Daemon
-from edgekit.serve.embedded_broker import free_port
+from edgekit.serve.embedded_broker import free_port, wait_for_port
 
 from .conftest import broker_at, start_daemon
 
@@ -510,3 +510,20 @@ def test_a_pool_with_no_room_answers_429(gw: Fixture, fleet_client: DeviceClient
         assert int(full.value.response.headers["Retry-After"]) > 0
     finally:
         fleet_client.publish(topic, b"")
+
+
+def test_the_command_serves_the_fleet_and_logs_json(gw: Fixture, broker: int, tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "gateway.log"
+    with log.open("w") as sink:
+        process = subprocess.Popen([str(Path(sys.executable).parent / "edgekit"), "gateway", "run", "--http-port", str(port),
+                                    "--port", str(broker), "--log-format", "json", "-v"], stdout=sink, stderr=sink)
+    try:
+        assert wait_for_port(port, process, timeout=60), log.read_text()
+        listed = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()
+        assert gw.device in {m["id"] for m in listed["data"]}
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    assert any(line["path"] == "/v1/models" and line["status"] == 200 for line in lines), log.read_text()

@@ -22,7 +22,7 @@ def gateway() -> None:
 
 
 @gateway.command("run")
-@click.option("--listen", "host", default="127.0.0.1", show_default=True,
+@click.option("--listen", "listen", default="127.0.0.1", show_default=True,
               help="Address to listen on; other than loopback only with --tokens.")
 @click.option("--http-port", "http_port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="0 picks a free port.")
 @click.option("--tokens", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -46,7 +46,7 @@ def gateway() -> None:
 @click.option("-v", "--verbose", is_flag=True, help="Log every request (method, path, status, model, grant; never content).")
 @broker_options
 @friendly
-def run(host: str, http_port: int, tokens: Path | None, metrics_listen: str | None, metrics_port: int, https_cert: Path | None,
+def run(listen: str, http_port: int, tokens: Path | None, metrics_listen: str | None, metrics_port: int, https_cert: Path | None,
         https_key: Path | None, first_reply_timeout: float, request_timeout: float, max_tokens_cap: int, max_body: int,
         max_messages: int, cors_origins: tuple[str, ...], log_format: str, verbose: bool, **broker: Any) -> None:
     """Serve the fleet over HTTP until interrupted.
@@ -71,7 +71,7 @@ def run(host: str, http_port: int, tokens: Path | None, metrics_listen: str | No
     from edgekit.gateway.tokens import TokenStore
 
     logs.configure(log_format, verbose)
-    settings = GatewaySettings(host=host, port=http_port, tokens=tokens, metrics_host=metrics_listen, metrics_port=metrics_port,
+    settings = GatewaySettings(host=listen, port=http_port, tokens=tokens, metrics_host=metrics_listen, metrics_port=metrics_port,
                                tls_cert=https_cert, tls_key=https_key, first_reply_s=first_reply_timeout,
                                request_timeout_s=request_timeout, max_body_bytes=max_body, max_messages=max_messages,
                                max_tokens=max_tokens_cap, cors_origins=cors_origins)

@@ -126,7 +126,7 @@ class Fleet:
                                                                           expiry_s=int(total_s) + 1, pool=target.pool))
             except PoolFull as exc:
                 finished = True  # nothing reached a device: nothing to cancel
-                raise GatewayError(429, str(exc), "busy", "rate_limit_error", retry_after=2) from None
+                raise GatewayError(429, str(exc), "busy", "rate_limit_error", retry_after=1) from None
             started = time.monotonic()
             acknowledged = False
             while True:

@@ -433,6 +433,9 @@ class Daemon:
         self._stopped.wait()
         notify("STOPPING=1")
         self.accepting = False
+        # Out of the pools first: the broker keeps a persistent session's shared subscriptions while it is
+        # away, and would go on handing this device its share of pool requests.
+        self._pools(join=False)
         if self.active:
             self.active.shutdown = True
             self.active.cancelled.set()
