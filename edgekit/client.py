@@ -31,7 +31,7 @@ from edgekit.errors import EdgekitError
 from edgekit.mqtt import protocol
 from edgekit.mqtt.connection import negotiate_protocol, new_client
 from edgekit.mqtt.settings import BrokerSettings, MqttVersion
-from edgekit.mqtt.topics import DeviceTopics, PoolTopics, all_devices
+from edgekit.mqtt.topics import DeviceTopics, HomeAssistantTopics, PoolTopics, all_devices
 
 
 class PoolFull(EdgekitError):
@@ -300,6 +300,20 @@ class DeviceClient:
         if status.get("state") != "online":
             raise EdgekitError(f"device {device_id} is {status.get('state', 'not online')} on {where}")
         return status
+
+    def forget(self, device_id: str, discovery_prefix: str = "homeassistant") -> list[str]:
+        """Clear what a device left retained (status, telemetry, last answer, Home Assistant discovery
+        config), so that dashboards, Home Assistant and gateways forget it; refuses an online device.
+        Returns the topics cleared."""
+        status = self.device_status(device_id)
+        if status is not None and status.get("state") == "online":
+            raise EdgekitError(f"device {device_id} is online on {self.settings.address}: stop its daemon first, "
+                               "or it announces itself again")
+        device, ha = DeviceTopics.of(self.prefix, device_id), HomeAssistantTopics.of(self.prefix, discovery_prefix, device_id)
+        topics = [device.status, device.telemetry, ha.answer, ha.config]
+        for topic in topics:
+            self._client.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
+        return topics
 
     def statuses(self, wait_s: float = 1.0) -> dict[str, dict[str, Any]]:
         """The status of every device under the prefix, with its latest telemetry under "telemetry".

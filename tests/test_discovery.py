@@ -14,11 +14,13 @@ from pathlib import Path
 import jinja2
 import paho.mqtt.client as mqtt
 import pytest
+from click.testing import CliRunner
 
+from edgekit.cli import main
 from edgekit.client import DeviceClient
-from edgekit.mqtt.topics import DeviceTopics
+from edgekit.mqtt.topics import DeviceTopics, HomeAssistantTopics, object_id
 from edgekit.serve.config import DaemonConfig
-from edgekit.serve.discovery import STATE_MAX, HomeAssistantTopics, answer, config, object_id, public_model_name
+from edgekit.serve.discovery import STATE_MAX, answer, config, public_model_name
 
 from .conftest import broker_at, start_daemon
 from .ha_contract import CONTRACT
@@ -177,3 +179,25 @@ def test_bad_discovery_prefix_is_refused(host_bundle: Path, prefix: str) -> None
 
     with pytest.raises(EdgekitError, match="discovery prefix"):
         DaemonConfig(bundle=host_bundle, discovery_prefix=prefix)
+
+
+def test_forget_clears_what_a_gone_device_left_retained(host_bundle: Path, broker: int) -> None:
+    device = f"gone-{uuid.uuid4().hex[:6]}"
+    topics, ha = DeviceTopics.of("edgekit", device), HomeAssistantTopics.of("edgekit", "homeassistant", device)
+    daemon, thread = start_daemon(DaemonConfig(bundle=host_bundle, broker=broker_at(broker), device_id=device, telemetry_interval=0.3))
+    try:
+        _retained(broker, topics.telemetry)
+        forget = CliRunner().invoke(main, ["forget", device, "--port", str(broker)])
+        assert forget.exit_code != 0 and "is online" in forget.output  # a live daemon would announce itself again
+    finally:
+        daemon.stop()
+        thread.join(timeout=30)
+    assert _retained(broker, ha.config)  # still announced after a stop
+    forget = CliRunner().invoke(main, ["forget", device, "--port", str(broker), "--json"])
+    assert forget.exit_code == 0, forget.output
+    assert set(json.loads(forget.output)["cleared"]) == {topics.status, topics.telemetry, ha.answer, ha.config}
+    for topic in (topics.status, topics.telemetry, ha.config):
+        after = Listener(broker, topic)
+        time.sleep(0.5)
+        after.close()
+        assert after.messages == [], topic

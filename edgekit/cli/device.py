@@ -174,6 +174,26 @@ def status(config_file: Path | None, device_id: str | None, wait: float, wait_on
     output.result(found, _draw_statuses)
 
 
+@click.command()
+@click.argument("device_id")
+@broker_options
+@click.option("--discovery-prefix", default="homeassistant", show_default=True, help="Home Assistant's discovery prefix.")
+@output_option()
+@friendly
+def forget(device_id: str, discovery_prefix: str, output: Output, **broker: Any) -> None:
+    """Remove a device that is gone for good: clear its retained status, telemetry, last answer and
+    Home Assistant discovery config (Home Assistant then removes its entities). Refuses an online device.
+
+    \b
+    Example:
+      edgekit forget old-kitchen --host broker.local
+    """
+    with connect(broker) as client:
+        cleared = client.forget(device_id, discovery_prefix)
+    output.result({"device_id": device_id, "cleared": cleared},
+                  lambda r: out.print(f"forgot {device_id}: cleared {len(r['cleared'])} retained topics"))
+
+
 def _draw_statuses(found: dict[str, dict[str, Any]]) -> None:
     rows = []
     for device, info in sorted(found.items()):
@@ -246,4 +266,4 @@ def _draw_tune(report: dict[str, Any]) -> None:
         out.print(f"fastest here: {report['chosen']} threads (the bundle's: {report['bundle_threads'] or 'unset'}); nothing written")
 
 
-COMMANDS = (serve, tune, ask, status)
+COMMANDS = (serve, tune, ask, status, forget)

@@ -7,6 +7,7 @@ published at all. Both are refused here, once, for the daemon, the client and pr
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from edgekit.errors import EdgekitError
@@ -87,6 +88,30 @@ class PoolTopics:
     def of(cls, prefix: str, pool: str) -> PoolTopics:
         base = f"{check_prefix(prefix)}/{VERSION}/pool/{check_level(pool, 'pool name')}"
         return cls(f"{base}/request", f"{base}/cancel", f"$share/{pool}/{base}/request")
+
+
+# A Home Assistant discovery topic's object id: letters, digits, '_' and '-' only.
+_OBJECT_ID = re.compile(r"[^a-zA-Z0-9_-]")
+
+
+@dataclass(frozen=True)
+class HomeAssistantTopics:
+    """Where a device's discovery config, prompts and answers live."""
+
+    config: str
+    prompt: str
+    answer: str
+
+    @classmethod
+    def of(cls, prefix: str, discovery_prefix: str, device_id: str) -> HomeAssistantTopics:
+        base = f"{check_prefix(prefix)}/{VERSION}/{check_level(device_id, 'device id')}"
+        return cls(f"{check_prefix(discovery_prefix, 'discovery prefix')}/device/{object_id(device_id)}/config",
+                   f"{base}/prompt", f"{base}/answer")
+
+
+def object_id(device_id: str) -> str:
+    """The device's id in Home Assistant: ``edgekit_`` and the device id with other characters as ``_``."""
+    return "edgekit_" + _OBJECT_ID.sub("_", device_id)
 
 
 def all_devices(prefix: str, kind: str) -> str:

@@ -32,7 +32,7 @@ from edgekit.mqtt import protocol
 from edgekit.mqtt.connection import negotiate_protocol, new_client
 from edgekit.mqtt.protocol import ProtocolError, Request
 from edgekit.mqtt.settings import MqttVersion
-from edgekit.mqtt.topics import DeviceTopics, PoolTopics
+from edgekit.mqtt.topics import DeviceTopics, HomeAssistantTopics, PoolTopics
 from edgekit.runtime.conversation import SessionEvicted, Turn, run_turn
 from edgekit.runtime.engine import Engine
 from edgekit.runtime.quality_check import DeviceQuality
@@ -88,7 +88,7 @@ class Daemon:
         self.pool_topics = [PoolTopics.of(config.broker.prefix, pool) for pool in config.pools]
         self.cancel_topics = {self.topics.cancel, *(p.cancel for p in self.pool_topics)}
         self.pool_requests = {p.request for p in self.pool_topics}
-        self.ha = discovery.HomeAssistantTopics.of(config.broker.prefix, config.discovery_prefix, self.device_id)
+        self.ha = HomeAssistantTopics.of(config.broker.prefix, config.discovery_prefix, self.device_id)
         # Pool requests the broker delivers after this device left its pools (a full queue) are still
         # served: the queue has POOL_SLACK more places for them (docs/protocol.md, "Pools").
         self.jobs: queue.Queue[_Job] = queue.Queue(maxsize=config.queue_size + (POOL_SLACK if config.pools else 0))

@@ -1,5 +1,5 @@
-"""Home Assistant MQTT discovery for a daemon: one device-based config (Home Assistant 2024.11 and
-later) that declares its sensors, a prompt entity and the last answer (docs/home-assistant.md).
+"""Home Assistant MQTT discovery for a daemon: one device-based config that declares its sensors, a
+prompt entity and the last answer (docs/home-assistant.md).
 
 Every entity reads topics the daemon already publishes (the retained status for availability, the
 retained telemetry for sensors), plus two for automations: ``<prefix>/v1/<device>/prompt`` takes a
@@ -10,38 +10,15 @@ plain-text prompt (Home Assistant's MQTT ``notify`` platform publishes one from
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any
 
 from edgekit import __version__
-from edgekit.mqtt.topics import VERSION, check_prefix
+from edgekit.mqtt.topics import DeviceTopics, HomeAssistantTopics, object_id
 
 # A prompt from Home Assistant is plain text up to this many bytes (a chat request's history does not come this way).
 PROMPT_MAX = 16 * 1024
 # Home Assistant caps a state at 255 characters: the answer's state is a short form, the whole text an attribute.
 STATE_MAX = 255
-# Its discovery topic's object id: letters, digits, '_' and '-' only.
-_OBJECT_ID = re.compile(r"[^a-zA-Z0-9_-]")
-
-
-@dataclass(frozen=True)
-class HomeAssistantTopics:
-    """Where a device's discovery config, prompts and answers live."""
-
-    config: str
-    prompt: str
-    answer: str
-
-    @classmethod
-    def of(cls, prefix: str, discovery_prefix: str, device_id: str) -> HomeAssistantTopics:
-        base = f"{prefix}/{VERSION}/{device_id}"
-        return cls(f"{check_prefix(discovery_prefix, 'discovery prefix')}/device/{object_id(device_id)}/config",
-                   f"{base}/prompt", f"{base}/answer")
-
-
-def object_id(device_id: str) -> str:
-    """The device's id in Home Assistant: ``edgekit_`` and the device id with other characters as ``_``."""
-    return "edgekit_" + _OBJECT_ID.sub("_", device_id)
 
 
 # (key, name, telemetry path, unit, device class, state class, icon)
@@ -59,8 +36,6 @@ _TEMPERATURE = ("temperature", "Temperature", "temperature_c", "°C", "temperatu
 def config(prefix: str, discovery_prefix: str, device_id: str, model: str, profile: str, bundle: str,
            has_temperature: bool) -> dict[str, Any]:
     """The device-based discovery payload (full key names; Home Assistant also takes its abbreviations)."""
-    from edgekit.mqtt.topics import DeviceTopics
-
     topics, ha = DeviceTopics.of(prefix, device_id), HomeAssistantTopics.of(prefix, discovery_prefix, device_id)
     ident = object_id(device_id)
     components: dict[str, Any] = {}
