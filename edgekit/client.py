@@ -47,6 +47,7 @@ class Answer:
     tool_calls: list[ToolCall] = field(default_factory=list)
     finish_reason: str = "stop"
     final: dict[str, Any] = field(default_factory=dict)
+    reasoning: str = ""  # the thinking block's text (requests with ``thinking: true``)
 
 
 class DeviceClient:
@@ -232,15 +233,19 @@ class DeviceClient:
 
     def ask(self, device_id: str | None, request: dict[str, Any], on_text: Callable[[str], None] | None = None,
             timeout: float = 120.0, pool: str | None = None,
-            on_call: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+            on_call: Callable[[dict[str, Any]], None] | None = None,
+            on_reasoning: Callable[[str], None] | None = None) -> dict[str, Any]:
         """Send a request (to a device or a pool) and wait for its final message; raise on an error reply,
         and at once for a device that is unknown to the broker or offline. ``on_call`` hears each
-        tool call as it forms (``{"index", "call_id", "name"}``); the calls themselves are in the final."""
+        tool call as it forms (``{"index", "call_id", "name"}``); the calls themselves are in the final.
+        ``on_reasoning`` hears the thinking block's text (without it, ``on_text`` does)."""
         if device_id and not pool:
             self.require_online(device_id)
         request_id = self.send(device_id, request, pool=pool)
         for reply in self.replies(request_id, timeout):
-            if reply["type"] == "chunk" and on_text:
+            if reply["type"] == "chunk" and reply.get("reasoning") and on_reasoning:
+                on_reasoning(reply["text"])
+            elif reply["type"] == "chunk" and on_text:
                 on_text(reply["text"])
             elif reply["type"] == "tool_call" and on_call:
                 on_call(reply)
@@ -255,15 +260,16 @@ class DeviceClient:
              timeout: float = 120.0, pool: str | None = None) -> Answer:
         """:meth:`ask`, returning the answer's text and its tool calls as objects."""
         pieces: list[str] = []
+        thoughts: list[str] = []
 
         def collect(text: str) -> None:
             pieces.append(text)
             if on_text:
                 on_text(text)
 
-        final = self.ask(device_id, request, collect, timeout, pool)
+        final = self.ask(device_id, request, collect, timeout, pool, on_reasoning=thoughts.append)
         calls = [ToolCall.from_dict(call) for call in final.get("tool_calls", [])]
-        return Answer("".join(pieces), calls, final["finish_reason"], final)
+        return Answer("".join(pieces), calls, final["finish_reason"], final, "".join(thoughts))
 
     def wait_for_state(self, device_id: str, state: str, timeout: float = 30.0,
                        alive: Callable[[], bool] = lambda: True,

@@ -139,6 +139,28 @@ def test_call_markup_never_reaches_the_text_stream(tokenizer: ChatTokenizer) -> 
     assert second.name == "get_weather" and second.error == "the reply ended inside this call"
 
 
+def test_thinking_block_streams_apart_from_the_answer(tokenizer: ChatTokenizer) -> None:
+    """With thinking on, text up to the model's </think> is reasoning; the line breaks after it are the
+    template's; tool calls after it still parse. Without a reasoning sink it all stays text, as before."""
+    fmt = ReplyFormat(tools=tuple(parse_tools([LIGHT])))
+    reply_text = ("The hall is dark, so the light.\n</think>\n\nSwitching it on.<tool_call>\n<function=set_light>\n"
+                  "<parameter=room>\nhall\n</parameter>\n<parameter=on>\ntrue\n</parameter>\n</function>\n</tool_call>")
+    texts: list[str] = []
+    thoughts: list[str] = []
+    reply = _Reply(tokenizer, fmt, [], texts.append, lambda i, call: None, thoughts.append)
+    for token in tokenizer.encode(reply_text):
+        reply.add(token)
+    reply.close()
+    assert "".join(thoughts) == "The hall is dark, so the light.\n" and "".join(thoughts) == "".join(reply.reasoning)
+    assert "".join(texts) == "Switching it on." and reply.calls[0].arguments == {"room": "hall", "on": True}
+    plain: list[str] = []
+    reply = _Reply(tokenizer, ReplyFormat(), [], plain.append, lambda i, call: None)
+    for token in tokenizer.encode("Thought.</think>\n\nAnswer."):
+        reply.add(token)
+    reply.close()
+    assert "".join(plain) == "Thought.</think>\n\nAnswer."
+
+
 # --- the chat template ------------------------------------------------------------------------------
 
 def test_published_template_renders_tools_calls_and_results(tokenizer: ChatTokenizer) -> None:

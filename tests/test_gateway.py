@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import jsonschema
 import ollama
 import openai
 import pytest
@@ -527,3 +528,34 @@ def test_the_command_serves_the_fleet_and_logs_json(gw: Fixture, broker: int, tm
         process.wait(timeout=30)
     lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     assert any(line["path"] == "/v1/models" and line["status"] == 200 for line in lines), log.read_text()
+
+
+def test_thinking_arrives_apart_from_the_answer(gw: Fixture, fleet_client: DeviceClient) -> None:
+    # on the wire: the thinking block's chunks are marked, valid against the v1 schema
+    schema = json.loads((Path(__file__).parent.parent / "docs" / "schema" / "v1" / "chunk.json").read_text())
+    request_id = fleet_client.send(gw.device, {"messages": ask("Why is the sky blue?"), "max_tokens": 12, "thinking": True})
+    chunks = [r for r in fleet_client.replies(request_id, timeout=60) if r["type"] == "chunk"]
+    assert chunks and chunks[0].get("reasoning") is True
+    for chunk in chunks:
+        jsonschema.validate(chunk, schema)
+    wire_reasoning = "".join(c["text"] for c in chunks if c.get("reasoning"))
+    wire_text = "".join(c["text"] for c in chunks if not c.get("reasoning"))
+    assert "</think>" not in wire_reasoning + wire_text
+    # OpenAI's shape: reasoning_content, streamed and not, the same greedy tokens
+    client = gw.openai()
+    whole = client.chat.completions.create(model=gw.device, messages=ask("Why is the sky blue?"), max_tokens=12,
+                                           extra_body={"thinking": True}).model_dump()["choices"][0]["message"]
+    assert whole["reasoning_content"] == wire_reasoning and (whole["content"] or "") == wire_text
+    deltas = [c.choices[0].delta.model_dump() for c in client.chat.completions.create(
+        model=gw.device, messages=ask("Why is the sky blue?"), max_tokens=12, extra_body={"thinking": True}, stream=True)]
+    assert "".join(d.get("reasoning_content") or "" for d in deltas) == wire_reasoning
+    # Ollama's: message.thinking, as Home Assistant reads it with think=True
+    tokens = gw.tokens_file.parent / "ollama-tokens.yaml"
+    add_grant(tokens, "ha", (), 0, 0, networks=("127.0.0.1/32",))
+    gateway = BackgroundGateway(Gateway(GatewaySettings(port=0, tokens=tokens), gw.fleet, TokenStore(tokens)))
+    try:
+        reply = ollama.Client(host=gateway.url).chat(model=gw.device, messages=ask("Why is the sky blue?"), think=True,
+                                                     stream=False, options={"num_predict": 12})
+        assert reply["message"]["thinking"] == wire_reasoning and reply["message"]["content"] == wire_text
+    finally:
+        gateway.stop()

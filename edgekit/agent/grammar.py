@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tokenizers import decoders
 
-from edgekit.agent.tools import CALL_CLOSE, CALL_OPEN, Tool, ToolChoice, ToolError
+from edgekit.agent.tools import CALL_CLOSE, CALL_OPEN, THINK_CLOSE, Tool, ToolChoice, ToolError
 from edgekit.errors import EdgekitError
 from edgekit.runtime.resident import trim_heap
 
@@ -211,7 +211,7 @@ class GrammarCompiler:
         # template's end of turn is the one a constrained reply should end with.
         end_of_turn, ends = tokenizer.token_id("<|im_end|>"), sorted(eos_ids)
         self.eos_id = end_of_turn if end_of_turn in ends else ends[0]
-        self.special = {text: tokenizer.token_id(text) for text in (CALL_OPEN, CALL_CLOSE, "</think>")}
+        self.special = {text: tokenizer.token_id(text) for text in (CALL_OPEN, CALL_CLOSE, THINK_CLOSE)}
         self._tokenizer: llguidance.LLTokenizer | None = None
         self._lock = threading.Lock()
         self.last_used = 0.0  # time.monotonic() of the last constraint built
@@ -238,7 +238,7 @@ class GrammarCompiler:
         """The reply's constraint, or None when ``fmt`` needs none."""
         if not fmt.constrained():
             return None
-        call_open, call_close, think_end = (self.special[t] for t in (CALL_OPEN, CALL_CLOSE, "</think>"))
+        call_open, call_close, think_end = (self.special[t] for t in (CALL_OPEN, CALL_CLOSE, THINK_CLOSE))
         if fmt.tools and (call_open is None or call_close is None):
             raise ToolError("this bundle's tokenizer has no <tool_call> token: it cannot call tools")
         lark = lark_grammar(fmt, call_open or 0, call_close or 0, lead=thinking)

@@ -31,6 +31,7 @@ from edgekit.errors import EdgekitError
 # and a device that never sees tools keeps its memory (docs/agent.md).
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+THINK_CLOSE = "</think>"  # ends Qwen3.5's thinking block (one token)
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _FUNCTION = re.compile(r"^\s*<function=([^>\n]*)>\n?(.*?)\n?</function>\s*$", re.S)
 _PARAMETER = re.compile(r"<parameter=([^>\n]*)>\n?(.*?)\n?</parameter>", re.S)

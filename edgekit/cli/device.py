@@ -120,7 +120,7 @@ def ask(prompt: str, device_id: str | None, pool: str | None, session: str | Non
             arguments = json.dumps(call.arguments, ensure_ascii=False) if call.arguments is not None else "?"
             click.echo(f"-> {call.name}({arguments})" + (f"  [error: {call.error}]" if call.error else ""))
 
-    output.result({**answer.final, "text": answer.text}, show)
+    output.result({**answer.final, "text": answer.text, **({"reasoning": answer.reasoning} if answer.reasoning else {})}, show)
 
 
 def _tool_choice(value: str | None) -> str | dict[str, Any] | None:

@@ -258,12 +258,8 @@ class Gateway:
         async with contextlib.aclosing(self.relay(grant, target, chat.request, chat.session, "openai")) as replies:
             first = await self._first(replies)
             if not chat.stream:
-                texts, final = [], first
-                async for reply in _chain(first, replies):
-                    if reply["type"] == "chunk":
-                        texts.append(reply["text"])
-                    final = reply
-                body = openai_api.completion(completion_id, chat.model, "".join(texts), final)
+                text, reasoning, final = await _collect(first, replies)
+                body = openai_api.completion(completion_id, chat.model, text, final, reasoning)
                 if chat.session is not None:
                     body["session"] = chat.session
                 return web.json_response(body)
@@ -310,12 +306,8 @@ class Gateway:
         async with contextlib.aclosing(self.relay(grant, target, body, None, "ollama")) as replies:
             first = await self._first(replies)
             if not stream:
-                texts, final = [], first
-                async for reply in _chain(first, replies):
-                    if reply["type"] == "chunk":
-                        texts.append(reply["text"])
-                    final = reply
-                return web.json_response(ollama_api.done(model, final, time.monotonic() - started, "".join(texts)))
+                text, reasoning, final = await _collect(first, replies)
+                return web.json_response(ollama_api.done(model, final, time.monotonic() - started, text, reasoning))
             response = await self._open_stream(request, "application/x-ndjson")
 
             async def send(data: dict[str, Any]) -> None:
@@ -324,7 +316,7 @@ class Gateway:
             try:
                 async for reply in _chain(first, replies):
                     if reply["type"] == "chunk":
-                        await send(ollama_api.chunk(model, reply["text"]))
+                        await send(ollama_api.chunk(model, reply["text"], bool(reply.get("reasoning"))))
                     elif reply["type"] == "final":
                         if calls := ollama_api.calls_message(model, reply):
                             await send(calls)
@@ -356,6 +348,18 @@ class Gateway:
         response = web.Response(body=generate_latest(self.metrics.registry))
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
+
+
+async def _collect(first: dict[str, Any], rest: AsyncIterator[dict[str, Any]]) -> tuple[str, str, dict[str, Any]]:
+    """A whole reply for a non-streaming response: its text, its thinking block's text, its final message."""
+    texts: list[str] = []
+    thoughts: list[str] = []
+    final = first
+    async for reply in _chain(first, rest):
+        if reply["type"] == "chunk":
+            (thoughts if reply.get("reasoning") else texts).append(reply["text"])
+        final = reply
+    return "".join(texts), "".join(thoughts), final
 
 
 async def _chain(first: dict[str, Any], rest: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:

@@ -88,8 +88,10 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def chunk(model: str, text: str) -> dict[str, Any]:
-    return {"model": model, "created_at": _now(), "message": {"role": "assistant", "content": text}, "done": False}
+def chunk(model: str, text: str, thinking: bool = False) -> dict[str, Any]:
+    """One streamed piece: the thinking block's text goes in ``thinking``, as Ollama sends it."""
+    message = {"role": "assistant", "content": "", "thinking": text} if thinking else {"role": "assistant", "content": text}
+    return {"model": model, "created_at": _now(), "message": message, "done": False}
 
 
 def calls_message(model: str, final: dict[str, Any]) -> dict[str, Any] | None:
@@ -105,7 +107,7 @@ def _calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"function": {"name": c["function"]["name"], "arguments": c["function"]["arguments"] or {}}} for c in calls]
 
 
-def done(model: str, final: dict[str, Any], elapsed_s: float, text: str | None = None) -> dict[str, Any]:
+def done(model: str, final: dict[str, Any], elapsed_s: float, text: str | None = None, thinking: str = "") -> dict[str, Any]:
     """The last line of a stream (``text`` None), or the whole non-streaming reply."""
     timings, used = final.get("timings", {}), final["usage"]
     ns = 1_000_000_000
@@ -113,6 +115,8 @@ def done(model: str, final: dict[str, Any], elapsed_s: float, text: str | None =
     message: dict[str, Any] = {"role": "assistant", "content": text or ""}
     if text is not None and final.get("tool_calls"):
         message["tool_calls"] = _calls(final["tool_calls"])
+    if thinking:
+        message["thinking"] = thinking
     return {"model": model, "created_at": _now(), "message": message, "done": True,
             "done_reason": _DONE.get(final["finish_reason"], "stop"),
             "total_duration": int(elapsed_s * ns), "load_duration": 0,

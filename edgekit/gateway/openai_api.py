@@ -137,10 +137,13 @@ def usage(final: dict[str, Any]) -> dict[str, int]:
     return body
 
 
-def completion(completion_id: str, model: str, text: str, final: dict[str, Any]) -> dict[str, Any]:
-    """The non-streaming response body."""
+def completion(completion_id: str, model: str, text: str, final: dict[str, Any], reasoning: str = "") -> dict[str, Any]:
+    """The non-streaming response body; the thinking block goes in ``reasoning_content`` (as llama.cpp's
+    server and vLLM put it), never in ``content``."""
     calls = tool_calls(final.get("tool_calls") or [])
     message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None, "refusal": None}
+    if reasoning:
+        message["reasoning_content"] = reasoning
     if calls:
         message["tool_calls"] = calls
     return {"id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": model,
@@ -163,7 +166,7 @@ class ChunkWriter:
         """The chunks one device reply becomes (none for ``queued``)."""
         kind = reply["type"]
         if kind == "chunk":
-            return [self.chunk({"content": reply["text"]})]
+            return [self.chunk({"reasoning_content" if reply.get("reasoning") else "content": reply["text"]})]
         if kind == "tool_call":
             return [self.chunk({"tool_calls": [{"index": reply["index"], "id": reply["call_id"], "type": "function",
                                                 "function": {"name": reply["name"], "arguments": ""}}]})]

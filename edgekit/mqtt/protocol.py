@@ -253,8 +253,12 @@ def queued(request_id: str, position: int) -> bytes:
     return _dump({"id": request_id, "type": "queued", "position": position})
 
 
-def chunk(request_id: str, seq: int, text: str) -> bytes:
-    return _dump({"id": request_id, "type": "chunk", "seq": seq, "text": text})
+def chunk(request_id: str, seq: int, text: str, reasoning: bool = False) -> bytes:
+    """Streamed text; ``reasoning`` marks the thinking block's (``thinking: true``), which is not the answer."""
+    body: dict[str, Any] = {"id": request_id, "type": "chunk", "seq": seq, "text": text}
+    if reasoning:
+        body["reasoning"] = True
+    return _dump(body)
 
 
 def tool_call(request_id: str, seq: int, index: int, call: ToolCall) -> bytes:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from edgekit.agent.grammar import GrammarCompiler, ReplyFormat
-from edgekit.agent.tools import CALL_CLOSE, CALL_OPEN, ToolCall, ToolError, parse_call
+from edgekit.agent.tools import CALL_CLOSE, CALL_OPEN, THINK_CLOSE, ToolCall, ToolError, parse_call
 from edgekit.errors import EdgekitError
 from edgekit.runtime.engine import Engine, GenerationStats
 from edgekit.runtime.sampling import Sampling
@@ -50,6 +50,7 @@ class TurnResult:
     tool_calls: list[ToolCall] = field(default_factory=list)
     tools_tokens: int = 0  # what the tool definitions take of the context
     grammar_ms_per_token: float | None = None  # constrained turns: the grammar's time per masked step
+    reasoning: str = ""  # thinking turns: the text of the <think> block (never part of ``text``)
 
 
 def run_turn(
@@ -61,8 +62,12 @@ def run_turn(
     sessions: SessionStore | None = None,
     grammars: GrammarCompiler | None = None,
     on_call: Callable[[int, ToolCall], None] = lambda index, call: None,
+    on_reasoning: Callable[[str], None] | None = None,
 ) -> TurnResult:
     """Generate one turn, calling ``on_text`` with each piece of complete UTF-8 text.
+
+    With ``turn.thinking`` the reply opens inside Qwen3.5's ``<think>`` block: its text goes to
+    ``on_reasoning`` (or, without one, to ``on_text`` as it always did) until the model's ``</think>``.
 
     Tool-call markup never reaches ``on_text``: ``on_call`` announces each call once its function
     name is known, and the parsed calls come back in the result. ``grammars`` builds the constraint
@@ -94,7 +99,8 @@ def run_turn(
         # A long prefill is what sets the daemon's memory peak: keep the grammar's index out of it.
         grammars.release()
     stats = GenerationStats()
-    reply = _Reply(tokenizer, fmt, turn.stop, on_text, on_call)
+    thinking = turn.thinking and turn.prompt is None  # a raw prompt has no generation prompt that opens <think>
+    reply = _Reply(tokenizer, fmt, turn.stop, on_text, on_call, on_reasoning if thinking else None)
     finish = None
     generated: list[int] = []
     for token in engine.generate(ids, turn.max_tokens, turn.sampling, state=state, stats=stats,
@@ -119,7 +125,7 @@ def run_turn(
         sessions.put(turn.session, session)
     grammar_ms = round(1000 * constraint.grammar_s / constraint.steps, 3) if constraint and constraint.steps else None
     return TurnResult("".join(reply.emitted), finish, stats, session_tokens=state.length, tool_calls=reply.calls,
-                      tools_tokens=tools_tokens, grammar_ms_per_token=grammar_ms)
+                      tools_tokens=tools_tokens, grammar_ms_per_token=grammar_ms, reasoning="".join(reply.reasoning))
 
 
 class _Reply:
@@ -127,9 +133,14 @@ class _Reply:
     tool calls (collected between the ``<tool_call>`` tokens and parsed when each closes)."""
 
     def __init__(self, tokenizer: ChatTokenizer, fmt: ReplyFormat, stop: list[str], on_text: Callable[[str], None],
-                 on_call: Callable[[int, ToolCall], None]) -> None:
+                 on_call: Callable[[int, ToolCall], None], on_reasoning: Callable[[str], None] | None = None) -> None:
         self.tokenizer, self.fmt, self.stop = tokenizer, fmt, stop
-        self.on_text, self.on_call = on_text, on_call
+        self.on_text, self.on_call, self.on_reasoning = on_text, on_call, on_reasoning
+        # Inside the <think> block the generation prompt opened, until the model closes it.
+        self.thinking = on_reasoning is not None
+        self.think_close = tokenizer.token_id(THINK_CLOSE)
+        self.reasoning: list[str] = []
+        self.after_think = False  # the line breaks after </think> are the template's, not the answer's
         self.stream = tokenizer.stream()
         self.open_id = tokenizer.token_id(CALL_OPEN) if fmt.tools else None
         self.close_id = tokenizer.token_id(CALL_CLOSE)
@@ -144,6 +155,16 @@ class _Reply:
     def add(self, token: int) -> bool:
         """Take one token; True when a stop sequence ended the text."""
         piece = self.stream.step(self.tokenizer.tokenizer, token) or ""
+        if self.thinking:
+            if token == self.think_close:
+                self.thinking, self.after_think = False, True
+            elif piece and self.on_reasoning:
+                self.on_reasoning(piece)
+                self.reasoning.append(piece)
+            return False
+        if self.after_think:
+            piece = piece.lstrip("\n")
+            self.after_think = not piece
         if token == self.open_id and self.markup is None:
             self._flush()
             self.markup, self.call_id, self.announced = "", _call_id(), False

@@ -320,6 +320,11 @@ class Daemon:
                 job.answer.append(text)
             seq += 1
 
+        def on_reasoning(text: str) -> None:
+            nonlocal seq
+            self._publish(topic, protocol.chunk(request.id, seq, text, reasoning=True), correlation)
+            seq += 1
+
         def on_call(index: int, call: ToolCall) -> None:
             nonlocal seq
             self._publish(topic, protocol.tool_call(request.id, seq, index, call), correlation)
@@ -331,7 +336,7 @@ class Daemon:
                     fmt=request.fmt)
         try:
             result = run_turn(self.engine, self.tokenizer, turn, on_text, job.cancelled.is_set, self.sessions,
-                              self.grammars, on_call)
+                              self.grammars, on_call, on_reasoning)
         except ToolError as exc:
             return self._error(topic, correlation, request.id, "bad_request", str(exc))
         except SessionEvicted as exc:
