@@ -158,10 +158,10 @@ class DeviceClient:
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
         self._acks[mid] = reason  # called before wait_for_publish returns
 
-    def publish(self, topic: str, payload: str | bytes, properties: Properties | None = None) -> bool:
+    def publish(self, topic: str, payload: str | bytes, properties: Properties | None = None, retain: bool = False) -> bool:
         """Publish at QoS 1 and wait until the broker has it; False when an MQTT 5 broker said that
         nobody subscribes to the topic (reason 0x10, "no matching subscribers")."""
-        info = self._client.publish(topic, payload, qos=1, properties=properties)
+        info = self._client.publish(topic, payload, qos=1, properties=properties, retain=retain)
         info.wait_for_publish(5)
         reason = self._acks.pop(info.mid, None)
         return getattr(reason, "value", 0) != 0x10
@@ -318,7 +318,7 @@ class DeviceClient:
         device, ha = DeviceTopics.of(self.prefix, device_id), HomeAssistantTopics.of(self.prefix, discovery_prefix, device_id)
         topics = [device.status, device.telemetry, ha.answer, ha.config]
         for topic in topics:
-            self._client.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
+            self.publish(topic, b"", retain=True)
         return topics
 
     def statuses(self, wait_s: float = 1.0) -> dict[str, dict[str, Any]]:

@@ -559,3 +559,17 @@ def test_thinking_arrives_apart_from_the_answer(gw: Fixture, fleet_client: Devic
         assert reply["message"]["thinking"] == wire_reasoning and reply["message"]["content"] == wire_text
     finally:
         gateway.stop()
+
+
+def test_a_token_file_that_turns_invalid_refuses_everyone(gw: Fixture, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tokens = tmp_path / "tokens.yaml"
+    secret = add_grant(tokens, "solo", (), 0, 0)
+    gateway = BackgroundGateway(Gateway(GatewaySettings(port=0, tokens=tokens), gw.fleet, TokenStore(tokens)))
+    try:
+        assert _status(f"{gateway.url}/v1/models", secret) == 200
+        tokens.write_text(tokens.read_text() + "  - name: broken\n")  # an edit that breaks the file
+        with caplog.at_level(logging.ERROR, logger="edgekit.gateway"):
+            assert _status(f"{gateway.url}/v1/models", secret) == 503
+        assert any(r.getMessage().startswith(f"token file: {tokens}") for r in caplog.records), caplog.text
+    finally:
+        gateway.stop()

@@ -161,9 +161,12 @@ class Gateway:
                                                  "Access-Control-Max-Age": "600"})
 
     def _grant(self, request: web.Request) -> Grant:
-        if problem := self.tokens.problem:
-            log.error("token file: %s", problem)
-        grant = self.tokens.authenticate(request.headers.get("Authorization"), request.remote)
+        try:
+            grant = self.tokens.authenticate(request.headers.get("Authorization"), request.remote)
+        except GatewayError:
+            if self.tokens.problem:  # the refusal's body only says to read this log
+                log.error("token file: %s", self.tokens.problem)
+            raise
         request[GRANT] = grant.name
         return grant
 

@@ -166,7 +166,7 @@ class TokenStore:
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self._grants: list[Grant] = read_grants(path) if path else [OPEN]
-        self._problem: str | None = None
+        self.problem: str | None = None  # why the file last failed to load (then nobody is let in)
         self._seen = self._signature()
         self._usage: dict[str, _Usage] = {}
 
@@ -185,20 +185,14 @@ class TokenStore:
             return
         self._seen = signature
         try:
-            self._grants, self._problem = read_grants(self.path), None
+            self._grants, self.problem = read_grants(self.path), None
         except EdgekitError as exc:
-            self._grants, self._problem = [], str(exc)
-
-    @property
-    def problem(self) -> str | None:
-        """Why the file last failed to load (then nobody is let in), or None."""
-        self._refresh()
-        return self._problem
+            self._grants, self.problem = [], str(exc)
 
     def authenticate(self, authorization: str | None, peer: str | None) -> Grant:
         """The grant for a request's ``Authorization`` header or, without one, its peer address."""
         self._refresh()
-        if self._problem:
+        if self.problem:
             raise GatewayError(503, "the gateway's token file is invalid; its log says why", "token_file_invalid", "server_error")
         if self.path is None:
             return OPEN
