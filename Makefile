@@ -14,7 +14,7 @@ RANDOM := $(if $(findstring fixtures/,$(MODEL)),--random-weights,)
 # torch from the CPU build: an unpinned torch pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install system-deps run test test-fast bench bench-anchor bench-fleet quality fixtures lint clean
+.PHONY: install system-deps run test test-fast bench bench-anchor bench-fleet bench-vision quality fixtures lint clean
 
 $(BIN)/edgekit: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -79,6 +79,14 @@ bench-anchor: install fixtures/qwen3.5-0.8b/config.json fixtures/qwen3.5-2b/conf
 
 # A simulated fleet (docs/fleet.md): up to twenty tiny-model daemons in one pool behind one Mosquitto and
 # one gateway, on this machine: throughput, fairness, broker and gateway CPU per member count (minutes).
+# What images cost on the 0.8B and 2B (docs/vision.md): encoder time per size, time to first token, RSS.
+bench-vision: install fixtures/qwen3.5-0.8b/config.json fixtures/qwen3.5-2b/config.json
+	for size in 0.8b 2b; do \
+		$(BIN)/edgekit build --profile raspberry-pi-5 --model fixtures/qwen3.5-$$size --output vision-results \
+			--name vision-$$size --overwrite --min-top1 0 --max-kl 10 || exit 1; \
+		$(BIN)/python bench/vision.py vision-results/vision-$$size --runs 3 --out vision-results || exit 1; \
+	done
+
 bench-fleet: install fixtures/qwen3.5-tiny/config.json
 	$(BIN)/edgekit build --profile host --model fixtures/qwen3.5-tiny --output fleet-results --name fleet-tiny \
 		--overwrite --min-top1 0 --max-kl 10
@@ -96,4 +104,4 @@ lint: install
 	$(BIN)/mypy
 
 clean:
-	rm -rf dist bench-results quality-results anchor-results mtp-results .pytest_cache
+	rm -rf dist bench-results quality-results anchor-results mtp-results vision-results .pytest_cache

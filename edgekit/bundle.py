@@ -84,6 +84,21 @@ class QualityReport:
 
 
 @dataclass(frozen=True)
+class VisionInfo:
+    """The bundle's vision encoder (``vision.onnx``): its precision, the largest image the device
+    takes, and how closely it follows transformers in fp32, alone and inside image+text prompts."""
+
+    precision: str
+    max_pixels: int
+    preprocessor: str  # "checkpoint" (its preprocessor_config.json) or "defaults" (transformers' Qwen3-VL values)
+    encoder_min_cosine: float
+    encoder_max_relative_error: float
+    encoder_passed: bool
+    encoder_reason: str
+    image_prompts: QualityReport
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A bundle's ``manifest.json``."""
 
@@ -97,6 +112,7 @@ class Manifest:
     built_at: str
     build_seconds: float
     timings: dict[str, float]
+    vision: VisionInfo | None = None  # None: a text-only bundle
     files: tuple[FileEntry, ...] = ()
     format_version: int = FORMAT_VERSION
     # Fields this reader does not know (a newer build's), kept as read.
@@ -148,6 +164,7 @@ class Manifest:
         model, recipe, quality = top.nested("model"), top.nested("recipe"), top.nested("quality")
         profile_data = top.get("profile", dict, "a mapping (the device profile)")
         files = top.get("files", list, "a list of {path, size, sha256}")
+        vision = top.get("vision", dict, "a mapping (the vision encoder) or null", None)
         entries = []
         for i, item in enumerate(files):
             entry = Fields(item, where, f"files[{i}].")
@@ -175,21 +192,12 @@ class Manifest:
                 builder_options=_str_map(recipe, "builder_options", str),
             ),
             estimated_ram=_str_map(top, "estimated_ram", int),
-            quality=QualityReport(
-                prompts=quality.number("prompts", 0, 2**31, integer=True),
-                positions=quality.number("positions", 0, 2**31, integer=True),
-                top1_agreement=float(quality.number("top1_agreement", 0, 1)),
-                mean_kl=float(quality.number("mean_kl", 0, float("inf"))),
-                max_kl=float(quality.number("max_kl", 0, float("inf"))),
-                greedy_match=quality.get("greedy_match", bool, "true or false"),
-                checked_on=quality.get("checked_on", str, "a string"),
-                passed=quality.get("passed", bool, "true or false"),
-                reason=quality.get("reason", str, "a string"),
-            ),
+            quality=_quality(quality),
             tools=_str_map(top, "tools", (str, type(None))),
             built_at=top.get("built_at", str, "an ISO 8601 time"),
             build_seconds=float(top.number("build_seconds", 0, float("inf"))),
             timings={k: float(v) for k, v in _str_map(top, "timings", (int, float)).items()},
+            vision=_vision(Fields(vision, where, "vision.")) if vision is not None else None,
             files=tuple(entries),
             format_version=version,
         )
@@ -197,6 +205,33 @@ class Manifest:
             raise EdgekitError(f"{where}: field 'estimated_ram.total' must be an integer (missing)")
         top.get("size_bytes", int, "an integer", None)  # derived from the files; checked, not kept
         return replace(manifest, extra={k: v for k, v in data.items() if k not in top.used})
+
+
+def _quality(quality: Fields) -> QualityReport:
+    return QualityReport(
+        prompts=quality.number("prompts", 0, 2**31, integer=True),
+        positions=quality.number("positions", 0, 2**31, integer=True),
+        top1_agreement=float(quality.number("top1_agreement", 0, 1)),
+        mean_kl=float(quality.number("mean_kl", 0, float("inf"))),
+        max_kl=float(quality.number("max_kl", 0, float("inf"))),
+        greedy_match=quality.get("greedy_match", bool, "true or false"),
+        checked_on=quality.get("checked_on", str, "a string"),
+        passed=quality.get("passed", bool, "true or false"),
+        reason=quality.get("reason", str, "a string"),
+    )
+
+
+def _vision(vision: Fields) -> VisionInfo:
+    return VisionInfo(
+        precision=vision.get("precision", str, "a string"),
+        max_pixels=vision.number("max_pixels", 1, 2**31, integer=True),
+        preprocessor=vision.get("preprocessor", str, "a string"),
+        encoder_min_cosine=float(vision.number("encoder_min_cosine", -1, 1)),
+        encoder_max_relative_error=float(vision.number("encoder_max_relative_error", 0, float("inf"))),
+        encoder_passed=vision.get("encoder_passed", bool, "true or false"),
+        encoder_reason=vision.get("encoder_reason", str, "a string"),
+        image_prompts=_quality(vision.nested("image_prompts")),
+    )
 
 
 def _str_map(parent: Fields, key: str, kind: type | tuple[type, ...]) -> dict[str, Any]:

@@ -8,10 +8,14 @@ Example::
     with DeviceClient(BrokerSettings(host="broker.local")) as client:
         final = client.ask("kitchen", {"messages": [{"role": "user", "content": "Is the oven on?"}]},
                            on_text=lambda text: print(text, end=""))
+        # An image goes as a content part (image_part reads a file or takes bytes):
+        question = [image_part("door.jpg"), {"type": "text", "text": "Is anyone at the door?"}]
+        answer = client.chat("porch", {"messages": [{"role": "user", "content": question}]})
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import queue
 import ssl
@@ -20,6 +24,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -38,6 +43,22 @@ class PoolFull(EdgekitError):
     """The broker had no subscriber for a pool request: every member is full (members leave their
     pools while their queue is full) or none is online. Retry later, as for ``busy``."""
 
+
+
+_IMAGE_TYPES = {b"\xff\xd8\xff": "image/jpeg", b"\x89PNG\r\n\x1a\n": "image/png"}
+
+
+def image_part(image: str | Path | bytes) -> dict[str, Any]:
+    """An OpenAI-style image content part for a request: a JPEG, PNG or WebP file (or its bytes) as a
+    data URL. Devices check the image themselves; this only refuses what is none of those formats."""
+    data = image if isinstance(image, bytes) else Path(image).read_bytes()
+    mime = next((kind for magic, kind in _IMAGE_TYPES.items() if data.startswith(magic)), None)
+    if mime is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        mime = "image/webp"
+    if mime is None:
+        where = "the image bytes" if isinstance(image, bytes) else str(image)
+        raise EdgekitError(f"{where}: not a JPEG, PNG or WebP image")
+    return {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{base64.b64encode(data).decode()}"}}
 
 @dataclass
 class Answer:

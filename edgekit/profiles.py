@@ -64,6 +64,16 @@ class Quality:
 
 
 @dataclass(frozen=True)
+class Vision:
+    """The vision encoder on this device: whether builds include it, and the largest image it takes."""
+
+    enabled: bool = True
+    # An image is resized to at most this many pixels (sides multiples of 32): the encoder's time and
+    # its attention's memory grow with the square of the patches (a patch is 16 x 16 pixels).
+    max_pixels: int = 602_112  # 896 x 672: 2,352 patches, 588 prompt tokens
+
+
+@dataclass(frozen=True)
 class DeviceProfile:
     """One target device class and the build recipe for it."""
 
@@ -83,6 +93,7 @@ class DeviceProfile:
     quantization: Quantization
     quality: Quality
     path: str = ""
+    vision: Vision = Vision()
 
     @property
     def model_budget_bytes(self) -> int:
@@ -138,6 +149,7 @@ def parse_profile(data: Any, where: str, strict: bool = True) -> DeviceProfile:
     cpu = top.nested("cpu")
     quant = top.nested("quantization")
     quality = top.nested("quality")
+    vision = top.nested("vision", optional=True)
     features = cpu.get("features", list, "a list of CPU feature names", [])
     if not all(isinstance(f, str) for f in features):
         raise EdgekitError(f"{where}: field 'cpu.features' must be a list of strings (got {features!r})")
@@ -171,8 +183,12 @@ def parse_profile(data: Any, where: str, strict: bool = True) -> DeviceProfile:
             max_mean_kl=quality.number("max_mean_kl", 0.0, 100.0),
         ),
         path=where,
+        vision=Vision(
+            enabled=vision.get("enabled", bool, "true or false", True),
+            max_pixels=vision.number("max_pixels", 1024, 16_777_216, integer=True, default=Vision.max_pixels),
+        ),
     )
-    for fields in (top, cpu, quant, quality) if strict else ():
+    for fields in (top, cpu, quant, quality, vision) if strict else ():
         fields.check_unknown()
     if precision == "fp16" and provider == "cpu":
         raise EdgekitError(f"{where}: field 'quantization.precision' fp16 needs execution_provider cuda (CPU has no fp16 kernels)")

@@ -53,10 +53,10 @@ class Fields:
             raise self._fail(key, f"one of {', '.join(map(str, allowed))}", value)
         return value
 
-    def number(self, key: str, low: float, high: float, integer: bool = False) -> Any:
+    def number(self, key: str, low: float, high: float, integer: bool = False, default: Any = ...) -> Any:
         kind = int if integer else (int, float)
         expected = f"{'an integer' if integer else 'a number'} from {low} to {high}"
-        value = self.get(key, kind, expected)
+        value = self.get(key, kind, expected, default)
         if not low <= value <= high:
             raise self._fail(key, expected, value)
         return value

@@ -376,6 +376,8 @@ def test_k_quant_recipe_from_a_user_profile(tiny_checkpoint_no_mtp: Path, tmp_pa
     # k_quant's embedding lookup has no embeds graph, where the int8 cache would live: the manifest
     # says the cache stayed fp16.
     assert manifest.profile.quantization.kv_cache == "int8" and manifest.recipe.kv_cache == "fp16"
+    # Nor can image embeddings go in: the bundle is text-only, and says so.
+    assert manifest.vision is None and manifest.model.text_only
 
 
 @pytest.mark.slow

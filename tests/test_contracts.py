@@ -47,12 +47,14 @@ def test_manifest_reads_back_what_the_build_wrote(host_bundle: Path) -> None:
 def test_manifest_fields_a_newer_build_adds_are_accepted_and_kept(bundle_copy: Path) -> None:
     """v1 policy: unknown fields are additive; a device serves a bundle from a newer build."""
     data = json.loads((bundle_copy / MANIFEST).read_text())
-    data["vision"] = {"encoder": "vision.onnx"}
+    data["audio"] = {"encoder": "audio.onnx"}
+    data["vision"]["video"] = True
     data["profile"]["cpu"]["dotprod"] = True
     _rewrite(bundle_copy, data)
     manifest = signing.verify(bundle_copy)
-    assert manifest.extra == {"vision": {"encoder": "vision.onnx"}}
-    assert manifest.to_dict()["vision"] == {"encoder": "vision.onnx"}
+    assert manifest.extra == {"audio": {"encoder": "audio.onnx"}}
+    assert manifest.to_dict()["audio"] == {"encoder": "audio.onnx"}
+    assert manifest.vision is not None and manifest.vision.precision == "int8"
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@ clients (the latter with the request shapes Home Assistant's Ollama integration 
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import re
@@ -25,7 +26,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from edgekit.client import DeviceClient
+from edgekit.builder.parity import sample_image
+from edgekit.client import DeviceClient, image_part
 from edgekit.errors import EdgekitError
 from edgekit.gateway.app import BackgroundGateway, Gateway, GatewaySettings
 from edgekit.gateway.fleet import Fleet, model_name, parse_model
@@ -38,6 +40,7 @@ from edgekit.serve.daemon import Daemon
 from edgekit.serve.embedded_broker import free_port, wait_for_port
 
 from .conftest import broker_at, start_daemon
+from .test_vision import encoded
 
 POOL = "house"
 SET_LIGHT = {"type": "function", "function": {
@@ -573,3 +576,27 @@ def test_a_token_file_that_turns_invalid_refuses_everyone(gw: Fixture, tmp_path:
         assert any(r.getMessage().startswith(f"token file: {tokens}") for r in caplog.records), caplog.text
     finally:
         gateway.stop()
+
+
+def test_images_pass_through_openai_and_ollama(gw: Fixture, fleet_client: DeviceClient) -> None:
+    """Data-URL image parts reach the device as sent (Ollama's bare base64 images become them); a
+    remote URL is refused by the gateway, which fetches nothing."""
+    png = encoded(sample_image(64, 64, 1))
+    url = f"data:image/png;base64,{base64.b64encode(png).decode()}"
+    question = [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": url, "detail": "auto"}}]
+    reply = gw.openai().chat.completions.create(model=gw.device, messages=[{"role": "user", "content": question}], max_tokens=6)
+    direct = fleet_client.chat(gw.device, {"messages": [{"role": "user", "content": [question[0], image_part(png)]}],
+                                           "max_tokens": 6})
+    assert reply.choices[0].message.content == direct.text
+    assert reply.usage.prompt_tokens == direct.final["usage"]["prompt_tokens"] > direct.final["usage"]["image_tokens"] > 0
+    with pytest.raises(openai.BadRequestError, match="fetches no remote image"):
+        gw.openai().chat.completions.create(model=gw.device, max_tokens=2, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}])
+    with pytest.raises(openai.BadRequestError, match="not an image"):
+        gw.openai().chat.completions.create(model=gw.device, max_tokens=2, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]}])
+    client = ollama.Client(host=gw.gateway.url, headers={"Authorization": f"Bearer {gw.secrets['alice']}"})
+    answer = client.chat(model=gw.device, messages=[{"role": "user", "content": "What is this?", "images": [png]}],
+                         stream=False, options={"num_predict": 6, "temperature": 0})
+    assert answer["message"]["content"] == fleet_client.chat(gw.device, {"messages": [{"role": "user", "content": [
+        image_part(png), {"type": "text", "text": "What is this?"}]}], "max_tokens": 6}).text

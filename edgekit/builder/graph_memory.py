@@ -281,13 +281,23 @@ def _rows_spec(tensor: onnx.TensorProto, dtype: str) -> dict[str, Any] | None:
 _ELEMENT: dict[int, str] = {TensorProto.UINT8: "uint8", TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16"}
 
 
-def _lookup_layout(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> dict[str, Any] | None:
+def _lookup_layout(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto],
+                   transposes: dict[str, onnx.NodeProto]) -> dict[str, Any] | None:
     """The layout :class:`edgekit.runtime.embedding.EmbeddingTable` needs to replay ``node``, or None
-    for a lookup it does not cover (zero points, another axis, an inline table)."""
+    for a lookup it does not cover (zero points, another axis, an inline table). ``transposes``: the
+    graph's 2-D Transpose nodes by output, for a float table stored as the tied LM head's [hidden, vocab]."""
     table = initializers.get(node.input[0])
+    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    transpose = transposes.get(node.input[0])
+    if table is None and transpose is not None and node.op_type == "Gather" and attributes.get("axis", 0) == 0:
+        # fp32 exports tie the table to the LM head's weight and gather from its transpose.
+        stored = initializers.get(transpose.input[0])
+        if stored is None or len(stored.dims) != 2 or stored.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16):
+            return None
+        weights = _rows_spec(stored, _ELEMENT[stored.data_type])
+        return weights and {"rows": stored.dims[1], "hidden": stored.dims[0], "weights": weights, "transposed": True}
     if table is None or len(table.dims) != 2:
         return None
-    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     if node.op_type == "Gather" and attributes.get("axis", 0) == 0 and table.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16):
         weights = _rows_spec(table, _ELEMENT[table.data_type])
         return weights and {"rows": table.dims[0], "hidden": table.dims[1], "weights": weights}
@@ -316,7 +326,9 @@ def without_embedding_lookup(model: onnx.ModelProto) -> onnx.ModelProto | None:
     if len(lookups) != 1 or list(lookups[0].input).index("input_ids") != 1:
         return None
     [lookup] = lookups
-    layout = _lookup_layout(lookup, {t.name: t for t in model.graph.initializer})
+    transposes = {n.output[0]: n for n in model.graph.node if n.op_type == "Transpose"
+                  and [list(a.ints) for a in n.attribute if a.name == "perm"] in ([], [[1, 0]])}
+    layout = _lookup_layout(lookup, {t.name: t for t in model.graph.initializer}, transposes)
     if layout is None:
         return None
     variant = onnx.ModelProto()
@@ -326,6 +338,8 @@ def without_embedding_lookup(model: onnx.ModelProto) -> onnx.ModelProto | None:
     _rename_inputs(graph, {lookup.output[0]: EMBEDS_INPUT})
     if not any(lookup.input[0] in n.input for n in graph.node):
         _keep(graph.initializer, lambda t: t.name != lookup.input[0])
+        # A transpose that only fed the lookup goes too (ONNX Runtime would fold it into a copy of the table).
+        _keep(graph.node, lambda n: not (n.op_type == "Transpose" and lookup.input[0] in n.output))
     # The lookup yields the scales' type (the table's own for a plain Gather).
     element = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}[layout.get("scales", layout["weights"])["dtype"]]
     position = [i.name for i in graph.input].index("input_ids")

@@ -28,10 +28,13 @@ class MemoryEstimate:
     activations: int
     overhead: int
     budget: int
+    # The vision encoder, when the bundle has one: its weights and one image of the profile's largest
+    # size (it loads on the first image; text-only traffic never pays this).
+    vision: int = 0
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.state + self.activations + self.overhead
+        return self.weights + self.kv_cache + self.state + self.activations + self.overhead + self.vision
 
     @property
     def fits(self) -> bool:
@@ -68,8 +71,23 @@ def weight_bytes(shape: ModelShape, quantization: Quantization, io_bytes: int, b
     return (shape.matmul_params() + embeddings) * dense
 
 
+def vision_bytes(shape: ModelShape, profile: DeviceProfile) -> int:
+    """The vision encoder's weights in the profile's precision (builder/vision.py) and the
+    activations of one image of the profile's largest size; 0 without one."""
+    vision = shape.vision
+    if vision is None or not profile.vision.enabled:
+        return 0
+    if profile.quantization.precision == "fp32":
+        per_weight = 4
+    else:
+        per_weight = 2 if profile.execution_provider == "cuda" else 1
+    return (vision.matmul_params() * per_weight + vision.other_params() * 4
+            + vision.activation_bytes(profile.vision.max_pixels))
+
+
 def estimate(shape: ModelShape, profile: DeviceProfile, context_length: int | None = None) -> MemoryEstimate:
-    """Estimate the memory of ``shape`` built and served with ``profile``."""
+    """Estimate the memory of ``shape`` built and served with ``profile`` (with its vision encoder
+    when the profile enables one and the model has it)."""
     context = context_length or profile.context_length
     q = profile.quantization
     # CPU graphs compute in fp32; CUDA int4/fp16 graphs in fp16.
@@ -83,6 +101,7 @@ def estimate(shape: ModelShape, profile: DeviceProfile, context_length: int | No
         activations=shape.vocab * 4 * 2 + 512 * shape.intermediate * 4 * 4,
         overhead=RUNTIME_OVERHEAD,
         budget=profile.model_budget_bytes,
+        vision=vision_bytes(shape, profile),
     )
 
 

@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Protocol
 
 from edgekit import __version__
-from edgekit.builder import draft_graph, export, kv_quant, parity
-from edgekit.builder.checkpoint import Checkpoint, inspect, read_config, resolve
+from edgekit.builder import draft_graph, export, kv_quant, parity, vision
+from edgekit.builder.checkpoint import VISION_PREFIX, Checkpoint, inspect, read_config, resolve
 from edgekit.builder.graph_memory import lighten
 from edgekit.builder.memory import MIB, MemoryEstimate, check_fits, estimate
-from edgekit.bundle import Manifest, ModelInfo, QualityReport, Recipe
+from edgekit.bundle import Manifest, ModelInfo, QualityReport, Recipe, VisionInfo
 from edgekit.errors import EdgekitError
 from edgekit.profiles import DeviceProfile, Quality
+from edgekit.runtime.embedding import embeds_graph
 
 TOOLS = ("onnxruntime", "onnxruntime-genai", "transformers", "torch", "tokenizers")
 
@@ -65,6 +66,9 @@ class BuildRequest:
     context_length: int | None = None
     quality: Quality | None = None
     sign_key: Path | None = None  # ed25519 private key (PEM): sign the manifest before the bundle appears
+    # Leave the vision encoder out (a profile can also disable it); it is in by default wherever the
+    # checkpoint has one and the profile enables it.
+    text_only: bool = False
 
 
 @dataclass
@@ -92,11 +96,15 @@ def build(request: BuildRequest, reporter: Reporter | None = None) -> BuildResul
     context = request.context_length or profile.context_length
     if request.quality:
         profile = replace(profile, quality=request.quality)
+    if request.text_only:
+        profile = replace(profile, vision=replace(profile.vision, enabled=False))
 
     report.step("resolving model")
     # The config alone decides whether the model fits: check that before downloading the weights.
     config_folder, model_id, _ = resolve(request.model, request.revision, config_only=True)
     _, shape = read_config(config_folder)
+    if shape.vision is None:
+        profile = replace(profile, vision=replace(profile.vision, enabled=False))
     if request.force:
         memory = estimate(shape, profile, context)
         if not memory.fits:
@@ -160,10 +168,16 @@ def build(request: BuildRequest, reporter: Reporter | None = None) -> BuildResul
                                "or accept these figures with --min-top1/--max-kl (README: when a gate refuses a build)")
         # Shipped in the bundle (sha256 in the manifest) for the check the device runs on its own kernels.
         reference.write(staging)
+        vision_info = None
+        if profile.vision.enabled and not embeds_graph(staging / "model.onnx").is_file():
+            # The runtime puts image embeddings in through the embeds graph.
+            report.note("this export's embedding lookup has no embeds graph (e.g. k_quant's), so the bundle is text-only")
+        elif profile.vision.enabled:
+            vision_info = _vision(staging, checkpoint, profile, work, report, timings)
 
         report.step("writing manifest")
         manifest = _manifest(name, request, profile, checkpoint, context, memory, extra, kv_cache, quality, timings,
-                             started).write(staging)
+                             started, vision_info).write(staging)
         if request.sign_key:
             from edgekit import signing
 
@@ -183,6 +197,35 @@ def build(request: BuildRequest, reporter: Reporter | None = None) -> BuildResul
         shutil.rmtree(work, ignore_errors=True)
     timings["total"] = time.perf_counter() - started
     return BuildResult(final, manifest, timings)
+
+
+def _vision(staging: Path, checkpoint: Checkpoint, profile: DeviceProfile, work: Path, report: Reporter,
+            timings: dict[str, float]) -> VisionInfo:
+    """Export the vision encoder into ``staging`` and check it, alone and in image+text prompts;
+    refuse the build when either misses its gate (``--text-only`` builds without it)."""
+    report.step(f"exporting the vision encoder ({vision.encoder_precision(profile)})")
+    t = time.perf_counter()
+    if not checkpoint.has_vision:
+        raise EdgekitError(f"model {checkpoint.model_id}: its config declares a vision tower but the weights hold no "
+                           f"{VISION_PREFIX}* tensors; build with --text-only")
+    encoder = vision.export(checkpoint, staging, profile, work)
+    _, own_config = vision.preprocessing(checkpoint)
+    if not own_config:
+        report.note("the checkpoint has no preprocessor_config.json: using transformers' Qwen3-VL image processor "
+                    "defaults (patch 16, mean/std 0.5)")
+    timings["vision_export"] = time.perf_counter() - t
+    report.step("checking image prompts against the PyTorch reference")
+    t = time.perf_counter()
+    prompts = parity.check_images(staging, checkpoint.path, profile.quantization.precision, profile.quality,
+                                  progress=report.note)
+    timings["vision_parity"] = time.perf_counter() - t
+    for passed, why in ((encoder.passed, f"vision encoder: {encoder.reason}"), (prompts.passed, f"image prompts: {prompts.reason}")):
+        if not passed:
+            raise EdgekitError(f"quality gate failed for profile {profile.name}: {why}; no bundle written, or build with --text-only")
+    return VisionInfo(precision=encoder.precision, max_pixels=profile.vision.max_pixels,
+                      preprocessor="checkpoint" if own_config else "defaults",
+                      encoder_min_cosine=encoder.min_cosine, encoder_max_relative_error=encoder.max_relative_error,
+                      encoder_passed=encoder.passed, encoder_reason=encoder.reason, image_prompts=prompts)
 
 
 def _check_disk(output: Path, memory: MemoryEstimate) -> None:
@@ -205,6 +248,7 @@ def _manifest(
     quality: QualityReport,
     timings: dict[str, float],
     started: float,
+    vision_info: VisionInfo | None = None,
 ) -> Manifest:
     versions: dict[str, str | None] = {"edgekit": __version__}
     for tool in TOOLS:
@@ -215,7 +259,8 @@ def _manifest(
     return Manifest(
         name=name,
         model=ModelInfo(id=checkpoint.model_id, revision=checkpoint.revision, architecture="Qwen3_5ForConditionalGeneration",
-                        hidden_size=checkpoint.shape.hidden, layers=checkpoint.shape.layers, text_only=True,
+                        hidden_size=checkpoint.shape.hidden, layers=checkpoint.shape.layers,
+                        text_only=vision_info is None,
                         mtp_included=request.include_mtp),
         profile=profile,
         recipe=Recipe(precision=profile.quantization.precision, execution_provider=profile.execution_provider,
@@ -226,4 +271,5 @@ def _manifest(
         built_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         build_seconds=round(time.perf_counter() - started, 1),
         timings={k: round(v, 2) for k, v in timings.items()},
+        vision=vision_info,
     )

@@ -109,6 +109,8 @@ class _RichReporter:
 @click.option("--include-mtp", is_flag=True,
               help="Also export the checkpoint's MTP head: edgekit's engine drafts greedy replies with it "
                    "(speculative decoding; onnxruntime-genai 0.18 cannot load such a bundle on the CPU).")
+@click.option("--text-only", is_flag=True,
+              help="Leave the vision encoder out (it is in by default where the checkpoint has one and the profile enables it).")
 @click.option("--force", is_flag=True, help="Build even if the memory estimate exceeds the device's budget.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle of the same name.")
 @click.option("--sign", "sign_key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
@@ -117,7 +119,7 @@ class _RichReporter:
 @friendly
 def build(profile_name: str, model: str | None, revision: str | None, output_dir: Path, name: str | None,
           context_length: int | None, ram_gb: float | None, min_top1: float | None, max_kl: float | None,
-          include_mtp: bool, force: bool, overwrite: bool, sign_key: Path | None, output: Output) -> None:
+          include_mtp: bool, text_only: bool, force: bool, overwrite: bool, sign_key: Path | None, output: Output) -> None:
     """Export and quantize a Qwen3.5 checkpoint into a bundle for a device profile.
 
     \b
@@ -125,6 +127,7 @@ def build(profile_name: str, model: str | None, revision: str | None, output_dir
       edgekit build --profile raspberry-pi-5 --model Qwen/Qwen3.5-0.8B
       edgekit build --profile raspberry-pi-4 --ram-gb 2 --model ./my-checkpoint -o dist --json
       edgekit build --profile raspberry-pi-5 --sign keys/release.key
+      edgekit build --profile raspberry-pi-4 --text-only
     """
     from dataclasses import asdict, replace
 
@@ -147,7 +150,7 @@ def build(profile_name: str, model: str | None, revision: str | None, output_dir
         )
     request = BuildRequest(profile=profile, model=model or profile.default_model, output=output_dir, revision=revision,
                            name=name, overwrite=overwrite, force=force, include_mtp=include_mtp,
-                           context_length=context_length, quality=quality, sign_key=sign_key)
+                           context_length=context_length, quality=quality, sign_key=sign_key, text_only=text_only)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -156,7 +159,7 @@ def build(profile_name: str, model: str | None, revision: str | None, output_dir
     manifest = result.manifest
     summary = {"bundle": str(result.path), "size_bytes": manifest.size_bytes, "quality": asdict(manifest.quality),
                "estimated_ram": manifest.estimated_ram, "timings": result.timings, "profile": profile.name,
-               "model": asdict(manifest.model)}
+               "model": asdict(manifest.model), "vision": asdict(manifest.vision) if manifest.vision else None}
     output.result(summary, lambda _: _print_build(result))
 
 
@@ -164,6 +167,12 @@ def _print_build(result: BuildResult) -> None:
     manifest, q = result.manifest, result.manifest.quality
     out.print(f"[green]built[/] {result.path} ({manifest.size_bytes / 1024**2:.0f} MiB) in {result.timings['total']:.0f} s")
     out.print(f"quality: {q.reason} ({q.positions} positions, checked on {q.checked_on})")
+    if manifest.vision:
+        v = manifest.vision
+        out.print(f"vision: {v.precision} encoder, {v.encoder_reason}; image prompts: {v.image_prompts.reason}; "
+                  f"images up to {v.max_pixels:,} pixels")
+    else:
+        out.print("vision: none (text-only bundle)")
     out.print(f"estimated RAM on {manifest.profile.name}: {manifest.estimated_ram_total / 1024**2:.0f} MiB")
 
 

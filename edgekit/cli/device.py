@@ -21,6 +21,7 @@ from edgekit.cli.common import (
     read_json,
     table,
 )
+from edgekit.client import image_part
 from edgekit.deploy.layout import UNIT_NAME, DeviceLayout
 from edgekit.errors import EdgekitError
 
@@ -83,13 +84,15 @@ def serve(bundle_dir: Path | None, config_file: Path | None, device_id: str | No
 @click.option("--tool-choice", default=None, help="auto, none, required, or a function name to force.")
 @click.option("--json-schema", "schema_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Constrain the answer to JSON valid under this JSON Schema file.")
+@click.option("--image", "images", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Send this image (JPEG, PNG or WebP) before the prompt. Repeatable.")
 @click.option("--timeout", type=click.FloatRange(1), default=300.0, show_default=True)
 @output_option("Print the final message as JSON.")
 @friendly
 def ask(prompt: str, device_id: str | None, pool: str | None, session: str | None, max_tokens: int,
         temperature: float, top_p: float | None, top_k: int | None, seed: int | None, stop: tuple[str, ...],
-        think: bool, tools_file: Path | None, tool_choice: str | None, schema_file: Path | None, timeout: float,
-        output: Output, **broker: Any) -> None:
+        think: bool, tools_file: Path | None, tool_choice: str | None, schema_file: Path | None,
+        images: tuple[Path, ...], timeout: float, output: Output, **broker: Any) -> None:
     """Ask a device (or a pool) over MQTT and stream its answer.
 
     An unknown or offline device is reported at once, naming the broker. Tool calls the model
@@ -100,10 +103,14 @@ def ask(prompt: str, device_id: str | None, pool: str | None, session: str | Non
       edgekit ask --device kitchen "Is the oven on?" --session dinner
       edgekit ask --device kitchen "It is dark in here" --tools tools.json --tool-choice required
       edgekit ask --device kitchen "Rate the weather 1-5" --json-schema rating.json
+      edgekit ask --device porch --image door.jpg "Is anyone at the door?"
     """
     if not device_id and not pool:
         raise EdgekitError("name a device (--device) or a pool (--pool)")
-    request: dict[str, Any] = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+    content: str | list[dict[str, Any]] = prompt
+    if images:
+        content = [*(image_part(path) for path in images), {"type": "text", "text": prompt}]
+    request: dict[str, Any] = {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
                                "temperature": temperature, "thinking": think}
     optional = {"session": session, "top_p": top_p, "top_k": top_k, "seed": seed, "stop": list(stop) or None,
                 "tools": read_json(tools_file) if tools_file else None,

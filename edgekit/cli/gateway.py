@@ -38,8 +38,8 @@ def gateway() -> None:
               help="Seconds a device has to finish a request (then 504, and it is cancelled).")
 @click.option("--max-tokens", "max_tokens_cap", type=click.IntRange(1), default=4096, show_default=True,
               help="Largest max_tokens a client may ask for.")
-@click.option("--max-body", type=click.IntRange(1024), default=1024 * 1024, show_default=True,
-              help="Largest request body, bytes (413 above).")
+@click.option("--max-body", type=click.IntRange(1024), default=8 * 1024 * 1024, show_default=True,
+              help="Largest request body, bytes (413 above); images come inside it, base64-encoded.")
 @click.option("--max-messages", type=click.IntRange(1), default=256, show_default=True)
 @click.option("--cors-origin", "cors_origins", multiple=True, help="Allow browsers from this origin (repeatable; off by default).")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)

@@ -52,7 +52,7 @@ class GatewaySettings:
     tls_key: Path | None = None
     first_reply_s: float = 10.0  # the device must acknowledge (queue or refuse) within this
     request_timeout_s: float = 300.0  # and finish within this
-    max_body_bytes: int = 1024 * 1024
+    max_body_bytes: int = 8 * 1024 * 1024  # images come in the body, base64-encoded
     max_messages: int = 256
     max_tokens: int = 4096
     retry_after_s: int = 2

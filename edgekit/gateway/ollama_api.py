@@ -7,10 +7,14 @@ errors as ``{"error": "..."}``.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime
 import hashlib
 from typing import Any
 
+from edgekit.client import image_part
+from edgekit.errors import EdgekitError
 from edgekit.gateway.errors import bad_param, chat_basics
 
 # Options that tune Ollama's own runtime and change nothing in a reply: the device's context length
@@ -73,9 +77,20 @@ def _message(message: Any, i: int) -> dict[str, Any]:
     """One Ollama message in the protocol's form (``thinking`` is the protocol's ``reasoning_content``)."""
     if not isinstance(message, dict):
         raise bad_param(f"messages[{i}]", "must be an object")
-    if message.get("images"):
-        raise bad_param(f"messages[{i}].images", "images are not supported by edgekit devices yet")
     out = {k: v for k, v in message.items() if k not in ("images", "thinking", "tool_name") and v is not None}
+    images = message.get("images")
+    if images:
+        # Ollama sends images as bare base64; the protocol takes OpenAI's image parts (data URLs).
+        if not isinstance(images, list) or not all(isinstance(image, str) for image in images):
+            raise bad_param(f"messages[{i}].images", "must be a list of base64-encoded images")
+        parts = []
+        for j, encoded in enumerate(images):
+            try:
+                parts.append(image_part(base64.b64decode(encoded, validate=True)))
+            except (binascii.Error, EdgekitError) as exc:
+                raise bad_param(f"messages[{i}].images[{j}]", f"is not a base64 JPEG, PNG or WebP image ({exc})") from None
+        text = out.get("content") or ""
+        out["content"] = parts + ([{"type": "text", "text": text}] if text else [])
     if message.get("thinking"):
         out["reasoning_content"] = message["thinking"]
     if message.get("tool_name"):

@@ -90,7 +90,8 @@ def parse_chat(body: Any, max_messages: int, max_tokens_cap: int) -> ChatRequest
 
 
 def _message(message: Any, i: int) -> dict[str, Any]:
-    """One message in the protocol's form: text parts joined, ``developer`` read as ``system``."""
+    """One message in the protocol's form: text parts joined unless images come with them, images
+    passed on as data URLs (the gateway fetches no remote URL), ``developer`` read as ``system``."""
     if not isinstance(message, dict):
         raise bad_param(f"messages[{i}]", "must be an object")
     out = dict(message)
@@ -98,13 +99,21 @@ def _message(message: Any, i: int) -> dict[str, Any]:
         out["role"] = "system"
     content = out.get("content")
     if isinstance(content, list):
-        texts = []
+        parts = []
         for j, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
-            if kind != "text" or not isinstance(part.get("text"), str):
-                raise bad_param(f"messages[{i}].content[{j}]", f"only text parts are supported (got {kind!r})")
-            texts.append(part["text"])
-        out["content"] = "".join(texts)
+            if kind == "text" and isinstance(part.get("text"), str):
+                parts.append({"type": "text", "text": part["text"]})
+            elif kind == "image_url" and isinstance(part.get("image_url"), dict) and isinstance(part["image_url"].get("url"), str):
+                url = part["image_url"]["url"]
+                if not url.startswith("data:"):
+                    raise bad_param(f"messages[{i}].content[{j}].image_url.url",
+                                    "must be a data: URL (base64 JPEG, PNG or WebP); this gateway fetches no remote image")
+                parts.append({"type": "image_url", "image_url": {"url": url}})
+            else:
+                raise bad_param(f"messages[{i}].content[{j}]", f"only text and image_url parts are supported (got {kind!r})")
+        has_image = any(part["type"] == "image_url" for part in parts)
+        out["content"] = parts if has_image else "".join(part["text"] for part in parts)
     for echoed in ("refusal", "annotations", "audio", "function_call"):
         # An assistant message that a client echoes back carries these, empty for an edgekit reply.
         if not out.get(echoed):

@@ -14,11 +14,14 @@ from typing import Any
 from edgekit.agent.grammar import ReplyFormat, grammar_problem
 from edgekit.agent.tools import ToolCall, ToolError, parse_tool_choice, parse_tools
 from edgekit.mqtt.topics import VERSION, publish_topic_problem
+from edgekit.runtime.images import ImageError, ImageLimits, data_url_bytes, open_image
 from edgekit.runtime.sampling import Sampling
 
 __all__ = ["VERSION", "ERROR_CODES", "ProtocolError", "Request", "Status", "parse_request", "parse_cancel", "reply_topic",
            "queued", "chunk", "tool_call", "final", "error", "telemetry"]
 MAX_PAYLOAD = 256 * 1024  # bytes; a 4k-token conversation is far below this
+MAX_IMAGES = 4  # per request, by default
+_PART_TYPES = ("text", "image_url")
 
 # Error codes: the complete list a client may receive.
 ERROR_CODES = {
@@ -40,6 +43,22 @@ _REQUEST_FIELDS = {
     "tools", "tool_choice", "parallel_tool_calls", "response_format",
 }
 _MESSAGE_FIELDS = {"role", "content", "tool_calls", "tool_call_id", "name", "reasoning_content"}
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may hold on this device. ``images`` None: the device takes no images (its
+    bundle is text-only). A request with images may be larger than :data:`MAX_PAYLOAD` by the
+    base64 of ``max_images`` images of the largest size."""
+
+    images: ImageLimits | None = None
+    max_images: int = MAX_IMAGES
+
+    @property
+    def max_payload(self) -> int:
+        if self.images is None:
+            return MAX_PAYLOAD
+        return MAX_PAYLOAD + self.max_images * (self.images.max_bytes * 4 // 3 + 64)
 
 
 class ProtocolError(Exception):
@@ -67,6 +86,9 @@ class Request:
     thinking: bool = False
     speculative: bool = True
     fmt: ReplyFormat = field(default_factory=ReplyFormat)  # tools, tool_choice, response_format
+    # The images of ``messages``, encoded as sent (header checked), in order of appearance; each part
+    # that held one is ``{"type": "image"}`` in ``messages``, as chat templates expect.
+    images: list[bytes] = field(default_factory=list)
     reply_to: str | None = None
     deadline: float | None = None
     received_at: float = field(default_factory=time.time)
@@ -77,24 +99,24 @@ def _check(condition: bool, message: str, request_id: str | None) -> None:
         raise ProtocolError("bad_request", message, request_id)
 
 
-def parse_request(payload: bytes | bytearray) -> Request:
+def parse_request(payload: bytes | bytearray, limits: RequestLimits = RequestLimits()) -> Request:
     """Validate a request payload; raise :class:`ProtocolError` naming the offending field."""
-    if len(payload) > MAX_PAYLOAD:
-        raise ProtocolError("too_large", f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    if len(payload) > limits.max_payload:
+        raise ProtocolError("too_large", f"payload of {len(payload)} bytes exceeds {limits.max_payload}")
     try:
         data = json.loads(payload)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ProtocolError("bad_request", f"payload is not valid JSON: {exc}") from exc
     _check(isinstance(data, dict), "payload must be a JSON object", None)
     try:
-        return _validate(data)
+        return _validate(data, limits)
     except ProtocolError as exc:
         reply_to = data.get("reply_to")
         exc.reply_to = reply_to if isinstance(reply_to, str) else None
         raise
 
 
-def _validate(data: dict[str, Any]) -> Request:
+def _validate(data: dict[str, Any], limits: RequestLimits) -> Request:
     rid = data.get("id")
     if not (isinstance(rid, str) and 0 < len(rid) <= 128):
         raise ProtocolError("bad_request", "field 'id' must be a string of 1-128 characters", rid if isinstance(rid, str) else None)
@@ -102,9 +124,10 @@ def _validate(data: dict[str, Any]) -> Request:
     _check(not unknown, f"unknown field '{unknown[0] if unknown else ''}'", rid)
     messages, prompt = data.get("messages"), data.get("prompt")
     _check((messages is None) != (prompt is None), "give exactly one of 'messages' or 'prompt'", rid)
+    images: list[bytes] = []
     if messages is not None:
         _check(isinstance(messages, list) and len(messages) > 0, "field 'messages' must be a non-empty list", rid)
-        messages = [_message(m, i, rid) for i, m in enumerate(messages)]
+        messages = [_message(m, i, rid, images, limits) for i, m in enumerate(messages)]
     if prompt is not None:
         _check(isinstance(prompt, str) and prompt != "", "field 'prompt' must be a non-empty string", rid)
 
@@ -153,13 +176,15 @@ def _validate(data: dict[str, Any]) -> Request:
         thinking=data.get("thinking", False),
         speculative=data.get("speculative", True),
         fmt=fmt,
+        images=images,
         reply_to=reply_to,
         deadline=float(deadline) if deadline is not None else None,
     )
 
 
-def _message(message: Any, i: int, rid: str) -> dict[str, Any]:
-    """One chat message, normalised for the chat template: tool-call arguments become objects."""
+def _message(message: Any, i: int, rid: str, images: list[bytes], limits: RequestLimits) -> dict[str, Any]:
+    """One chat message, normalised for the chat template: tool-call arguments become objects, and
+    image parts ``{"type": "image"}`` with their bytes appended to ``images``."""
     at = f"messages[{i}]"
     _check(isinstance(message, dict) and isinstance(message.get("role"), str), f"field '{at}' must be an object with a string 'role'", rid)
     role = message["role"]
@@ -168,9 +193,12 @@ def _message(message: Any, i: int, rid: str) -> dict[str, Any]:
     _check(not unknown, f"unknown field '{at}.{unknown[0] if unknown else ''}'", rid)
     calls = message.get("tool_calls")
     content = message.get("content")
-    # OpenAI's assistant message that only calls tools has a null (or no) content.
-    _check(isinstance(content, str) or (role == "assistant" and calls and content is None),
-           f"field '{at}.content' must be a string", rid)
+    if isinstance(content, list):
+        message = {**message, "content": _parts(content, f"{at}.content", role, rid, images, limits)}
+    else:
+        # OpenAI's assistant message that only calls tools has a null (or no) content.
+        _check(isinstance(content, str) or (role == "assistant" and calls and content is None),
+               f"field '{at}.content' must be a string or a list of parts", rid)
     for key in ("tool_call_id", "name", "reasoning_content"):
         _check(key not in message or isinstance(message[key], str), f"field '{at}.{key}' must be a string", rid)
     if calls is None:
@@ -189,7 +217,41 @@ def _message(message: Any, i: int, rid: str) -> dict[str, Any]:
         _check(isinstance(name, str) and isinstance(arguments, dict),
                f"field '{at}.tool_calls[{j}]' must be {{\"function\": {{\"name\": ..., \"arguments\": object or JSON object text}}}}", rid)
         normalised.append({**call, "function": {"name": name, "arguments": arguments}})
-    return {**message, "content": content or "", "tool_calls": normalised}
+    return {**message, "content": message.get("content") or "", "tool_calls": normalised}
+
+
+def _parts(parts: list[Any], at: str, role: str, rid: str, images: list[bytes], limits: RequestLimits) -> list[dict[str, Any]]:
+    """OpenAI's content parts: text, and images as data URLs (checked up to their headers here; the
+    device decodes them when the request runs)."""
+    _check(len(parts) > 0, f"field '{at}' must be a non-empty list of parts", rid)
+    normalised: list[dict[str, Any]] = []
+    for j, part in enumerate(parts):
+        where = f"{at}[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        _check(kind in _PART_TYPES, f"field '{where}.type' must be one of {', '.join(_PART_TYPES)}", rid)
+        if kind == "text":
+            _check(set(part) == {"type", "text"} and isinstance(part["text"], str),
+                   f"field '{where}' must be {{\"type\": \"text\", \"text\": string}}", rid)
+            normalised.append({"type": "text", "text": part["text"]})
+            continue
+        spec = part.get("image_url")
+        url = spec.get("url") if isinstance(spec, dict) else None
+        _check(set(part) == {"type", "image_url"} and isinstance(url, str),
+               f"field '{where}' must be {{\"type\": \"image_url\", \"image_url\": {{\"url\": \"data:image/...;base64,...\"}}}}", rid)
+        _check(role in ("user", "tool"), f"field '{where}': images may come in user and tool messages only", rid)
+        if limits.images is None:
+            raise ProtocolError("bad_request", f"field '{where}': this device's bundle is text-only (built without "
+                                "its vision encoder) and takes no images", rid)
+        _check(len(images) < limits.max_images, f"field '{where}': more than {limits.max_images} images in one request", rid)
+        assert isinstance(url, str)  # checked just above
+        try:
+            data = data_url_bytes(url, f"field '{where}.image_url.url'")
+            open_image(data, limits.images, f"field '{where}.image_url.url'")
+        except ImageError as exc:
+            raise ProtocolError("bad_request", str(exc), rid) from None
+        images.append(data)
+        normalised.append({"type": "image"})
+    return normalised
 
 
 def _reply_format(data: dict[str, Any], rid: str) -> ReplyFormat:

@@ -8,12 +8,13 @@ compare a device's kernels with the build host's.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from edgekit.runtime.engine import Engine
+from edgekit.runtime.vision import ImageSpan
 
 
 @dataclass(frozen=True)
@@ -60,14 +61,16 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def forced_logits(engine: Engine, prompt: list[int], tokens: list[int],
-                  tick: Callable[[], object] | None = None) -> np.ndarray:
+                  tick: Callable[[], object] | None = None, images: Sequence[ImageSpan] = ()) -> np.ndarray:
     """The engine's logits for each of ``tokens`` ([len(tokens), vocab]): row i is the distribution
-    after ``prompt`` and ``tokens[:i]``, one decode step per token after the prompt's prefill;
-    ``tick`` is called after every step."""
+    after ``prompt`` (with ``images`` in place of its pads) and ``tokens[:i]``, one decode step per
+    token after the prompt's prefill; ``tick`` is called after every step."""
     state = engine.new_state()
-    rows = []
-    for feed in [prompt, *([token] for token in tokens[:-1])]:
-        rows.append(engine.forward(state, feed).copy())
+    rows = [engine.forward(state, prompt, images).copy()]
+    if tick:
+        tick()
+    for token in tokens[:-1]:
+        rows.append(engine.forward(state, [token]).copy())
         if tick:
             tick()
     return np.stack(rows)

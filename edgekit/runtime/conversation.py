@@ -14,13 +14,19 @@ from edgekit.agent.grammar import GrammarCompiler, ReplyFormat
 from edgekit.agent.tools import CALL_CLOSE, CALL_OPEN, THINK_CLOSE, ToolCall, ToolError, parse_call
 from edgekit.errors import EdgekitError
 from edgekit.runtime.engine import Engine, GenerationStats
+from edgekit.runtime.images import Patches
 from edgekit.runtime.sampling import Sampling
 from edgekit.runtime.sessions import Session, SessionStore
 from edgekit.runtime.tokenizer import ChatTokenizer
+from edgekit.runtime.vision import IMAGE_PAD, ImageSpan, VisionEncoder, place_images
 
 
 class SessionEvicted(EdgekitError):
     """The named session is gone from the device; the client should resend the history."""
+
+
+class VisionUnavailable(EdgekitError):
+    """A turn with images on a bundle that cannot take them."""
 
 
 @dataclass
@@ -37,6 +43,9 @@ class Turn:
     new_session: bool = False
     speculative: bool = True  # draft with the MTP head where the bundle has one (greedy only)
     fmt: ReplyFormat = field(default_factory=ReplyFormat)  # tools, tool choice, response_format
+    # The messages' images in order of appearance, cut for the encoder; each message part that held
+    # one is ``{"type": "image"}`` in ``messages``.
+    images: list[Patches] = field(default_factory=list)
 
 
 @dataclass
@@ -51,6 +60,7 @@ class TurnResult:
     tools_tokens: int = 0  # what the tool definitions take of the context
     grammar_ms_per_token: float | None = None  # constrained turns: the grammar's time per masked step
     reasoning: str = ""  # thinking turns: the text of the <think> block (never part of ``text``)
+    image_tokens: int = 0  # what this turn's images take of the context
 
 
 def run_turn(
@@ -63,6 +73,7 @@ def run_turn(
     grammars: GrammarCompiler | None = None,
     on_call: Callable[[int, ToolCall], None] = lambda index, call: None,
     on_reasoning: Callable[[str], None] | None = None,
+    vision: VisionEncoder | None = None,
 ) -> TurnResult:
     """Generate one turn, calling ``on_text`` with each piece of complete UTF-8 text.
 
@@ -71,7 +82,8 @@ def run_turn(
 
     Tool-call markup never reaches ``on_text``: ``on_call`` announces each call once its function
     name is known, and the parsed calls come back in the result. ``grammars`` builds the constraint
-    that ``turn.fmt`` asks for (a turn that needs one fails without it).
+    that ``turn.fmt`` asks for (a turn that needs one fails without it). ``vision`` encodes the
+    turn's images (a turn with images fails without it).
     """
     session = _open_session(turn, sessions)
     fmt = turn.fmt
@@ -89,6 +101,14 @@ def run_turn(
         ids, tools_tokens = _first_prompt(tokenizer, turn)
         if session is not None:
             session.tools, session.tools_tokens = fmt.tools, tools_tokens
+    spans: list[ImageSpan] = []
+    if turn.images:
+        if vision is None:
+            raise VisionUnavailable("this bundle was built text-only (no vision encoder): it cannot take images")
+        pad = tokenizer.token_id(IMAGE_PAD)
+        if pad is None:
+            raise VisionUnavailable(f"the bundle's tokenizer has no {IMAGE_PAD} token")
+        ids, spans = place_images(ids, pad, turn.images, vision)
     constraint = None
     if fmt.constrained():
         if grammars is None:
@@ -104,7 +124,7 @@ def run_turn(
     finish = None
     generated: list[int] = []
     for token in engine.generate(ids, turn.max_tokens, turn.sampling, state=state, stats=stats,
-                                 speculative=turn.speculative, constraint=constraint):
+                                 speculative=turn.speculative, constraint=constraint, images=spans):
         generated.append(token)
         if token in engine.eos_ids:
             break
@@ -125,7 +145,8 @@ def run_turn(
         sessions.put(turn.session, session)
     grammar_ms = round(1000 * constraint.grammar_s / constraint.steps, 3) if constraint and constraint.steps else None
     return TurnResult("".join(reply.emitted), finish, stats, session_tokens=state.length, tool_calls=reply.calls,
-                      tools_tokens=tools_tokens, grammar_ms_per_token=grammar_ms, reasoning="".join(reply.reasoning))
+                      tools_tokens=tools_tokens, grammar_ms_per_token=grammar_ms, reasoning="".join(reply.reasoning),
+                      image_tokens=sum(len(span.embeds) for span in spans))
 
 
 class _Reply:

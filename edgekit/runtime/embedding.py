@@ -72,8 +72,13 @@ class EmbeddingTable:
             self.bits = int(layout.get("bits", 0))
             self.block_size = int(layout.get("block_size", 0))
             self.zero_point = float(layout.get("zero_point", 0))
-            self._weights = _Rows(folder, layout["weights"], self.rows)
+            self._weights = _Rows(folder, layout["weights"], self.hidden if layout.get("transposed") else self.rows)
             self._scales = _Rows(folder, layout["scales"], self.rows) if self.bits else None
+            # fp32 exports store the table as the tied LM head's [hidden, vocab]: a token's row is a
+            # column there, read through a mapping (fp32 bundles are the exact reference, not what
+            # devices run, so its pages in RSS matter less than elsewhere).
+            self._columns = (np.memmap(self._weights.path, self._weights.dtype, "r", self._weights.offset,
+                                       (self.hidden, self.rows)) if layout.get("transposed") else None)
         except (KeyError, TypeError, ValueError) as exc:
             raise EdgekitError(f"{folder}: the embeds graph's {LAYOUT_KEY} metadata is incomplete ({exc!r})") from exc
         self.dtype = self._scales.dtype if self._scales else self._weights.dtype
@@ -95,6 +100,8 @@ class EmbeddingTable:
             raise EdgekitError(f"token id {bad} is outside the embedding table (0..{self.rows - 1})")
         # A prompt repeats tokens: read each distinct row once.
         unique, inverse = np.unique(index, return_inverse=True)
+        if self._columns is not None:
+            return np.ascontiguousarray(self._columns[:, unique].T[inverse])[None]
         weights = self._weights.read(unique)
         if self._scales is None:
             return weights[inverse][None]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from edgekit.runtime.embedding import EmbeddingTable, embeds_graph
 from edgekit.runtime.resident import clean_mappings, drop_pages, trim_heap, tune_allocator
 from edgekit.runtime.sampling import LogitsConstraint, Sampler, Sampling
 from edgekit.runtime.speculative import DRAFT_GRAPH, STOP_SPINNING, Drafter
+from edgekit.runtime.vision import ImageSpan, prompt_positions
 
 # Bounds prefill activations (chunked prefill is exact): smaller chunks lower the daemon's peak for a
 # little prefill speed (figures: docs/benchmarks.md, "Prefill chunks").
@@ -45,11 +46,14 @@ class State:
     past: dict[str, np.ndarray]
     length: int = 0
     kv: frozenset[str] = frozenset()  # names in ``past`` that are KV caches with spare capacity on axis 2
+    # The M-RoPE position of the next token: the token count until an image, which takes as many
+    # positions as its longer side has embeddings rather than one per embedding (runtime/vision.py).
+    position: int = 0
 
     def copy(self) -> State:
         """An independent snapshot: every tensor copied (KV caches up to the length in use)."""
         return State({name: np.array(value[:, :, : self.length]) if name in self.kv else value.copy()
-                      for name, value in self.past.items()}, self.length, self.kv)
+                      for name, value in self.past.items()}, self.length, self.kv, self.position)
 
     def nbytes(self) -> int:
         """Bytes this state holds, KV capacity included."""
@@ -222,9 +226,15 @@ class Engine:
         """An empty sequence: zero recurrent and conv state, no KV entries."""
         return State({name: np.zeros(shape, dtype) for name, (shape, dtype) in self._past_specs.items()}, kv=self._kv)
 
-    def forward(self, state: State, ids: list[int]) -> np.ndarray:
-        """Run ``ids`` after ``state`` (updated in place); return the logits for the last position."""
-        return self._forward(state, ids)
+    def forward(self, state: State, ids: list[int], images: Sequence[ImageSpan] = ()) -> np.ndarray:
+        """Run ``ids`` after ``state`` (updated in place); return the logits for the last position.
+        ``images`` put their embeddings in place of the ids they cover (their ``<|image_pad|>``s)."""
+        return self._forward(state, ids, images=images)
+
+    @property
+    def takes_embeddings(self) -> bool:
+        """Whether the graph reads embeddings (the embeds graph), so image embeddings can go in."""
+        return self._embedding is not None
 
     def forward_with_hidden(self, state: State, ids: list[int], on_hidden: Callable[[int, np.ndarray], None]) -> np.ndarray:
         """As :meth:`forward`, also handing each chunk's final hidden states [chunk, hidden] to
@@ -248,10 +258,14 @@ class Engine:
         return {name: np.empty_like(array) for name, array in state.past.items() if name not in state.kv}
 
     def _forward(self, state: State, ids: list[int],
-                 on_hidden: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray:
+                 on_hidden: Callable[[int, np.ndarray], None] | None = None,
+                 images: Sequence[ImageSpan] = ()) -> np.ndarray:
+        if images and self._embedding is None:
+            raise EdgekitError("this bundle's graph looks its embeddings up itself (no embeds graph), so it cannot take images")
         # Room for the whole prompt at once: growing chunk by chunk would leave each outgrown cache
         # behind in the heap.
         self._make_room(state, len(ids))
+        positions, following = prompt_positions(state.position, len(ids), images)
         capacity = max([state.past[name].shape[2] for name in state.kv], default=state.length + len(ids))
         step = PREFILL_CHUNK
         while step > 16 and step * capacity > PREFILL_CHUNK * LONG_CONTEXT:
@@ -269,27 +283,46 @@ class Engine:
                 # second half runs in half-size chunks, trading some prefill speed for a lower peak.
                 size = max(16, step // 2)
             first = state.length
-            logits, chunk_hidden = self._run(state, ids[start : start + size], hidden=on_hidden is not None)
+            chunk = ids[start : start + size]
+            embeds = self._spliced(chunk, start, images) if images else None
+            logits, chunk_hidden = self._run(state, chunk, hidden=on_hidden is not None,
+                                             positions=positions[:, start : start + len(chunk)], embeds=embeds)
             if on_hidden is not None and chunk_hidden is not None:
                 on_hidden(first, chunk_hidden)
             start += size
         assert logits is not None, "forward needs at least one token"
+        state.position = following
         return logits[-1]
 
+    def _spliced(self, chunk: list[int], start: int, images: Sequence[ImageSpan]) -> np.ndarray:
+        """The chunk's token embeddings with the images' embeddings in place of their pads."""
+        assert self._embedding is not None
+        embeds = self._embedding.lookup(chunk)
+        end = start + len(chunk)
+        for span in images:
+            low, high = max(span.offset, start), min(span.offset + len(span.embeds), end)
+            if low < high:
+                embeds[0, low - start : high - start] = span.embeds[low - span.offset : high - span.offset]
+        return embeds
+
     def _run(self, state: State, ids: list[int], keep: int = 1, spare: dict[str, np.ndarray] | None = None,
-             hidden: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+             hidden: bool = False, positions: np.ndarray | None = None,
+             embeds: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Run one chunk: the logits of its last ``keep`` positions (all of them in a graph that
-        computes every position's) and, with ``hidden``, its final hidden states."""
+        computes every position's) and, with ``hidden``, its final hidden states. ``positions``
+        [3, n] are the chunk's M-RoPE rows (by default text's: the same position on all three, from
+        ``state.position``); ``embeds`` [1, n, hidden] replace the lookup of ``ids``."""
         n = len(ids)
-        positions = np.arange(state.length, state.length + n, dtype=np.int64)
+        if positions is None:
+            positions = np.broadcast_to(np.arange(state.position, state.position + n, dtype=np.int64), (3, n))
+            state.position += n
         binding = self.session.io_binding()
         if self._embedding is not None:
-            binding.bind_cpu_input(EMBEDS_INPUT, self._embedding.lookup(ids))
+            binding.bind_cpu_input(EMBEDS_INPUT, embeds if embeds is not None else self._embedding.lookup(ids))
         else:
             binding.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
         binding.bind_cpu_input("attention_mask", np.ones((1, state.length + n), dtype=np.int64))
-        # Text-only M-RoPE: the same position on the temporal, height and width rows.
-        binding.bind_cpu_input("position_ids", np.broadcast_to(positions, (3, 1, n)).copy())
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions[:, None, :]))
         if self._keeps_logits:
             binding.bind_cpu_input(KEEP_INPUT, np.array([keep], dtype=np.int64))
         # Each state tensor is the step's input and output in one buffer: KV caches are appended in
@@ -347,6 +380,7 @@ class Engine:
         stats: GenerationStats | None = None,
         speculative: bool = True,
         constraint: LogitsConstraint | None = None,
+        images: Sequence[ImageSpan] = (),
     ) -> Iterator[int]:
         """Yield up to ``max_new_tokens`` tokens after ``prompt``; stop at an end-of-sequence token.
 
@@ -366,13 +400,15 @@ class Engine:
             )
         sampling = sampling or Sampling()
         sampler = Sampler(sampling)
-        drafter = self.drafter if speculative and sampling.temperature <= 0 and constraint is None else None
+        # The draft graph places tokens by their index: after an image, positions are no longer that.
+        drafter = (self.drafter if speculative and sampling.temperature <= 0 and constraint is None
+                   and not images and state.position == state.length else None)
         stats.prompt_tokens = len(prompt)
         started = time.perf_counter()
         if drafter is not None:
             yield from drafter.generate(self, state, prompt, max_new_tokens, stats)
             return
-        logits = self.forward(state, prompt)
+        logits = self.forward(state, prompt, images)
         stats.prefill_s = time.perf_counter() - started
         stats.finish_reason = "length"
         decode_started = time.perf_counter()

@@ -202,7 +202,9 @@ class Drafter:
                     pending = [int(np.argmax(step_logits[1]))]
                     new = [draft, pending[0]]
                 else:
-                    state.length = length  # the step's KV entries go; its recurrent state went to ``spare``
+                    # The step's KV entries go; its recurrent state went to ``spare``. Drafting runs only
+                    # where positions are token indices (Engine.generate), so the position follows.
+                    state.length = state.position = length
                     entries.add_hidden(length, step_hidden[:m])
                     pending = [*pending, verified]
                     new = [verified]

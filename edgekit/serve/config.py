@@ -57,6 +57,13 @@ class DaemonConfig:
     # Home Assistant MQTT discovery (docs/home-assistant.md): on, under this topic prefix.
     discovery: bool = True
     discovery_prefix: str = "homeassistant"
+    # Images (bundles with a vision encoder; docs/vision.md): each at most this many bytes as sent and
+    # this many pixels as its header declares, this many per request; the encoder is unloaded after
+    # this long without an image.
+    max_image_bytes: int = 4 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_images: int = 4
+    vision_idle_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.device_id is not None:
@@ -96,7 +103,19 @@ class DaemonConfig:
                     if getattr(self, name) != getattr(defaults, name)}
         if sessions:
             data["sessions"] = sessions
+        images = {key: getattr(self, name) for key, name in _IMAGE_FIELDS.items() if getattr(self, name) != getattr(defaults, name)}
+        if images:
+            data["images"] = images
         return yaml.safe_dump(data, sort_keys=False)
+
+
+# The config file's ``images`` section: its keys and the DaemonConfig fields they set, with bounds.
+_IMAGE_FIELDS = {"max_bytes": "max_image_bytes", "max_pixels": "max_image_pixels", "max_per_request": "max_images",
+                 "idle_unload_s": "vision_idle_s"}
+_IMAGE_BOUNDS: dict[str, tuple[int, int, bool]] = {"max_bytes": (1024, 64 * 1024**2, True),
+                                                    "max_pixels": (1024, 400_000_000, True),
+                                                    "max_per_request": (1, 64, True),
+                                                    "idle_unload_s": (1, 10_000_000, False)}
 
 
 def load(path: Path | None, overrides: Mapping[str, Any] | None = None, broker: Mapping[str, Any] | None = None,
@@ -131,6 +150,7 @@ def _read_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     broker = top.nested("broker", optional=True)
     sessions = top.nested("sessions", optional=True)
     home_assistant = top.nested("home_assistant", optional=True)
+    images = top.nested("images", optional=True)
     values: dict[str, Any] = {
         "bundle": top.get("bundle", str, "a bundle folder path", None),
         "device_id": top.get("device_id", str, "a device id", None),
@@ -164,10 +184,13 @@ def _read_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     values["discovery_prefix"] = home_assistant.get("prefix", str, "a topic prefix (homeassistant)", None)
     if values["discovery_prefix"] is not None:
         check_prefix(values["discovery_prefix"], f"{where}: field 'home_assistant.prefix'")
+    for key, (low, high, integer) in _IMAGE_BOUNDS.items():
+        if key in images.data:
+            values[_IMAGE_FIELDS[key]] = images.number(key, low, high, integer=integer)
     broker_values = broker_settings.parse_section(broker, prefix)
-    for part in (top, broker, sessions, home_assistant):
+    for part in (top, broker, sessions, home_assistant, images):
         part.check_unknown()
-    for name in ("telemetry_interval", "session_idle_s"):
+    for name in ("telemetry_interval", "session_idle_s", "vision_idle_s"):
         if name in values:
             values[name] = float(values[name])
     return {k: v for k, v in values.items() if v is not None}, broker_values

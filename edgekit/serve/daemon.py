@@ -33,12 +33,14 @@ from edgekit.mqtt.connection import negotiate_protocol, new_client
 from edgekit.mqtt.protocol import ProtocolError, Request
 from edgekit.mqtt.settings import MqttVersion
 from edgekit.mqtt.topics import DeviceTopics, HomeAssistantTopics, PoolTopics
-from edgekit.runtime.conversation import SessionEvicted, Turn, run_turn
+from edgekit.runtime.conversation import SessionEvicted, Turn, VisionUnavailable, run_turn
 from edgekit.runtime.engine import Engine
+from edgekit.runtime.images import ImageError, ImageLimits, Patches, Preprocessing, load_rgb, preprocess
 from edgekit.runtime.quality_check import DeviceQuality
 from edgekit.runtime.resident import tune_allocator
 from edgekit.runtime.sessions import SessionStore
 from edgekit.runtime.tokenizer import ChatTokenizer
+from edgekit.runtime.vision import VISION_GRAPH, VisionEncoder
 from edgekit.serve import discovery, quality_gate
 from edgekit.serve.config import DaemonConfig
 from edgekit.serve.systemd import notify, watchdog_interval
@@ -81,6 +83,17 @@ class Daemon:
         self.tokenizer = ChatTokenizer(config.bundle)
         self.engine = Engine(config.bundle, threads=config.threads, speculative=config.speculative)
         self.grammars = GrammarCompiler(self.tokenizer, self.engine.vocab_size, self.engine.eos_ids)
+        # The vision encoder loads on the first image (VisionEncoder): text-only traffic never pays for it.
+        self.vision = (VisionEncoder(config.bundle, config.threads) if (config.bundle / VISION_GRAPH).is_file()
+                       and self.engine.takes_embeddings else None)
+        self.limits = protocol.RequestLimits(
+            images=ImageLimits(config.max_image_bytes, config.max_image_pixels) if self.vision else None,
+            max_images=config.max_images)
+        # Images are resized to at most the pixels the bundle's profile allows on this device.
+        self.processing: Preprocessing | None = None
+        if self.vision is not None:
+            cap = self.manifest.vision.max_pixels if self.manifest.vision else self.vision.processing.max_pixels
+            self.processing = replace(self.vision.processing, max_pixels=min(cap, self.vision.processing.max_pixels))
         self._self_test()
         quality = self._check_quality()
         self.sessions = SessionStore(config.session_memory_mb * 1024**2, config.session_idle_s)
@@ -104,7 +117,8 @@ class Daemon:
             device_id=self.device_id, state="offline", version=__version__, bundle=self.manifest.name,
             model=discovery.public_model_name(self.manifest.model.id, self.manifest.model.revision),
             profile=self.manifest.profile.name, context_length=self.engine.context_length,
-            capabilities={"sessions": True, "thinking": True, "mqtt5": self.v5}, since=self.started,
+            capabilities={"sessions": True, "thinking": True, "mqtt5": self.v5, "vision": self.vision is not None},
+            since=self.started,
             quality=None if quality is None else {**quality.to_dict(), "serving_below_gate": not quality.passed},
             pools=config.pools)
         self._lock = threading.Lock()
@@ -208,7 +222,7 @@ class Daemon:
         expiry = getattr(props, "MessageExpiryInterval", None) if props else None
         allowed = self.config.broker.reply_prefix
         try:
-            request = protocol.parse_request(message.payload)
+            request = protocol.parse_request(message.payload, self.limits)
         except ProtocolError as exc:
             # An oversized payload is not parsed at all: only an MQTT 5 response topic can be answered.
             topic, why = protocol.reply_topic(response_topic, exc.reply_to, allowed)
@@ -330,14 +344,18 @@ class Daemon:
             self._publish(topic, protocol.tool_call(request.id, seq, index, call), correlation)
             seq += 1
 
+        try:
+            images = self._images(request)
+        except ImageError as exc:
+            return self._error(topic, correlation, request.id, "bad_request", str(exc))
         turn = Turn(messages=request.messages, prompt=request.prompt, max_tokens=request.max_tokens,
                     sampling=request.sampling, stop=request.stop, thinking=request.thinking,
                     session=request.session, new_session=request.new_session, speculative=request.speculative,
-                    fmt=request.fmt)
+                    fmt=request.fmt, images=images)
         try:
             result = run_turn(self.engine, self.tokenizer, turn, on_text, job.cancelled.is_set, self.sessions,
-                              self.grammars, on_call, on_reasoning)
-        except ToolError as exc:
+                              self.grammars, on_call, on_reasoning, self.vision)
+        except (ToolError, VisionUnavailable) as exc:
             return self._error(topic, correlation, request.id, "bad_request", str(exc))
         except SessionEvicted as exc:
             return self._error(topic, correlation, request.id, "session_evicted", str(exc))
@@ -352,7 +370,8 @@ class Daemon:
         self._publish(topic, protocol.final(
             request.id, seq, finish,
             usage={"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
-                   "session_tokens": result.session_tokens, "tools_tokens": result.tools_tokens},
+                   "session_tokens": result.session_tokens, "tools_tokens": result.tools_tokens,
+                   "image_tokens": result.image_tokens},
             timings={"queue_s": round(queue_wait, 4), "time_to_first_token_s": round(stats.prefill_s, 4),
                      "prefill_tokens_per_s": round(stats.prefill_tps, 1),
                      "decode_tokens_per_s": round(stats.decode_tps, 1), **stats.drafting(),
@@ -360,6 +379,15 @@ class Daemon:
             session=request.session, device_id=self.device_id, tool_calls=result.tool_calls), correlation, qos=1)
         if job.answer is not None:
             self._answer(discovery.answer(request.id, "".join(job.answer), finish, stats.completion_tokens))
+
+    def _images(self, request: Request) -> list[Patches]:
+        """Decode and cut the request's images (their headers were checked when it arrived)."""
+        if not request.images:
+            return []
+        limits, processing = self.limits.images, self.processing
+        assert limits is not None and processing is not None  # parse_request refuses images otherwise
+        return [preprocess(load_rgb(data, limits, f"image {i + 1}"), processing)
+                for i, data in enumerate(request.images)]
 
     def _report(self) -> None:
         # psutil's first cpu_percent() reads 0, and the total and per-core readings keep apart baselines:
@@ -389,6 +417,8 @@ class Daemon:
                     self.engine.release_memory()
                     last_job = None
                 self.grammars.release(idle_s=GRAMMAR_IDLE_S)
+                if self.vision is not None and self.vision.release_if_idle(self.config.vision_idle_s):
+                    self.engine.release_memory()
                 continue
             self.active = job
             if self.jobs.qsize() <= self.config.queue_size // 2:
