@@ -35,6 +35,7 @@ from edgekit.agent.tools import ToolCall
 from edgekit.errors import EdgekitError
 from edgekit.mqtt import protocol
 from edgekit.mqtt.connection import negotiate_protocol, new_client
+from edgekit.mqtt.protocol import UPLOAD_REF, upload_reference
 from edgekit.mqtt.settings import BrokerSettings, MqttVersion
 from edgekit.mqtt.topics import DeviceTopics, HomeAssistantTopics, PoolTopics, all_devices
 
@@ -186,6 +187,19 @@ class DeviceClient:
         info.wait_for_publish(5)
         reason = self._acks.pop(info.mid, None)
         return getattr(reason, "value", 0) != 0x10
+
+    def upload_image(self, device_id: str, image: str | Path | bytes) -> dict[str, Any]:
+        """Upload an image (a JPEG, PNG or WebP file, or its bytes) to a device once, raw; return the
+        image part that names it in later requests to that device (``sha256:<hex>``). The device keeps
+        it for its requests only for a while (docs/protocol.md, "Images")."""
+        data = image if isinstance(image, bytes) else Path(image).read_bytes()
+        image_part(data)  # the same check as an inline image: JPEG, PNG or WebP
+        url = upload_reference(data)
+        scope = self.reply_base[len(self.settings.reply_prefix):]
+        topic = f"{DeviceTopics.of(self.prefix, device_id).images}/{scope}/{url[len(UPLOAD_REF):]}"
+        if not self.publish(topic, data):
+            raise EdgekitError(f"device {device_id} takes no image uploads (offline, or its bundle is text-only)")
+        return {"type": "image_url", "image_url": {"url": url}}
 
     def send(self, device_id: str | None, request: dict[str, Any], expiry_s: int | None = None,
              pool: str | None = None) -> str:

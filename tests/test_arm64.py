@@ -10,6 +10,7 @@ from the kernels' measured error (docs/arm64.md).
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import shutil
 import time
@@ -21,8 +22,9 @@ import pytest
 import yaml
 
 from edgekit import __version__
+from edgekit.builder.parity import sample_image
 from edgekit.builder.pipeline import BuildRequest, build
-from edgekit.client import DeviceClient
+from edgekit.client import DeviceClient, image_part
 from edgekit.deploy import wheelhouse
 from edgekit.profiles import load_profile
 from edgekit.runtime.agreement import Agreement, forced_logits
@@ -249,6 +251,14 @@ def test_deploy_over_ssh_to_an_emulated_pi_5(deployed_pi5: tuple[EmulatedPi, dic
     (call,) = answer.tool_calls
     assert call.name == "set_light" and call.error is None and call.arguments is not None
     assert call.arguments["room"] in ("kitchen", "hall") and isinstance(call.arguments["on"], bool)
+    # An image: Pillow's aarch64 wheel decodes it, the int8 encoder runs on the device's kernels, and
+    # its embeddings go into the prompt (a 64 x 64 PNG is resized to 256 x 256: 64 image tokens).
+    png = io.BytesIO()
+    sample_image(64, 64, 1).save(png, "PNG")
+    with DeviceClient(broker_at(broker)) as client:
+        seen = client.chat("emulated-pi5", {"messages": [{"role": "user", "content": [
+            image_part(png.getvalue()), {"type": "text", "text": "What is this?"}]}], "max_tokens": 4}, timeout=900)
+    assert seen.final["usage"]["image_tokens"] == 64 and seen.final["usage"]["completion_tokens"] > 0, seen.final
 
 
 def test_flash_first_boot_script_on_an_emulated_pi_4(emulation: Arm64Emulation, pi_bundles: dict[str, Path],

@@ -125,7 +125,8 @@ def test_daemon_yaml_round_trips_through_the_type_that_parses_it(tmp_path: Path)
                           queue_size=2, telemetry_interval=2.5, session_memory_mb=64, session_idle_s=60.0,
                           min_available_mb=100, threads=3, trusted_keys=(Path("/etc/edgekit/trusted-keys"),),
                           serve_below_quality_gate=True, cache_dir=Path("/var/cache/edgekit"), metrics_port=9100,
-                          discovery=False, discovery_prefix="ha/discovery")
+                          discovery=False, discovery_prefix="ha/discovery", max_image_bytes=2**20, max_image_pixels=10**7,
+                          max_images=2, vision_idle_s=30.0, upload_ttl_s=60.0, upload_memory_mb=8, upload_client_mb=2)
     path = tmp_path / "daemon.yaml"
     path.write_text(config.to_yaml())
     assert "s3cret" not in path.read_text()

@@ -19,6 +19,7 @@ from edgekit.gateway.tokens import TokenStore
 from edgekit.serve.daemon import Daemon, DaemonConfig
 
 from .conftest import broker_at, free_port, start_mosquitto
+from .test_vision import PNG
 
 DEPLOY = Path(__file__).parent.parent / "deploy" / "mosquitto"
 USERS = {"kitchen": "k-pass", "pantry": "p-pass", "client-ha": "c-pass", "gateway": "g-pass"}
@@ -62,6 +63,10 @@ def test_example_acl_keeps_devices_and_clients_apart(acl_broker: int, host_bundl
         with DeviceClient(broker_at(port, username="client-ha", password=USERS["client-ha"])) as client:
             client.wait_for_state("kitchen", "online", timeout=10)
             assert client.ask("kitchen", {"prompt": "hi", "max_tokens": 2})["type"] == "final"
+            # An image uploaded under the client's own level, then named in a request.
+            part = client.upload_image("kitchen", PNG)
+            final = client.ask("kitchen", {"messages": [{"role": "user", "content": [part]}], "max_tokens": 2})
+            assert final["type"] == "final" and final["usage"]["image_tokens"] > 0
             request_id = client.send(None, {"prompt": "pool", "max_tokens": 2}, pool="house")
             *_, last = client.replies(request_id, timeout=30)
             assert last["type"] == "final" and last["device_id"] == "kitchen"

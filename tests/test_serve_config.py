@@ -29,12 +29,15 @@ pools: [house]
 queue_size: 2
 broker: {{host: broker.local, port: 8883, username: pi, password_file: {secret}, tls: {{ca: /etc/ca.pem}}}}
 sessions: {{memory_mb: 64, idle_s: 120}}
+images: {{max_bytes: 1048576, max_per_request: 2, idle_unload_s: 30, upload_ttl_s: 60}}
 """)
     config = daemon_config.load(path, {"queue_size": 3}, {"host": None}, environ={"EDGEKIT_DEVICE_ID": "pantry"})
     broker = config.broker
     assert (config.device_id, broker.host, broker.port, config.queue_size) == ("pantry", "broker.local", 8883, 3)
     assert broker.password == "s3cret" and "s3cret" not in repr(config)
     assert broker.tls_ca == Path("/etc/ca.pem") and config.pools == ("house",) and config.session_memory_mb == 64
+    assert (config.max_image_bytes, config.max_images, config.vision_idle_s, config.upload_ttl_s) == (1048576, 2, 30.0, 60.0)
+    assert config.max_image_pixels == daemon_config.DaemonConfig(bundle=Path("x")).max_image_pixels  # left at its default
 
 
 @pytest.mark.parametrize(
@@ -51,6 +54,8 @@ sessions: {{memory_mb: 64, idle_s: 120}}
         ("bundle: x\nhome_assistant: {prefix: 'ha/#'}\n", "field 'home_assistant.prefix'"),
         ("bundle: x\nhome_assistant: {discovery: maybe}\n", "field 'home_assistant.discovery' must be true or false"),
         ("bundle: x\nmetrics_port: 0\n", "field 'metrics_port' must be an integer from 1 to 65535"),
+        ("bundle: x\nimages: {max_bytes: 10}\n", "field 'images.max_bytes' must be an integer from 1024"),
+        ("bundle: x\nimages: {max_pixel: 10}\n", "unknown field 'images.max_pixel'"),
     ],
 )
 def test_invalid_config_names_the_field(tmp_path: Path, text: str, message: str) -> None:

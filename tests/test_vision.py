@@ -4,9 +4,11 @@ M-RoPE positions against transformers, image prompts token for token, sessions, 
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import struct
+import time
 import uuid
 import zlib
 from dataclasses import replace
@@ -34,6 +36,7 @@ from edgekit.runtime.sessions import SessionStore
 from edgekit.runtime.tokenizer import ChatTokenizer
 from edgekit.runtime.vision import IMAGE_PAD, ImageSpan, VisionEncoder, encoder_feed, prompt_positions
 from edgekit.serve.daemon import DaemonConfig
+from edgekit.serve.uploads import UploadStore, reply_scope
 
 from .conftest import broker_at, start_daemon
 
@@ -133,7 +136,7 @@ VISION_LIMITS = protocol.RequestLimits(images=IMAGE_LIMITS, max_images=2)
     (_request({"type": "image_url", "image_url": {"url": data_url(_png_claiming(40_000, 40_000))}}),
      VISION_LIMITS, "image declares more pixels than the limit of 1000000 pixels"),
     (_request({"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}}), VISION_LIMITS,
-     "only data: URLs are accepted (got https); the device never fetches a URL"),
+     "(got https); the device never fetches a URL"),
     (_request({"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}), VISION_LIMITS, "base64 does not decode"),
     (_request(*[{"type": "image_url", "image_url": {"url": data_url(PNG)}}] * 3), VISION_LIMITS, "more than 2 images"),
     (_request({"type": "image_url", "image_url": {"url": data_url(PNG)}}, role="system"), VISION_LIMITS,
@@ -283,6 +286,36 @@ def test_encoder_unloads_when_idle_and_reloads_to_the_same_result(host_bundle: P
     assert np.array_equal(encoder.encode(patches), first)
 
 
+def test_uploads_are_checked_scoped_bounded_and_expire() -> None:
+    store = UploadStore(IMAGE_LIMITS, ttl_s=600, max_bytes=3 * len(PNG), scope_bytes=2 * len(PNG))
+    digest = hashlib.sha256(PNG).hexdigest()
+    store.put("alice/c1", digest, PNG)
+    assert store.get("alice/c1", digest) == PNG
+    with pytest.raises(ImageError, match="was never uploaded by this client"):
+        store.get("bob/c2", digest)  # one client's upload is not another's
+    with pytest.raises(ImageError, match="sha256 differs from the topic's"):
+        store.put("alice/c1", "0" * 64, PNG)
+    with pytest.raises(ImageError, match="0000000000.*was refused: .*sha256 differs"):
+        store.get("alice/c1", "0" * 64)  # the request that names it learns why
+    with pytest.raises(ImageError, match="not an image"):
+        store.put("alice/c1", hashlib.sha256(b"text").hexdigest(), b"text")
+    # Per client: its own oldest goes when it uploads past its space; others keep theirs.
+    others = [encoded(sample_image(64, 64, seed)) for seed in (21, 22, 23)]
+    store.put("bob/c2", hashlib.sha256(others[0]).hexdigest(), others[0])
+    store.put("alice/c1", hashlib.sha256(others[1]).hexdigest(), others[1])
+    store.put("alice/c1", hashlib.sha256(others[2]).hexdigest(), others[2])
+    with pytest.raises(ImageError, match="evicted: this client's upload space was full"):
+        store.get("alice/c1", digest)
+    assert store.get("bob/c2", hashlib.sha256(others[0]).hexdigest()) == others[0]
+    # Lifetime: gone after ttl_s without use, and says so.
+    brief = UploadStore(IMAGE_LIMITS, ttl_s=0.05, max_bytes=10 * len(PNG), scope_bytes=10 * len(PNG))
+    brief.put("a", digest, PNG)
+    time.sleep(0.1)
+    with pytest.raises(ImageError, match=r"expired \(0 s after its last use\)"):
+        brief.get("a", digest)
+    assert reply_scope("edgekit/v1/replies/alice/c1/req-9", "edgekit/v1/replies/") == "alice/c1"
+
+
 # --- bundles, profiles, daemon ----------------------------------------------------------------------
 
 
@@ -361,6 +394,14 @@ def test_daemon_answers_an_image_over_mqtt_and_refuses_bad_ones(host_bundle: Pat
                                             "--max-tokens", "8", "--json", "What is this?"])
             assert cli.exit_code == 0, cli.output
             assert json.loads(cli.output)["text"] == expected.text
+            # Uploaded once, raw, then named by its sha256: the same answer; another client cannot use it.
+            part = client.upload_image(device, PNG)
+            assert part["image_url"]["url"] == "sha256:" + hashlib.sha256(PNG).hexdigest()
+            named = [part, {"type": "text", "text": "What is this?"}]
+            by_reference = client.chat(device, {"messages": [{"role": "user", "content": named}], "max_tokens": 8}, timeout=60)
+            assert by_reference.text == expected.text
+            with DeviceClient(broker_at(broker)) as stranger, pytest.raises(EdgekitError, match="was never uploaded by this client"):
+                stranger.ask(device, {"messages": [{"role": "user", "content": [part]}], "max_tokens": 2}, timeout=60)
         assert daemon.vision.loaded
         assert daemon.vision.release_if_idle(0)  # what the idle worker does after vision_idle_s
     finally:
@@ -382,8 +423,12 @@ def test_text_only_bundle_refuses_images_clearly(text_only_bundle: Path, broker:
     daemon, thread = start_daemon(DaemonConfig(bundle=text_only_bundle, broker=broker_at(broker), device_id=device))
     try:
         assert daemon.status.capabilities["vision"] is False
-        with DeviceClient(broker_at(broker)) as client, pytest.raises(EdgekitError, match="text-only"):
-            client.ask(device, {"messages": [{"role": "user", "content": [image_part(PNG)]}], "max_tokens": 2}, timeout=60)
+        with DeviceClient(broker_at(broker)) as client:
+            with pytest.raises(EdgekitError, match="text-only"):
+                client.ask(device, {"messages": [{"role": "user", "content": [image_part(PNG)]}], "max_tokens": 2}, timeout=60)
+            # Nothing subscribes to its upload topic: an MQTT 5 broker says so, and the client too.
+            with pytest.raises(EdgekitError, match=f"device {device} takes no image uploads"):
+                client.upload_image(device, PNG)
     finally:
         daemon.stop()
         thread.join(timeout=30)

@@ -23,6 +23,7 @@ a quarter of the size and about twice as fast as fp32 on this CPU (docs/vision.m
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -219,8 +220,14 @@ def _convert(fp32: Path, out: Path, precision: str) -> None:
         return
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, per_channel=True,
-                     op_types_to_quantize=["MatMul"], extra_options={"MatMulConstBOnly": True})
+    # Its advice to pre-process the model (for static quantization) goes to the root logger, which
+    # would print it over the build's progress display.
+    logging.disable(logging.WARNING)
+    try:
+        quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul"], extra_options={"MatMulConstBOnly": True})
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def _stamp(graph: Path, spec: VisionSpec) -> None:

@@ -6,7 +6,9 @@ a stream is chunks numbered from 0, then exactly one ``final`` or one ``error``.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -21,6 +23,9 @@ __all__ = ["VERSION", "ERROR_CODES", "ProtocolError", "Request", "Status", "pars
            "queued", "chunk", "tool_call", "final", "error", "telemetry"]
 MAX_PAYLOAD = 256 * 1024  # bytes; a 4k-token conversation is far below this
 MAX_IMAGES = 4  # per request, by default
+# An image part's URL naming an image uploaded before (edgekit.serve.uploads): sha256:<64 hex digits>.
+UPLOAD_REF = "sha256:"
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 _PART_TYPES = ("text", "image_url")
 
 # Error codes: the complete list a client may receive.
@@ -86,9 +91,10 @@ class Request:
     thinking: bool = False
     speculative: bool = True
     fmt: ReplyFormat = field(default_factory=ReplyFormat)  # tools, tool_choice, response_format
-    # The images of ``messages``, encoded as sent (header checked), in order of appearance; each part
-    # that held one is ``{"type": "image"}`` in ``messages``, as chat templates expect.
-    images: list[bytes] = field(default_factory=list)
+    # The images of ``messages`` in order of appearance: encoded as sent (header checked), or the
+    # ``sha256:<hex>`` reference of an upload (edgekit.serve.uploads), which the daemon resolves. Each
+    # part that held one is ``{"type": "image"}`` in ``messages``, as chat templates expect.
+    images: list[bytes | str] = field(default_factory=list)
     reply_to: str | None = None
     deadline: float | None = None
     received_at: float = field(default_factory=time.time)
@@ -124,7 +130,7 @@ def _validate(data: dict[str, Any], limits: RequestLimits) -> Request:
     _check(not unknown, f"unknown field '{unknown[0] if unknown else ''}'", rid)
     messages, prompt = data.get("messages"), data.get("prompt")
     _check((messages is None) != (prompt is None), "give exactly one of 'messages' or 'prompt'", rid)
-    images: list[bytes] = []
+    images: list[bytes | str] = []
     if messages is not None:
         _check(isinstance(messages, list) and len(messages) > 0, "field 'messages' must be a non-empty list", rid)
         messages = [_message(m, i, rid, images, limits) for i, m in enumerate(messages)]
@@ -182,7 +188,7 @@ def _validate(data: dict[str, Any], limits: RequestLimits) -> Request:
     )
 
 
-def _message(message: Any, i: int, rid: str, images: list[bytes], limits: RequestLimits) -> dict[str, Any]:
+def _message(message: Any, i: int, rid: str, images: list[bytes | str], limits: RequestLimits) -> dict[str, Any]:
     """One chat message, normalised for the chat template: tool-call arguments become objects, and
     image parts ``{"type": "image"}`` with their bytes appended to ``images``."""
     at = f"messages[{i}]"
@@ -220,9 +226,10 @@ def _message(message: Any, i: int, rid: str, images: list[bytes], limits: Reques
     return {**message, "content": message.get("content") or "", "tool_calls": normalised}
 
 
-def _parts(parts: list[Any], at: str, role: str, rid: str, images: list[bytes], limits: RequestLimits) -> list[dict[str, Any]]:
+def _parts(parts: list[Any], at: str, role: str, rid: str, images: list[bytes | str],
+           limits: RequestLimits) -> list[dict[str, Any]]:
     """OpenAI's content parts: text, and images as data URLs (checked up to their headers here; the
-    device decodes them when the request runs)."""
+    device decodes them when the request runs) or as ``sha256:<hex>`` references to uploads."""
     _check(len(parts) > 0, f"field '{at}' must be a non-empty list of parts", rid)
     normalised: list[dict[str, Any]] = []
     for j, part in enumerate(parts):
@@ -245,11 +252,16 @@ def _parts(parts: list[Any], at: str, role: str, rid: str, images: list[bytes], 
         _check(len(images) < limits.max_images, f"field '{where}': more than {limits.max_images} images in one request", rid)
         assert isinstance(url, str)  # checked just above
         try:
-            data = data_url_bytes(url, f"field '{where}.image_url.url'")
-            open_image(data, limits.images, f"field '{where}.image_url.url'")
+            if url.startswith(UPLOAD_REF):
+                if upload_digest(url) is None:
+                    raise ImageError(f"field '{where}.image_url.url': an uploaded image is named sha256:<64 lowercase hex digits>")
+                images.append(url)  # an upload, checked when it arrived
+            else:
+                data = data_url_bytes(url, f"field '{where}.image_url.url'")
+                open_image(data, limits.images, f"field '{where}.image_url.url'")
+                images.append(data)
         except ImageError as exc:
             raise ProtocolError("bad_request", str(exc), rid) from None
-        images.append(data)
         normalised.append({"type": "image"})
     return normalised
 
@@ -283,6 +295,17 @@ def _reply_format(data: dict[str, Any], rid: str) -> ReplyFormat:
     if problem := grammar_problem(fmt):
         raise ProtocolError("bad_request", f"field '{'response_format' if schema is not None else 'tools'}': {problem}", rid)
     return fmt
+
+
+def upload_reference(data: bytes) -> str:
+    """The URL of an uploaded image: ``sha256:`` and its digest."""
+    return UPLOAD_REF + hashlib.sha256(data).hexdigest()
+
+
+def upload_digest(url: str) -> str | None:
+    """The digest a ``sha256:<hex>`` URL names; None when it is not one."""
+    digest = url[len(UPLOAD_REF):] if url.startswith(UPLOAD_REF) else ""
+    return digest if _DIGEST.fullmatch(digest) else None
 
 
 def parse_cancel(payload: bytes | bytearray) -> str | None:

@@ -69,11 +69,12 @@ class DeviceTopics:
     cancel: str
     status: str
     telemetry: str
+    images: str  # uploads go below it: <images>/<client scope>/<sha256> (serve/uploads.py)
 
     @classmethod
     def of(cls, prefix: str, device_id: str) -> DeviceTopics:
         base = f"{check_prefix(prefix)}/{VERSION}/{check_level(device_id, 'device id')}"
-        return cls(f"{base}/request", f"{base}/cancel", f"{base}/status", f"{base}/telemetry")
+        return cls(f"{base}/request", f"{base}/cancel", f"{base}/status", f"{base}/telemetry", f"{base}/images")
 
 
 @dataclass(frozen=True)

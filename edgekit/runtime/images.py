@@ -119,7 +119,8 @@ def data_url_bytes(url: str, where: str) -> bytes:
     """The image in a ``data:image/...;base64,`` URL. Remote URLs are refused: the device fetches nothing."""
     if not url.startswith("data:"):
         scheme = url.split(":", 1)[0][:20] if ":" in url else "no scheme"
-        raise ImageError(f"{where}: only data: URLs are accepted (got {scheme}); the device never fetches a URL")
+        raise ImageError(f"{where}: only data: URLs and sha256: references to uploaded images are accepted "
+                         f"(got {scheme}); the device never fetches a URL")
     head, sep, body = url[5:].partition(",")
     mime, _, encoding = head.partition(";")
     if not sep or encoding != "base64":

@@ -64,6 +64,11 @@ class DaemonConfig:
     max_image_pixels: int = 40_000_000
     max_images: int = 4
     vision_idle_s: float = 300.0
+    # Uploaded images (serve/uploads.py): kept this long after their last use, this much in all and
+    # per client.
+    upload_ttl_s: float = 600.0
+    upload_memory_mb: int = 64
+    upload_client_mb: int = 16
 
     def __post_init__(self) -> None:
         if self.device_id is not None:
@@ -111,11 +116,15 @@ class DaemonConfig:
 
 # The config file's ``images`` section: its keys and the DaemonConfig fields they set, with bounds.
 _IMAGE_FIELDS = {"max_bytes": "max_image_bytes", "max_pixels": "max_image_pixels", "max_per_request": "max_images",
-                 "idle_unload_s": "vision_idle_s"}
+                 "idle_unload_s": "vision_idle_s", "upload_ttl_s": "upload_ttl_s", "upload_memory_mb": "upload_memory_mb",
+                 "upload_client_mb": "upload_client_mb"}
 _IMAGE_BOUNDS: dict[str, tuple[int, int, bool]] = {"max_bytes": (1024, 64 * 1024**2, True),
                                                     "max_pixels": (1024, 400_000_000, True),
                                                     "max_per_request": (1, 64, True),
-                                                    "idle_unload_s": (1, 10_000_000, False)}
+                                                    "idle_unload_s": (1, 10_000_000, False),
+                                                    "upload_ttl_s": (1, 10_000_000, False),
+                                                    "upload_memory_mb": (0, 1_000_000, True),
+                                                    "upload_client_mb": (0, 1_000_000, True)}
 
 
 def load(path: Path | None, overrides: Mapping[str, Any] | None = None, broker: Mapping[str, Any] | None = None,
@@ -190,7 +199,7 @@ def _read_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     broker_values = broker_settings.parse_section(broker, prefix)
     for part in (top, broker, sessions, home_assistant, images):
         part.check_unknown()
-    for name in ("telemetry_interval", "session_idle_s", "vision_idle_s"):
+    for name in ("telemetry_interval", "session_idle_s", "vision_idle_s", "upload_ttl_s"):
         if name in values:
             values[name] = float(values[name])
     return {k: v for k, v in values.items() if v is not None}, broker_values

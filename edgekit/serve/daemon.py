@@ -30,7 +30,7 @@ from edgekit.agent.tools import ToolCall, ToolError
 from edgekit.errors import BelowQualityGate, ContextExceeded, EdgekitError
 from edgekit.mqtt import protocol
 from edgekit.mqtt.connection import negotiate_protocol, new_client
-from edgekit.mqtt.protocol import ProtocolError, Request
+from edgekit.mqtt.protocol import UPLOAD_REF, ProtocolError, Request
 from edgekit.mqtt.settings import MqttVersion
 from edgekit.mqtt.topics import DeviceTopics, HomeAssistantTopics, PoolTopics
 from edgekit.runtime.conversation import SessionEvicted, Turn, VisionUnavailable, run_turn
@@ -45,6 +45,7 @@ from edgekit.serve import discovery, quality_gate
 from edgekit.serve.config import DaemonConfig
 from edgekit.serve.systemd import notify, watchdog_interval
 from edgekit.serve.telemetry import InferenceMetrics, collect, temperature
+from edgekit.serve.uploads import UploadStore, reply_scope
 
 log = logging.getLogger("edgekit.serve")
 # Places beyond queue_size for pool requests that arrive after the device left its pools: the broker
@@ -91,9 +92,12 @@ class Daemon:
             max_images=config.max_images)
         # Images are resized to at most the pixels the bundle's profile allows on this device.
         self.processing: Preprocessing | None = None
-        if self.vision is not None:
+        self.uploads: UploadStore | None = None
+        if self.vision is not None and self.limits.images is not None:
             cap = self.manifest.vision.max_pixels if self.manifest.vision else self.vision.processing.max_pixels
             self.processing = replace(self.vision.processing, max_pixels=min(cap, self.vision.processing.max_pixels))
+            self.uploads = UploadStore(self.limits.images, config.upload_ttl_s, config.upload_memory_mb * 1024**2,
+                                       config.upload_client_mb * 1024**2)
         self._self_test()
         quality = self._check_quality()
         self.sessions = SessionStore(config.session_memory_mb * 1024**2, config.session_idle_s)
@@ -174,6 +178,8 @@ class Daemon:
             subscriptions += [(pool.shared_request, 1), (pool.cancel, 1)] if self.in_pools else [(pool.cancel, 1)]
         if self.config.discovery:
             subscriptions.append((self.ha.prompt, 1))
+        if self.uploads is not None:
+            subscriptions.append((f"{self.topics.images}/#", 1))
         client.subscribe(subscriptions)
         client.publish(self.topics.status, self.status.with_state("online").encode(), qos=1, retain=True)
         # Home Assistant discovery; switched off, an empty retained config removes what an earlier start announced.
@@ -189,6 +195,8 @@ class Daemon:
                 self._cancel(message.payload)
             elif message.topic == self.ha.prompt:
                 self._prompt(message.payload)
+            elif message.topic.startswith(self.topics.images + "/"):
+                self._upload(message)
             else:
                 self._accept(message)
         except Exception:  # a bad message must never stop the daemon
@@ -236,6 +244,11 @@ class Daemon:
         if not reply_topic:
             log.warning("request %s dropped: %s", request.id, why)
             return
+        if any(isinstance(image, str) for image in request.images):
+            try:
+                request.images = self._uploaded(request.images, reply_scope(reply_topic, allowed))
+            except ImageError as exc:
+                return self._error(reply_topic, correlation, request.id, "bad_request", str(exc))
         with self._lock:
             if request.id in self.seen:
                 log.info("request %s already taken; ignoring the redelivery", request.id)
@@ -247,6 +260,25 @@ class Daemon:
         if expiry is not None and request.deadline is None:
             request.deadline = time.time() + expiry
         self._enqueue(_Job(request, reply_topic, correlation), via_pool=message.topic in self.pool_requests)
+
+    def _upload(self, message: mqtt.MQTTMessage) -> None:
+        """Keep an image a client uploaded for its later requests (serve/uploads.py); a refusal is
+        logged here and told to the request that names the image."""
+        scope, _, digest = message.topic[len(self.topics.images) + 1:].rpartition("/")
+        if self.uploads is None or not scope:
+            log.warning("upload on %s ignored: %s", message.topic,
+                        "this bundle takes no images" if self.uploads is None else "no client scope in the topic")
+            return
+        try:
+            self.uploads.put(scope, digest, bytes(message.payload))
+        except ImageError as exc:
+            log.warning("%s", exc)
+
+    def _uploaded(self, images: list[bytes | str], scope: str) -> list[bytes | str]:
+        """A request's images with each upload reference replaced by the upload's bytes."""
+        if self.uploads is None:
+            raise ImageError("this bundle takes no images")
+        return [self.uploads.get(scope, image[len(UPLOAD_REF):]) if isinstance(image, str) else image for image in images]
 
     def _prompt(self, payload: bytes | bytearray) -> None:
         """A plain-text prompt from Home Assistant's notify entity; the answer is published retained."""
@@ -386,8 +418,9 @@ class Daemon:
             return []
         limits, processing = self.limits.images, self.processing
         assert limits is not None and processing is not None  # parse_request refuses images otherwise
+        # Upload references were resolved to bytes when the request arrived (_accept).
         return [preprocess(load_rgb(data, limits, f"image {i + 1}"), processing)
-                for i, data in enumerate(request.images)]
+                for i, data in enumerate(request.images) if isinstance(data, bytes)]
 
     def _report(self) -> None:
         # psutil's first cpu_percent() reads 0, and the total and per-core readings keep apart baselines:
