@@ -218,12 +218,23 @@ def _image_turn(tokenizer: ChatTokenizer, data: bytes, question: str, encoder: V
     return Turn(messages=[message], images=[preprocess(load_rgb(data, IMAGE_LIMITS, "image 1"), encoder.processing)], **turn)  # type: ignore[arg-type]
 
 
-def test_image_prompt_greedy_tokens_equal_transformers(tiny_checkpoint: Path, fp32_bundle: Path) -> None:
-    """End to end at fp32: a PNG through our decoding, preprocessing, encoder, splicing and M-RoPE,
-    against transformers' PIL processor and Qwen3_5ForConditionalGeneration.generate."""
+def test_image_prompt_greedy_tokens_equal_transformers(tiny_checkpoint: Path, fp32_bundle: Path, broker: int) -> None:
+    """End to end at fp32: a PNG over MQTT, through the daemon's decoding, preprocessing, encoder,
+    splicing and M-RoPE, against transformers' PIL processor and Qwen3_5ForConditionalGeneration."""
+    engine, tokenizer, encoder = Engine(fp32_bundle), ChatTokenizer(fp32_bundle), VisionEncoder(fp32_bundle)
+    device = f"fp32-{uuid.uuid4().hex[:6]}"
+    daemon, thread = start_daemon(DaemonConfig(bundle=fp32_bundle, broker=broker_at(broker), device_id=device))
+    try:
+        _compare_with_transformers(tiny_checkpoint, engine, tokenizer, encoder, device, broker)
+    finally:
+        daemon.stop()
+        thread.join(timeout=30)
+
+
+def _compare_with_transformers(tiny_checkpoint: Path, engine: Engine, tokenizer: ChatTokenizer, encoder: VisionEncoder,
+                               device: str, broker: int) -> None:
     from transformers import Qwen3_5ForConditionalGeneration
 
-    engine, tokenizer, encoder = Engine(fp32_bundle), ChatTokenizer(fp32_bundle), VisionEncoder(fp32_bundle)
     model = Qwen3_5ForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
     processor = reference_processor(encoder.processing)
     texts = []
@@ -247,6 +258,14 @@ def test_image_prompt_greedy_tokens_equal_transformers(tiny_checkpoint: Path, fp
         assert result.image_tokens == count and result.stats.prompt_tokens == len(ids)
         assert tokenizer.decode(expected) == result.text
         texts.append(result.text)
+        if seed == 0:
+            message = {"role": "user", "content": [{"type": "text", "text": "Look:"}, image_part(encoded(image)),
+                                                   {"type": "text", "text": "What is this?"}]}
+            with DeviceClient(broker_at(broker)) as client:
+                streamed: list[str] = []
+                answer = client.chat(device, {"messages": [message], "max_tokens": 12}, on_text=streamed.append, timeout=120)
+            assert len(streamed) > 1 and "".join(streamed) == tokenizer.decode(expected)
+            assert answer.final["usage"]["image_tokens"] == count
     # The image matters: the same question about another image gets a different answer.
     other = _image_turn(tokenizer, encoded(sample_image(256, 288, 99)), "What is this?", encoder, max_tokens=12)
     assert run_turn(engine, tokenizer, other, lambda text: None, vision=encoder).text != texts[0]
@@ -319,11 +338,24 @@ def test_uploads_are_checked_scoped_bounded_and_expire() -> None:
 # --- bundles, profiles, daemon ----------------------------------------------------------------------
 
 
+def test_a_checkpoint_without_a_preprocessor_config_gets_the_defaults(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from edgekit.builder import vision
+    from edgekit.builder.checkpoint import inspect
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for item in tiny_checkpoint.iterdir():
+        if item.name != "preprocessor_config.json":
+            (bare / item.name).symlink_to(item)
+    assert vision.preprocessing(inspect(bare)) == (Preprocessing(), False)
+    assert vision.preprocessing(inspect(tiny_checkpoint)) == (Preprocessing(), True)
+
+
 def test_bundle_records_its_encoder_and_the_estimate_counts_it(host_bundle: Path, fp32_bundle: Path) -> None:
     manifest = Manifest.read(host_bundle)
     assert manifest.vision is not None and not manifest.model.text_only
     assert manifest.vision.precision == "int8" and manifest.vision.encoder_passed and manifest.vision.image_prompts.passed
-    assert manifest.vision.preprocessor == "defaults"  # the fixtures carry no preprocessor_config.json
+    assert manifest.vision.preprocessor == "checkpoint"  # the fixture's preprocessor_config.json
     assert manifest.estimated_ram["vision"] > 0
     assert {"vision.onnx", "preprocessor_config.json"} <= {f.path for f in manifest.files}
     exact = Manifest.read(fp32_bundle).vision
