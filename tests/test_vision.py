@@ -464,3 +464,19 @@ def test_text_only_bundle_refuses_images_clearly(text_only_bundle: Path, broker:
     finally:
         daemon.stop()
         thread.join(timeout=30)
+
+
+def test_generate_takes_images_on_the_command_line(host_bundle: Path, tmp_path: Path) -> None:
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(PNG)
+    done = CliRunner().invoke(main, ["generate", str(host_bundle), "What is this?", "--image", str(photo),
+                                     "--max-tokens", "6", "--json"])
+    assert done.exit_code == 0, done.output
+    summary = json.loads(done.stdout)
+    encoder = VisionEncoder(host_bundle)
+    expected = run_turn(Engine(host_bundle), ChatTokenizer(host_bundle), Turn(
+        messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}],
+        images=[preprocess(load_rgb(PNG, IMAGE_LIMITS, "x"), encoder.processing)], max_tokens=6), lambda text: None, vision=encoder)
+    assert summary["text"] == expected.text and summary["usage"]["image_tokens"] == expected.image_tokens == 64
+    refused = CliRunner().invoke(main, ["generate", str(host_bundle), "x", "--image", str(photo), "--raw"])
+    assert refused.exit_code != 0 and "--image needs the chat template" in refused.output

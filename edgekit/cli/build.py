@@ -248,18 +248,22 @@ def verify(bundle_dir: Path, trusted_keys: tuple[Path, ...], run_check: bool, th
 @click.option("--seed", type=int, default=None)
 @click.option("--think/--no-think", default=False, show_default=True, help="Qwen3.5 thinking mode.")
 @click.option("--raw", is_flag=True, help="Send PROMPT as is, without the chat template.")
+@click.option("--image", "images", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Put this image (JPEG, PNG or WebP) before the prompt. Repeatable.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="Override the bundle's thread count.")
 @click.option("--no-speculative", is_flag=True,
               help="Do not draft with the bundle's MTP head (bundles built with --include-mtp draft greedy replies).")
 @output_option("Print text, usage and timings as JSON at the end.")
 @friendly
 def generate(bundle_dir: Path, prompt: str, max_tokens: int, temperature: float, top_p: float, top_k: int,
-             seed: int | None, think: bool, raw: bool, threads: int | None, no_speculative: bool, output: Output) -> None:
+             seed: int | None, think: bool, raw: bool, images: tuple[Path, ...], threads: int | None,
+             no_speculative: bool, output: Output) -> None:
     """Generate a reply from a bundle on this machine, streaming it to the terminal.
 
     \b
     Example:
       edgekit generate dist/qwen3.5-0.8b-host-int4 "Why is the sky blue?" --max-tokens 64
+      edgekit generate dist/qwen3.5-0.8b-host-int4 "What is on the table?" --image photo.jpg
     """
     from edgekit.bundle import verify as verify_bundle
     from edgekit.runtime.conversation import Turn, run_turn
@@ -267,18 +271,33 @@ def generate(bundle_dir: Path, prompt: str, max_tokens: int, temperature: float,
     from edgekit.runtime.sampling import Sampling
     from edgekit.runtime.tokenizer import ChatTokenizer
 
-    verify_bundle(bundle_dir)
+    manifest = verify_bundle(bundle_dir)
+    if images and raw:
+        raise EdgekitError("--image needs the chat template, which --raw leaves out")
     started = time.perf_counter()
     engine = Engine(bundle_dir, threads=threads)
     tokenizer = ChatTokenizer(bundle_dir)
+    vision, patches = None, []
+    if images:
+        from edgekit.runtime.images import ImageLimits, load_rgb, preprocess
+        from edgekit.runtime.vision import VisionEncoder
+
+        vision = VisionEncoder(bundle_dir, threads, manifest.vision.max_pixels if manifest.vision else None)
+        # A local file is trusted as far as its size: no cap on bytes, the usual one on declared pixels.
+        limits = ImageLimits(max_bytes=2**40)
+        patches = [preprocess(load_rgb(path.read_bytes(), limits, str(path)), vision.processing) for path in images]
     load_s = time.perf_counter() - started
-    turn = Turn(messages=None if raw else [{"role": "user", "content": prompt}], prompt=prompt if raw else None,
+    content: str | list[dict[str, str]] = prompt
+    if images:
+        content = [*({"type": "image"} for _ in images), {"type": "text", "text": prompt}]
+    turn = Turn(messages=None if raw else [{"role": "user", "content": content}], prompt=prompt if raw else None,
                 max_tokens=max_tokens, sampling=Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
-                thinking=think, speculative=not no_speculative)
-    result = run_turn(engine, tokenizer, turn, on_text=output.text())
+                thinking=think, speculative=not no_speculative, images=patches)
+    result = run_turn(engine, tokenizer, turn, on_text=output.text(), vision=vision)
     stats = result.stats
     summary = {"text": result.text, "finish_reason": result.finish_reason,
-               "usage": {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens},
+               "usage": {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
+                         "image_tokens": result.image_tokens},
                "timings": {"load_s": round(load_s, 3), "prefill_s": round(stats.prefill_s, 3),
                            "decode_s": round(stats.decode_s, 3), "prefill_tokens_per_s": round(stats.prefill_tps, 1),
                            "decode_tokens_per_s": round(stats.decode_tps, 1), **stats.drafting()}}

@@ -19,7 +19,7 @@ import json
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -134,11 +134,16 @@ class VisionEncoder:
     """A bundle's vision encoder, loaded on the first image and released after ``idle_s`` unused
     (its weights are most of a vision bundle's extra memory: about 0.1 GB in int8 on the 0.8B)."""
 
-    def __init__(self, folder: Path, threads: int | None = None) -> None:
+    def __init__(self, folder: Path, threads: int | None = None, max_pixels: int | None = None) -> None:
+        """``max_pixels``: resize images to at most this many pixels (the bundle's profile's cap) where
+        that is below the image processor's own bound."""
         self.graph = folder / VISION_GRAPH
         if not self.graph.is_file():
             raise EdgekitError(f"{folder}: this bundle has no vision encoder ({VISION_GRAPH}); it was built text-only")
-        self.processing = Preprocessing.from_file(folder / PREPROCESSOR_FILE)
+        processing = Preprocessing.from_file(folder / PREPROCESSOR_FILE)
+        if max_pixels is not None and max_pixels < processing.max_pixels:
+            processing = replace(processing, max_pixels=max_pixels, min_pixels=min(processing.min_pixels, max_pixels))
+        self.processing = processing
         self.threads = threads or 0
         self._session: ort.InferenceSession | None = None
         self._spec: VisionSpec | None = None

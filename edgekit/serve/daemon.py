@@ -35,7 +35,7 @@ from edgekit.mqtt.settings import MqttVersion
 from edgekit.mqtt.topics import DeviceTopics, HomeAssistantTopics, PoolTopics
 from edgekit.runtime.conversation import SessionEvicted, Turn, VisionUnavailable, run_turn
 from edgekit.runtime.engine import Engine
-from edgekit.runtime.images import ImageError, ImageLimits, Patches, Preprocessing, load_rgb, preprocess
+from edgekit.runtime.images import ImageError, ImageLimits, Patches, load_rgb, preprocess
 from edgekit.runtime.quality_check import DeviceQuality
 from edgekit.runtime.resident import tune_allocator
 from edgekit.runtime.sessions import SessionStore
@@ -85,17 +85,15 @@ class Daemon:
         self.engine = Engine(config.bundle, threads=config.threads, speculative=config.speculative)
         self.grammars = GrammarCompiler(self.tokenizer, self.engine.vocab_size, self.engine.eos_ids)
         # The vision encoder loads on the first image (VisionEncoder): text-only traffic never pays for it.
-        self.vision = (VisionEncoder(config.bundle, config.threads) if (config.bundle / VISION_GRAPH).is_file()
+        # Images are resized to at most the pixels the bundle's profile allows on this device.
+        cap = self.manifest.vision.max_pixels if self.manifest.vision else None
+        self.vision = (VisionEncoder(config.bundle, config.threads, cap) if (config.bundle / VISION_GRAPH).is_file()
                        and self.engine.takes_embeddings else None)
         self.limits = protocol.RequestLimits(
             images=ImageLimits(config.max_image_bytes, config.max_image_pixels) if self.vision else None,
             max_images=config.max_images)
-        # Images are resized to at most the pixels the bundle's profile allows on this device.
-        self.processing: Preprocessing | None = None
         self.uploads: UploadStore | None = None
-        if self.vision is not None and self.limits.images is not None:
-            cap = self.manifest.vision.max_pixels if self.manifest.vision else self.vision.processing.max_pixels
-            self.processing = replace(self.vision.processing, max_pixels=min(cap, self.vision.processing.max_pixels))
+        if self.limits.images is not None:
             self.uploads = UploadStore(self.limits.images, config.upload_ttl_s, config.upload_memory_mb * 1024**2,
                                        config.upload_client_mb * 1024**2)
         self._self_test()
@@ -416,10 +414,10 @@ class Daemon:
         """Decode and cut the request's images (their headers were checked when it arrived)."""
         if not request.images:
             return []
-        limits, processing = self.limits.images, self.processing
-        assert limits is not None and processing is not None  # parse_request refuses images otherwise
+        limits, vision = self.limits.images, self.vision
+        assert limits is not None and vision is not None  # parse_request refuses images otherwise
         # Upload references were resolved to bytes when the request arrived (_accept).
-        return [preprocess(load_rgb(data, limits, f"image {i + 1}"), processing)
+        return [preprocess(load_rgb(data, limits, f"image {i + 1}"), vision.processing)
                 for i, data in enumerate(request.images) if isinstance(data, bytes)]
 
     def _report(self) -> None:
