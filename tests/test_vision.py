@@ -8,6 +8,8 @@ import hashlib
 import io
 import json
 import struct
+import subprocess
+import sys
 import time
 import uuid
 import zlib
@@ -35,7 +37,7 @@ from edgekit.runtime.images import ImageError, ImageLimits, Preprocessing, load_
 from edgekit.runtime.sessions import SessionStore
 from edgekit.runtime.tokenizer import ChatTokenizer
 from edgekit.runtime.vision import IMAGE_PAD, ImageSpan, VisionEncoder, encoder_feed, prompt_positions
-from edgekit.serve.daemon import DaemonConfig
+from edgekit.serve.daemon import Daemon, DaemonConfig
 from edgekit.serve.uploads import UploadStore, reply_scope
 
 from .conftest import broker_at, start_daemon
@@ -480,3 +482,11 @@ def test_generate_takes_images_on_the_command_line(host_bundle: Path, tmp_path: 
     assert summary["text"] == expected.text and summary["usage"]["image_tokens"] == expected.image_tokens == 64
     refused = CliRunner().invoke(main, ["generate", str(host_bundle), "x", "--image", str(photo), "--raw"])
     assert refused.exit_code != 0 and "--image needs the chat template" in refused.output
+
+
+def test_a_daemon_that_sees_no_image_loads_neither_pillow_nor_the_encoder(daemon: Daemon) -> None:
+    """Text-only traffic keeps the RSS it had before vision: Pillow is imported by the first image."""
+    code = "import sys, edgekit.serve.daemon, edgekit.cli, edgekit.client; print('PIL' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+    assert daemon.vision is not None and not daemon.vision.loaded

@@ -21,11 +21,17 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 from edgekit.errors import EdgekitError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+# Pillow is imported by the functions that decode: a daemon that never sees an image never loads it
+# (3.6 MiB of RSS, against a text-only target with little to spare; docs/vision.md).
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
 FORMATS = ("JPEG", "PNG", "WEBP")
@@ -135,6 +141,8 @@ def data_url_bytes(url: str, where: str) -> bytes:
 
 def open_image(data: bytes, limits: ImageLimits, where: str) -> Image.Image:
     """Read an image's header and check it against ``limits``; nothing is decoded yet."""
+    from PIL import Image, UnidentifiedImageError
+
     limits.check_size(len(data), where)
     with warnings.catch_warnings():
         # Our own pixel limit applies; Pillow's bomb warning would only repeat it.
@@ -158,6 +166,8 @@ def open_image(data: bytes, limits: ImageLimits, where: str) -> Image.Image:
 def load_rgb(data: bytes, limits: ImageLimits, where: str) -> Image.Image:
     """Decode an image to 8-bit RGB: EXIF orientation applied, the first frame of an animation,
     transparency composited onto white (as transformers does), CMYK and palettes converted."""
+    from PIL import Image, ImageOps
+
     image = open_image(data, limits, where)
     try:
         image.seek(0)
@@ -199,6 +209,8 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
 
 def preprocess(image: Image.Image, processing: Preprocessing) -> Patches:
     """Resize an RGB image to the model's pixel bounds, normalise it and cut it into patches."""
+    from PIL import Image
+
     height, width = smart_resize(image.height, image.width, processing.factor, processing.min_pixels,
                                  processing.max_pixels)
     if (width, height) != image.size:
