@@ -20,7 +20,7 @@ from edgekit.errors import EdgekitError
 from edgekit.profiles import Quality, Quantization
 from edgekit.runtime.agreement import Agreement, forced_logits
 from edgekit.runtime.engine import Engine, configured_provider, provider_available
-from edgekit.runtime.images import Preprocessing, preprocess
+from edgekit.runtime.images import PREPROCESSOR_FILE, Preprocessing, preprocess
 from edgekit.runtime.quality_check import Reference
 from edgekit.runtime.tokenizer import ChatTokenizer
 from edgekit.runtime.vision import IMAGE_PAD, ImageSpan, VisionEncoder
@@ -137,11 +137,13 @@ def check_images(bundle: Path, checkpoint: Path, precision: str, quality: Qualit
     """The parity check on image+text prompts: the bundle's encoder and text graph, spliced by the
     runtime, against transformers in fp32, gated like :func:`check`."""
     tokenizer = ChatTokenizer(bundle)
-    encoder = VisionEncoder(bundle, threads)
+    processing = Preprocessing.from_file(bundle / PREPROCESSOR_FILE)
     if progress:
         progress("running the PyTorch reference on image prompts")
-    runs = image_runs(checkpoint, tokenizer, encoder.processing)
+    # The reference first, as in check(): its fp32 weights are gone before the bundle's load.
+    runs = image_runs(checkpoint, tokenizer, processing)
     engine, checked_on = _engine(bundle, threads)
+    encoder = VisionEncoder(bundle, threads, providers=engine.providers)
     pairs = []
     pad = _pad_id(tokenizer)
     for ids, image, (tokens, reference) in runs:

@@ -282,7 +282,7 @@ def generate(bundle_dir: Path, prompt: str, max_tokens: int, temperature: float,
         from edgekit.runtime.images import ImageLimits, load_rgb, preprocess
         from edgekit.runtime.vision import VisionEncoder
 
-        vision = VisionEncoder(bundle_dir, threads, manifest.vision.max_pixels if manifest.vision else None)
+        vision = VisionEncoder(bundle_dir, threads, manifest.vision.max_pixels if manifest.vision else None, engine.providers)
         # A local file is trusted as far as its size: no cap on bytes, the usual one on declared pixels.
         limits = ImageLimits(max_bytes=2**40)
         patches = [preprocess(load_rgb(path.read_bytes(), limits, str(path)), vision.processing) for path in images]

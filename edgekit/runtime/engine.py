@@ -141,6 +141,7 @@ class Engine:
         providers = [ORT_PROVIDERS.get(self.provider, self.provider)]
         if "CPUExecutionProvider" not in providers:
             providers.append("CPUExecutionProvider")
+        self.providers = tuple(providers)  # ONNX Runtime's names, the bundle's first (the vision encoder's too)
         missing = [p for p in providers if p not in ort.get_available_providers()]
         if missing:
             raise EdgekitError(

@@ -134,9 +134,11 @@ class VisionEncoder:
     """A bundle's vision encoder, loaded on the first image and released after ``idle_s`` unused
     (its weights are most of a vision bundle's extra memory: about 0.1 GB in int8 on the 0.8B)."""
 
-    def __init__(self, folder: Path, threads: int | None = None, max_pixels: int | None = None) -> None:
+    def __init__(self, folder: Path, threads: int | None = None, max_pixels: int | None = None,
+                 providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
         """``max_pixels``: resize images to at most this many pixels (the bundle's profile's cap) where
-        that is below the image processor's own bound."""
+        that is below the image processor's own bound. ``providers``: ONNX Runtime's execution
+        providers, in order (a CUDA bundle's fp16 encoder runs where its text model does)."""
         self.graph = folder / VISION_GRAPH
         if not self.graph.is_file():
             raise EdgekitError(f"{folder}: this bundle has no vision encoder ({VISION_GRAPH}); it was built text-only")
@@ -145,6 +147,7 @@ class VisionEncoder:
             processing = replace(processing, max_pixels=max_pixels, min_pixels=min(processing.min_pixels, max_pixels))
         self.processing = processing
         self.threads = threads or 0
+        self.providers = list(providers)
         self._session: ort.InferenceSession | None = None
         self._spec: VisionSpec | None = None
         self._lock = threading.Lock()
@@ -162,7 +165,7 @@ class VisionEncoder:
             options.log_severity_level = 3
             options.enable_cpu_mem_arena = False  # give a finished image's activations back (see Engine)
             try:
-                session = ort.InferenceSession(str(self.graph), options, providers=["CPUExecutionProvider"])
+                session = ort.InferenceSession(str(self.graph), options, providers=self.providers)
             except Exception as exc:  # onnxruntime raises its own exception types per failure
                 raise EdgekitError(f"{self.graph}: cannot load the vision encoder ({exc})") from exc
             self._spec = VisionSpec.from_metadata(self.graph, session.get_modelmeta().custom_metadata_map)

@@ -87,8 +87,8 @@ class Daemon:
         # The vision encoder loads on the first image (VisionEncoder): text-only traffic never pays for it.
         # Images are resized to at most the pixels the bundle's profile allows on this device.
         cap = self.manifest.vision.max_pixels if self.manifest.vision else None
-        self.vision = (VisionEncoder(config.bundle, config.threads, cap) if (config.bundle / VISION_GRAPH).is_file()
-                       and self.engine.takes_embeddings else None)
+        self.vision = (VisionEncoder(config.bundle, config.threads, cap, self.engine.providers)
+                       if (config.bundle / VISION_GRAPH).is_file() and self.engine.takes_embeddings else None)
         self.limits = protocol.RequestLimits(
             images=ImageLimits(config.max_image_bytes, config.max_image_pixels) if self.vision else None,
             max_images=config.max_images)
