@@ -364,3 +364,26 @@ def test_the_grammar_index_is_dropped_when_idle_and_rebuilt(engine: Engine, gram
     logits = np.zeros(engine.vocab_size, dtype=np.float32)
     constraint.apply(logits)
     assert 0 < int(np.isfinite(logits).sum()) < 100
+
+
+def test_a_later_session_turn_forces_a_call_without_resending_the_tools(daemon: Daemon, broker: int) -> None:
+    session = f"force-{uuid.uuid4().hex[:6]}"
+    device = daemon.config.device_id
+    with DeviceClient(broker_at(broker)) as client:
+        client.ask(device, {"messages": [{"role": "user", "content": "Hello."}], "tools": [LIGHT, WEATHER_STRICT],
+                            "tool_choice": "none", "session": session, "max_tokens": 4})
+        forced = client.chat(device, {"messages": [{"role": "user", "content": "Light the porch."}], "session": session,
+                                      "tool_choice": {"type": "function", "function": {"name": "set_light"}},
+                                      "temperature": 0.8, "seed": 2, "max_tokens": 64})
+        assert forced.finish_reason == "tool_calls", forced.final
+        assert [call.name for call in forced.tool_calls] == ["set_light"] and forced.tool_calls[0].error is None
+        with pytest.raises(EdgekitError, match="names 'open_door', which is not in tools in this session"):
+            client.ask(device, {"messages": [{"role": "user", "content": "Open up."}], "session": session,
+                                "tool_choice": {"type": "function", "function": {"name": "open_door"}}, "max_tokens": 4})
+        # A session the device does not hold has no tools to force a call among.
+        with pytest.raises(EdgekitError, match="'required' but no 'tools' are given"):
+            client.ask(device, {"messages": [{"role": "user", "content": "Hi."}], "session": f"{session}-new",
+                                "tool_choice": "required", "max_tokens": 4})
+    # Without a session, the choice still needs the tools in the request itself.
+    with pytest.raises(protocol.ProtocolError, match="no 'tools' are given"):
+        _request({"prompt": "x", "tool_choice": "required"})

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,21 +138,30 @@ def parse_tools(data: Any, where: str = "tools") -> list[Tool]:
     return tools
 
 
-def parse_tool_choice(data: Any, tools: list[Tool]) -> ToolChoice | None:
+def parse_tool_choice(data: Any, tools: list[Tool] | None) -> ToolChoice | None:
     """``auto``, ``none``, ``required`` or ``{"type": "function", "function": {"name": ...}}``; None
-    when absent (auto with tools, none without)."""
+    when absent (auto with tools, none without). ``tools`` None: the tools are not known yet (a
+    session's later turn uses those its first turn sent), so :func:`check_tool_choice` runs later."""
     if data is None:
         return None
     if data in ("auto", "none", "required"):
-        if data != "none" and not tools:
-            raise ToolError(f"field 'tool_choice' is {data!r} but no 'tools' are given")
-        return ToolChoice(data)
-    name = data.get("function", {}).get("name") if isinstance(data, dict) and isinstance(data.get("function"), dict) else None
-    if not isinstance(name, str):
-        raise ToolError("field 'tool_choice' must be auto, none, required or {\"type\": \"function\", \"function\": {\"name\": ...}}")
-    if name not in {t.name for t in tools}:
-        raise ToolError(f"field 'tool_choice' names {name!r}, which is not in 'tools'")
-    return ToolChoice("function", name)
+        choice = ToolChoice(data)
+    else:
+        name = data.get("function", {}).get("name") if isinstance(data, dict) and isinstance(data.get("function"), dict) else None
+        if not isinstance(name, str):
+            raise ToolError("field 'tool_choice' must be auto, none, required or {\"type\": \"function\", \"function\": {\"name\": ...}}")
+        choice = ToolChoice("function", name)
+    if tools is not None:
+        check_tool_choice(choice, tools)
+    return choice
+
+
+def check_tool_choice(choice: ToolChoice, tools: Sequence[Tool], where: str = "'tools'") -> None:
+    """Refuse a choice that the tools cannot satisfy: a call required with none, or an unknown name."""
+    if choice.mode in ("auto", "required") and not tools:
+        raise ToolError(f"field 'tool_choice' is {choice.mode!r} but no {where} are given")
+    if choice.mode == "function" and choice.name not in {t.name for t in tools}:
+        raise ToolError(f"field 'tool_choice' names {choice.name!r}, which is not in {where}")
 
 
 def parse_call(markup: str, tools: list[Tool], call_id: str) -> ToolCall:

@@ -271,7 +271,10 @@ def _reply_format(data: dict[str, Any], rid: str) -> ReplyFormat:
     grammar engine cannot compile is refused here, naming the feature, before the request queues."""
     try:
         tools = parse_tools(data["tools"]) if data.get("tools") is not None else []
-        choice = parse_tool_choice(data.get("tool_choice"), tools)
+        # A session's later turn may force a call without resending the tools its first turn sent:
+        # the choice is checked against those when the turn runs.
+        later_turn = bool(data.get("session")) and not data.get("new_session") and not tools
+        choice = parse_tool_choice(data.get("tool_choice"), None if later_turn else tools)
     except ToolError as exc:
         raise ProtocolError("bad_request", str(exc), rid) from None
     _check(isinstance(data.get("parallel_tool_calls", True), bool), "field 'parallel_tool_calls' must be true or false", rid)
@@ -292,7 +295,7 @@ def _reply_format(data: dict[str, Any], rid: str) -> ReplyFormat:
                       parallel_tool_calls=data.get("parallel_tool_calls", True))
     _check(not (schema is not None and fmt.tool_choice.forced),
            "fields 'response_format' and a 'tool_choice' that forces a call cannot be combined", rid)
-    if problem := grammar_problem(fmt):
+    if (tools or not fmt.tool_choice.forced) and (problem := grammar_problem(fmt)):
         raise ProtocolError("bad_request", f"field '{'response_format' if schema is not None else 'tools'}': {problem}", rid)
     return fmt
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from edgekit.agent.grammar import GrammarCompiler, ReplyFormat
-from edgekit.agent.tools import CALL_CLOSE, CALL_OPEN, THINK_CLOSE, ToolCall, ToolError, parse_call
+from edgekit.agent.tools import CALL_CLOSE, CALL_OPEN, THINK_CLOSE, ToolCall, ToolError, check_tool_choice, parse_call
 from edgekit.errors import EdgekitError
 from edgekit.runtime.engine import Engine, GenerationStats
 from edgekit.runtime.images import Patches
@@ -98,6 +98,8 @@ def run_turn(
         tools_tokens = session.tools_tokens
     else:
         session = session or (Session(engine.new_state()) if turn.session else None)
+        if fmt.choice is not None and not fmt.tools:
+            check_tool_choice(fmt.choice, fmt.tools)  # the request left it to a session that is not there
         ids, tools_tokens = _first_prompt(tokenizer, turn)
         if session is not None:
             session.tools, session.tools_tokens = fmt.tools, tools_tokens
@@ -267,10 +269,13 @@ def _first_prompt(tokenizer: ChatTokenizer, turn: Turn) -> tuple[list[int], int]
 
 
 def _session_tools(fmt: ReplyFormat, session: Session) -> ReplyFormat:
-    """A later turn uses the tools its session's prompt holds; sending other tools is an error, as
-    the model would be asked to call functions it was never shown."""
+    """A later turn uses the tools its session's prompt holds (and may force a call among them
+    without resending them); sending other tools is an error, as the model would be asked to call
+    functions it was never shown."""
     if fmt.tools and fmt.tools != session.tools:
         raise ToolError("field 'tools' differs from the tools this session started with; start a new session to change them")
+    if not fmt.tools and fmt.choice is not None:
+        check_tool_choice(fmt.choice, session.tools, "tools in this session")
     return replace(fmt, tools=session.tools) if session.tools and not fmt.tools else fmt  # choice: auto by default
 
 
