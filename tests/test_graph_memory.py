@@ -86,10 +86,14 @@ def test_bundle_embedding_reads_the_lm_head_bytes(host_bundle: Path) -> None:
 def test_fp16_kv_cache_is_close_to_fp32(fp32_bundle: Path, tmp_path: Path) -> None:
     """The fp16 cache changes the logits far less than int4 weights do, through prefill and decode."""
     half = Path(shutil.copytree(fp32_bundle, tmp_path / "half"))
-    # fp32 exports look rows up in a Transpose of the LM head: no embeds variant, the engine runs model.onnx.
-    assert not embeds_graph(half / "model.onnx").exists()
-    assert _rewrite(half / "model.onnx", store_kv_cache_fp16) > 0
-    assert _rewrite(half / "model.onnx", store_kv_cache_fp16) == 0  # already fp16
+    # fp32 exports look rows up in a Transpose of the LM head; their embeds variant reads those rows
+    # as columns of the stored head, and it is the graph the engine runs.
+    graph = embeds_graph(half / "model.onnx")
+    layout = json.loads(next(p.value for p in onnx.load(str(graph), load_external_data=False).metadata_props
+                             if p.key == LAYOUT_KEY))
+    assert layout["transposed"] is True and layout["rows"] == 248320
+    assert _rewrite(graph, store_kv_cache_fp16) > 0
+    assert _rewrite(graph, store_kv_cache_fp16) == 0  # already fp16
     exact, rounded = Engine(fp32_bundle), Engine(half)
     state = rounded.new_state()
     assert {a.dtype for name, a in state.past.items() if name.startswith("past_key_values")} == {np.dtype(np.float16)}
