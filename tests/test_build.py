@@ -234,6 +234,23 @@ def test_model_that_does_not_fit_is_refused_with_numbers(tmp_path: Path) -> None
     assert _leftovers(tmp_path / "out") == []
 
 
+def test_a_model_that_fits_only_without_vision_says_so(tmp_path: Path) -> None:
+    """The Pi 4 profile on a 1.4 GB board: the 0.8B's text model fits, its vision encoder does not."""
+    import dataclasses
+
+    from edgekit.builder.checkpoint import read_config
+    from edgekit.builder.memory import check_fits
+    from edgekit.fixtures.checkpoint import SIZES, make_config
+
+    (tmp_path / "config.json").write_text(json.dumps(make_config(SIZES["0.8b"])))
+    _, shape = read_config(tmp_path)
+    profile = dataclasses.replace(load_profile("raspberry-pi-4"), ram_gb=1.4)
+    with pytest.raises(EdgekitError, match=r"build --text-only \(without its vision encoder, \d+ MiB, it fits\)"):
+        check_fits(shape, profile, "Qwen/Qwen3.5-0.8B")
+    text_only = dataclasses.replace(profile, vision=dataclasses.replace(profile.vision, enabled=False))
+    assert check_fits(shape, text_only, "Qwen/Qwen3.5-0.8B").vision == 0
+
+
 @pytest.mark.parametrize(
     ("model_kind", "message"),
     [

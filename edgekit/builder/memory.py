@@ -109,8 +109,12 @@ def check_fits(shape: ModelShape, profile: DeviceProfile, model: str, context_le
     """Return the estimate, or raise with the numbers when the model does not fit the device."""
     found = estimate(shape, profile, context_length)
     if not found.fits:
+        text_only = ""
+        if found.vision and found.total - found.vision <= found.budget:
+            text_only = f"build --text-only (without its vision encoder, {found.vision / MIB:.0f} MiB, it fits), "
         raise EdgekitError(
             f"{model} does not fit profile {profile.name} ({profile.ram_gb:g} GB RAM, {profile.ram_share:.0%} for the model): "
-            f"needs {found.describe()}; choose a smaller model, a shorter context, a device with more RAM, or pass --force"
+            f"needs {found.describe()}; {text_only}choose a smaller model, a shorter context, a device with more RAM, "
+            "or pass --force"
         )
     return found
