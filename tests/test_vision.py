@@ -23,7 +23,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from edgekit.builder.parity import sample_image
+from edgekit.builder.parity import reference_processor, sample_image
 from edgekit.builder.pipeline import BuildRequest, build
 from edgekit.bundle import Manifest
 from edgekit.cli import main
@@ -54,13 +54,6 @@ def encoded(image: Image.Image, kind: str = "PNG", **options: object) -> bytes:
 
 def data_url(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
-
-
-def reference_processor(processing: Preprocessing):
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    settings = processing.to_json()
-    return Qwen2VLImageProcessorPil(**{k: v for k, v in settings.items() if k not in ("image_processor_type", "processor_class")})
 
 
 # --- preprocessing ------------------------------------------------------------------------------

@@ -95,6 +95,15 @@ def reference_runs(checkpoint: Path, prompts: list[list[int]], new_tokens: int) 
     return runs
 
 
+def reference_processor(processing: Preprocessing):  # -> Qwen2VLImageProcessorPil (transformers is imported lazily)
+    """transformers' PIL-based Qwen image processor with ``processing``'s settings: the reference our
+    numpy preprocessing matches (runtime/images.py)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    settings = processing.to_json()
+    return Qwen2VLImageProcessorPil(**{k: v for k, v in settings.items() if k not in ("image_processor_type", "processor_class")})
+
+
 def image_runs(checkpoint: Path, tokenizer: ChatTokenizer, processing: Preprocessing,
                new_tokens: int = NEW_TOKENS) -> list[tuple[list[int], Image.Image, tuple[list[int], np.ndarray]]]:
     """:data:`IMAGE_PROMPTS` through transformers in fp32 (its PIL image processor, vision tower and
@@ -102,13 +111,11 @@ def image_runs(checkpoint: Path, tokenizer: ChatTokenizer, processing: Preproces
     reference's greedy tokens with their step logits."""
     import torch
     from transformers import Qwen3_5ForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    settings = {k: v for k, v in processing.to_json().items() if k not in ("image_processor_type", "processor_class")}
-    processor = Qwen2VLImageProcessorPil(**settings)
+    processor = reference_processor(processing)
     model = Qwen3_5ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
     model.eval()
     pad = _pad_id(tokenizer)

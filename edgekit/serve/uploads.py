@@ -23,8 +23,6 @@ from dataclasses import dataclass
 from edgekit.mqtt.protocol import UPLOAD_REF, upload_digest
 from edgekit.runtime.images import ImageError, ImageLimits, open_image
 
-REF_PREFIX = UPLOAD_REF
-
 
 def reply_scope(reply_topic: str, reply_prefix: str) -> str:
     """The client scope of a request: its reply topic's levels between the reply prefix and the last."""
@@ -48,9 +46,9 @@ class UploadStore:
 
     def put(self, scope: str, digest: str, data: bytes) -> None:
         """Check and keep an upload; raise :class:`ImageError` (and remember why) when it is refused."""
-        where = f"upload {REF_PREFIX}{digest[:12]}..."
+        where = f"upload {UPLOAD_REF}{digest[:12]}..."
         try:
-            if upload_digest(REF_PREFIX + digest) is None:
+            if upload_digest(UPLOAD_REF + digest) is None:
                 raise ImageError(f"{where}: the topic's last level must be the image's sha256 (64 lowercase hex digits)")
             if hashlib.sha256(data).hexdigest() != digest:
                 raise ImageError(f"{where}: the payload's sha256 differs from the topic's (a damaged or misnamed upload)")
@@ -82,7 +80,7 @@ class UploadStore:
             upload = self._uploads.get(key)
             if upload is None:
                 why = self._gone.get(key) or "was never uploaded by this client"
-                raise ImageError(f"image {REF_PREFIX}{digest[:12]}... {why}; upload it again")
+                raise ImageError(f"image {UPLOAD_REF}{digest[:12]}... {why}; upload it again")
             upload.at = time.monotonic()
             self._uploads.move_to_end(key)
             return upload.data
