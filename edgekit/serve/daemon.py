@@ -82,7 +82,8 @@ class Daemon:
         # load then fills instead of growing it.
         tune_allocator()
         self.tokenizer = ChatTokenizer(config.bundle)
-        self.engine = Engine(config.bundle, threads=config.threads, speculative=config.speculative)
+        self.engine = Engine(config.bundle, threads=config.threads, speculative=config.speculative,
+                             prefill_chunk=config.prefill_chunk)
         self.grammars = GrammarCompiler(self.tokenizer, self.engine.vocab_size, self.engine.eos_ids)
         # The vision encoder loads on the first image (VisionEncoder): text-only traffic never pays for it.
         # Images are resized to at most the pixels the bundle's profile allows on this device.
@@ -395,8 +396,7 @@ class Daemon:
             return self._error(topic, correlation, request.id, "internal", str(exc))
         stats = result.stats
         finish = "shutdown" if job.shutdown else result.finish_reason
-        self.metrics.finished(stats.completion_tokens, stats.prefill_s, stats.decode_tps, stats.draft_steps,
-                              stats.drafts_accepted)
+        self.metrics.finished(stats)
         self._publish(topic, protocol.final(
             request.id, seq, finish,
             usage={"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,

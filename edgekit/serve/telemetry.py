@@ -10,6 +10,8 @@ from typing import Any
 
 import psutil
 
+from edgekit.runtime.engine import GenerationStats
+
 
 class InferenceMetrics:
     """Counters and recent timings of the daemon's requests (thread-safe)."""
@@ -19,21 +21,23 @@ class InferenceMetrics:
         self.requests = self.completed = self.errors = self.tokens = 0
         self._ttft: deque[float] = deque(maxlen=window)
         self._decode_tps: deque[float] = deque(maxlen=window)
-        self.draft_steps = self.drafts_accepted = 0
+        # Drafting since the daemon started, summed over requests (its acceptance is the engine's own).
+        self._drafting = GenerationStats()
 
     def count(self, field: str, amount: int = 1) -> None:
         with self._lock:
             setattr(self, field, getattr(self, field) + amount)
 
-    def finished(self, tokens: int, ttft_s: float, decode_tps: float, draft_steps: int = 0, drafts_accepted: int = 0) -> None:
+    def finished(self, stats: GenerationStats) -> None:
+        """Count one completed request from its generation's figures."""
         with self._lock:
             self.completed += 1
-            self.tokens += tokens
-            self.draft_steps += draft_steps
-            self.drafts_accepted += drafts_accepted
-            self._ttft.append(ttft_s)
-            if decode_tps:
-                self._decode_tps.append(decode_tps)
+            self.tokens += stats.completion_tokens
+            self._drafting.draft_steps += stats.draft_steps
+            self._drafting.drafts_accepted += stats.drafts_accepted
+            self._ttft.append(stats.prefill_s)
+            if stats.decode_tps:
+                self._decode_tps.append(stats.decode_tps)
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -43,8 +47,8 @@ class InferenceMetrics:
                 "ttft_p50_s": _percentile(ttft, 0.5), "ttft_p95_s": _percentile(ttft, 0.95),
                 "decode_tokens_per_s": round(sum(self._decode_tps) / len(self._decode_tps), 1) if self._decode_tps else None,
                 # Since the daemon started: MTP drafts checked, and the share accepted (None: none drafted).
-                "draft_steps": self.draft_steps,
-                "draft_acceptance": round(self.drafts_accepted / self.draft_steps, 3) if self.draft_steps else None,
+                "draft_steps": self._drafting.draft_steps,
+                "draft_acceptance": self._drafting.drafting()["draft_acceptance"],
             }
 
 
