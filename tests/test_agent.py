@@ -180,6 +180,26 @@ def test_published_template_renders_tools_calls_and_results(tokenizer: ChatToken
     assert continuation.startswith("<|im_start|>user\n<tool_response>")
 
 
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": "hi"}],
+    [{"role": "system", "content": "Du bist ein Heimassistent. Antworte knapp."}, {"role": "user", "content": "Licht?"}],
+    [{"role": "system", "content": ""}, {"role": "user", "content": "  leading spaces\n\n"}],
+    [{"role": "user", "content": "turn on the hall"}, {"role": "assistant", "content": "done"},
+     {"role": "user", "content": "and the porch 🌙"}],
+])
+@pytest.mark.parametrize("thinking", [True, False])
+def test_tools_tokens_counted_without_a_second_encoding_match_it(tokenizer: ChatTokenizer, messages: list[dict[str, str]],
+                                                                 thinking: bool) -> None:
+    tools = [t.as_openai() for t in parse_tools([LIGHT, WEATHER])]
+    with_tools = tokenizer.render(messages, thinking=thinking, tools=tools)
+    without = tokenizer.render(messages, thinking=thinking)
+    expected = len(tokenizer.encode(with_tools)) - len(tokenizer.encode(without))
+    assert tokenizer.extra_tokens(with_tools, without) == expected > 100
+    # Texts that differ inside a run of ordinary text, with no special token near: still exact.
+    assert tokenizer.extra_tokens("<|im_start|>user\nabc def ghi<|im_end|>", "<|im_start|>user\nabcghi<|im_end|>") == (
+        len(tokenizer.encode("abc def ghi")) - len(tokenizer.encode("abcghi")))
+
+
 def test_tools_cost_is_reported_and_kept_in_the_session(engine: Engine, tokenizer: ChatTokenizer, grammars: GrammarCompiler) -> None:
     from edgekit.runtime.sessions import SessionStore
 

@@ -262,10 +262,11 @@ def _first_prompt(tokenizer: ChatTokenizer, turn: Turn) -> tuple[list[int], int]
     if turn.prompt is not None:
         return tokenizer.encode(turn.prompt), 0
     messages, tools = turn.messages or [], [t.as_openai() for t in turn.fmt.tools]
-    ids = tokenizer.encode(tokenizer.render(messages, thinking=turn.thinking, tools=tools))
+    text = tokenizer.render(messages, thinking=turn.thinking, tools=tools)
+    ids = tokenizer.encode(text)
     if not tools:
         return ids, 0
-    return ids, len(ids) - len(tokenizer.encode(tokenizer.render(messages, thinking=turn.thinking)))
+    return ids, tokenizer.extra_tokens(text, tokenizer.render(messages, thinking=turn.thinking))
 
 
 def _session_tools(fmt: ReplyFormat, session: Session) -> ReplyFormat:

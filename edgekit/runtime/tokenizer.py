@@ -7,6 +7,8 @@ reference on some Unicode-normalisation input, so ids are produced here and fed 
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,10 +42,28 @@ class ChatTokenizer:
         # <, > and & as \u003c..., and would put different bytes (tokens) in the prompt.
         env.filters["tojson"] = _tojson
         self.template = env.from_string(template)
+        specials = sorted((t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special),
+                          key=len, reverse=True)
+        self._specials = re.compile("|".join(map(re.escape, specials))) if specials else None
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; special-token markup such as ``<|im_start|>`` is recognised."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def extra_tokens(self, longer: str, shorter: str) -> int:
+        """How many more tokens ``longer`` encodes to than ``shorter``, two texts that differ in one
+        stretch (a prompt rendered with and without its tools), without encoding either whole.
+
+        Special tokens split an encoding into independent pieces, so only the text between the
+        special tokens around the differing stretch is encoded, in each text.
+        """
+        prefix = len(os.path.commonprefix([longer, shorter]))
+        suffix = len(os.path.commonprefix([longer[prefix:][::-1], shorter[prefix:][::-1]]))
+        marks = list(self._specials.finditer(longer)) if self._specials is not None else []
+        start = max((m.end() for m in marks if m.end() <= prefix), default=0)
+        tail = min((len(longer) - m.start() for m in marks if m.start() >= len(longer) - suffix), default=0)
+        return (len(self.encode(longer[start : len(longer) - tail]))
+                - len(self.encode(shorter[start : len(shorter) - tail])))
 
     def render(self, messages: Sequence[dict[str, Any]], *, thinking: bool = True, add_generation_prompt: bool = True,
                tools: Sequence[dict[str, Any]] | None = None) -> str:
