@@ -30,7 +30,7 @@ def test_continued_sequence_matches_fresh_replay(engine: Engine, tokenizer: Chat
 def test_chunked_prefill_is_exact(engine: Engine, tokenizer: ChatTokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
     ids = tokenizer.encode("A long prompt " * 40)
     whole = engine.forward(engine.new_state(), ids)
-    monkeypatch.setattr(engine_module, "PREFILL_CHUNK", 7)
+    monkeypatch.setattr(engine, "prefill_chunk", 7)
     np.testing.assert_array_equal(engine.forward(engine.new_state(), ids), whole)
 
 
@@ -46,6 +46,11 @@ def test_long_prompt_chunks_shrink_for_its_second_half_and_stay_exact(engine: En
     monkeypatch.setattr(engine, "_run", lambda state, chunk, **kw: sizes.append(len(chunk)) or run(state, chunk, **kw))
     np.testing.assert_array_equal(engine.forward(engine.new_state(), ids), whole)
     # 128 x 256 > 128 x 64: 32-token chunks, then 16 from position 128 (half of 256) on.
+    assert sizes == [32] * 4 + [16] * 7
+    # A larger configured chunk (edgekit tune) speeds short prompts, but the bound is the default's.
+    sizes.clear()
+    monkeypatch.setattr(engine, "prefill_chunk", 512)
+    np.testing.assert_array_equal(engine.forward(engine.new_state(), ids), whole)
     assert sizes == [32] * 4 + [16] * 7
 
 

@@ -232,16 +232,23 @@ DEVICE_CONFIG = Path(DeviceLayout().config)  # where deploy and flash put it
 @click.option("--runs", type=click.IntRange(1), default=3, show_default=True, help="Runs per thread count (medians).")
 @click.option("--prompt-tokens", type=click.IntRange(1), default=128, show_default=True)
 @click.option("--new-tokens", type=click.IntRange(2), default=32, show_default=True)
+@click.option("--prefill-chunks", "chunks", default="32,64,128,256", show_default=True, metavar="N1,N2,...",
+              callback=int_list(16, "64,128,256"),
+              help="Prefill chunk sizes to try at the chosen thread count ('' keeps the config's chunk).")
+@click.option("--chunk-prompt-tokens", type=click.IntRange(16), default=512, show_default=True,
+              help="Prompt length for the chunk trials.")
 @click.option("--pause-daemon", is_flag=True, help="Stop the serving daemon while measuring, start it again after.")
 @click.option("--unit", default=UNIT_NAME, show_default=True, help="The daemon's systemd unit.")
 @click.option("--dry-run", is_flag=True, help="Measure and report; write nothing.")
 @output_option()
 @friendly
 def tune(bundle_dir: Path | None, config_file: Path | None, counts: tuple[int, ...], runs: int, prompt_tokens: int,
-         new_tokens: int, pause_daemon: bool, unit: str, dry_run: bool, output: Output) -> None:
-    """Measure the bundle at each thread count on this device; keep the fastest in the daemon's config.
+         new_tokens: int, chunks: tuple[int, ...], chunk_prompt_tokens: int, pause_daemon: bool, unit: str,
+         dry_run: bool, output: Output) -> None:
+    """Measure the bundle at each thread count on this device, then its prefill at each chunk size;
+    keep the winners (threads, prefill_chunk) in the daemon's config.
 
-    The daemon reads the new count when it starts: with --pause-daemon that is right after tuning.
+    The daemon reads them when it starts: with --pause-daemon that is right after tuning.
 
     \b
     Example:
@@ -254,7 +261,8 @@ def tune(bundle_dir: Path | None, config_file: Path | None, counts: tuple[int, .
     if config_file is None and DEVICE_CONFIG.is_file():
         config_file = DEVICE_CONFIG
     report = run_tune(bundle_dir, config_file, counts or thread_counts(), runs, prompt_tokens, new_tokens, unit,
-                      pause_daemon, write=not dry_run, progress=lambda text: err.print(f"[dim]measuring {text}[/]"))
+                      pause_daemon, write=not dry_run, chunks=chunks, chunk_prompt_tokens=chunk_prompt_tokens,
+                      progress=lambda text: err.print(f"[dim]measuring {text}[/]"))
     output.result(report.to_dict(), _draw_tune)
 
 
@@ -264,13 +272,21 @@ def _draw_tune(report: dict[str, Any]) -> None:
     out.print(table(("threads", "prefill tok/s", "decode tok/s", "decode range", ""), rows,
                     title=f"{report['bundle']}: prompt {report['prompt_tokens']}, {report['new_tokens']} new, "
                           f"medians of {report['runs']} runs"))
+    if report["chunk_trials"]:
+        chunk_rows = [(t["chunk"], f"{t['prefill_tps']:.1f}", f"{t['prefill_min']:.1f}-{t['prefill_max']:.1f}",
+                       "<- chosen" if t["chunk"] == report["chosen_chunk"] else "") for t in report["chunk_trials"]]
+        out.print(table(("prefill chunk", "prefill tok/s", "range", ""), chunk_rows,
+                        title=f"{report['chosen']} threads, prompt {report['chunk_prompt_tokens']}, medians of {report['runs']} runs"))
     was = report["previous"] or report["bundle_threads"]
+    chunk = (f", prefill_chunk: {report['chosen_chunk']} (was {report['previous_chunk'] or 'the default'})"
+             if report["chosen_chunk"] else "")
     if report["written"]:
-        out.print(f"wrote threads: {report['chosen']} to {report['config']} (was {was or 'unset'})"
+        out.print(f"wrote threads: {report['chosen']} (was {was or 'unset'}){chunk} to {report['config']}"
                   + ("; the daemon was stopped while measuring and started again" if report["daemon_paused"] else
                      "; it applies when the daemon next starts"))
     else:
-        out.print(f"fastest here: {report['chosen']} threads (the bundle's: {report['bundle_threads'] or 'unset'}); nothing written")
+        out.print(f"fastest here: {report['chosen']} threads (the bundle's: {report['bundle_threads'] or 'unset'}){chunk}; "
+                  "nothing written")
 
 
 COMMANDS = (serve, tune, ask, status, forget)

@@ -25,10 +25,12 @@ from edgekit.runtime.speculative import DRAFT_GRAPH, STOP_SPINNING, Drafter
 from edgekit.runtime.vision import ImageSpan, prompt_positions
 
 # Bounds prefill activations (chunked prefill is exact): smaller chunks lower the daemon's peak for a
-# little prefill speed (figures: docs/benchmarks.md, "Prefill chunks").
+# little prefill speed (figures: docs/benchmarks.md, "Prefill chunks"). The default; a device's
+# config may set its own (``edgekit tune`` measures it).
 PREFILL_CHUNK = 128
 # Attention scores take chunk x KV capacity x heads x 4 bytes, so past this capacity chunks shrink to
-# keep that product; prompts within it keep PREFILL_CHUNK.
+# keep that product within PREFILL_CHUNK x LONG_CONTEXT, whatever chunk is configured: a larger one
+# speeds short prompts but never raises a long prompt's peak.
 LONG_CONTEXT = 2048
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8}
 ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -110,10 +112,14 @@ class Engine:
     """A loaded bundle graph that runs prefill and decode steps for any number of sequences."""
 
     def __init__(self, folder: Path, threads: int | None = None, provider: str | None = None,
-                 speculative: bool = True) -> None:
+                 speculative: bool = True, prefill_chunk: int | None = None) -> None:
         """Load ``folder``'s graph; ``threads`` and ``provider`` (cpu, cuda) override the bundle's settings.
         With ``speculative`` (the default) a bundle built with ``--include-mtp`` drafts greedy
-        generations with its MTP head (:mod:`edgekit.runtime.speculative`)."""
+        generations with its MTP head (:mod:`edgekit.runtime.speculative`). Prompts run in chunks
+        of at most ``prefill_chunk`` tokens (default :data:`PREFILL_CHUNK`)."""
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise EdgekitError(f"prefill chunk must be at least 1 token (got {prefill_chunk})")
+        self.prefill_chunk = prefill_chunk or PREFILL_CHUNK
         config_path = folder / "genai_config.json"
         try:
             config = json.loads(config_path.read_text())
@@ -268,7 +274,7 @@ class Engine:
         self._make_room(state, len(ids))
         positions, following = prompt_positions(state.position, len(ids), images)
         capacity = max([state.past[name].shape[2] for name in state.kv], default=state.length + len(ids))
-        step = PREFILL_CHUNK
+        step = self.prefill_chunk
         while step > 16 and step * capacity > PREFILL_CHUNK * LONG_CONTEXT:
             step //= 2
         logits = None

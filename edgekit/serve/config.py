@@ -44,6 +44,7 @@ class DaemonConfig:
     session_idle_s: float = 900.0
     min_available_mb: int = 150
     threads: int | None = None
+    prefill_chunk: int | None = None  # tokens per prefill step (None: the engine's default; edgekit tune sets it)
     trusted_keys: tuple[Path, ...] = ()  # when set, only bundles signed by one of these keys are served
     # Serve even when the quality check on this device falls below the bundle's gate (the status says so).
     serve_below_quality_gate: bool = False
@@ -90,7 +91,7 @@ class DaemonConfig:
             data["prefix"] = self.broker.prefix
         if self.pools:
             data["pools"] = list(self.pools)
-        for name in ("queue_size", "telemetry_interval", "min_available_mb", "threads", "metrics_port"):
+        for name in ("queue_size", "telemetry_interval", "min_available_mb", "threads", "prefill_chunk", "metrics_port"):
             if getattr(self, name) != getattr(defaults, name):
                 data[name] = getattr(self, name)
         if self.trusted_keys:
@@ -181,7 +182,8 @@ def _read_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if prefix is not None:
         check_prefix(prefix, f"{where}: field 'prefix'")
     limits = {"queue_size": (1, 1024, True), "telemetry_interval": (0.1, 86400, False),
-              "min_available_mb": (0, 1_000_000, True), "threads": (1, 256, True), "metrics_port": (1, 65535, True)}
+              "min_available_mb": (0, 1_000_000, True), "threads": (1, 256, True), "prefill_chunk": (16, 4096, True),
+              "metrics_port": (1, 65535, True)}
     for name, (low, high, integer) in limits.items():
         if name in top.data:
             values[name] = top.number(name, low, high, integer=integer)

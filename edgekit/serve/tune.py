@@ -1,9 +1,12 @@
-"""``edgekit tune``: measure the installed bundle at each thread count on this device, and keep the
-fastest in the daemon's config.
+"""``edgekit tune``: measure the installed bundle at each thread count on this device, then its prefill
+at each chunk size with the chosen count, and keep both winners in the daemon's config.
 
 A bundle's thread count comes from the profile it was built for, which guesses the board. The device
 itself knows better: its cores, its memory bus, what else runs on it (a Home Assistant beside the
 daemon). Decode is bandwidth-bound and often peaks below the core count; prefill is compute-bound.
+Prompts run in chunks (edgekit.runtime.engine.PREFILL_CHUNK by default): larger ones give the
+kernels longer matrices, smaller ones hold fewer activations. Long prompts shrink their chunks to a
+fixed memory bound whatever the setting, so the setting is about short-prompt speed.
 
 Measuring beside a serving daemon would time both and slow its users, so tuning refuses while the
 daemon's unit is active, or with ``pause`` stops it for the measurement and starts it again after
@@ -35,6 +38,9 @@ from edgekit.serve import config as daemon_config
 # Thread counts within this share of the best decode speed count as equally fast for decode; among
 # them the best prefill wins, then the fewest threads (cores left to the device's other work).
 DECODE_TIE = 0.03
+# Chunk sizes within this share of the best prefill speed count as equally fast; the smallest wins
+# (fewer activations held at once).
+PREFILL_TIE = 0.03
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,16 @@ class Trial:
     decode_tps: float
     decode_min: float
     decode_max: float
+
+
+@dataclass(frozen=True)
+class ChunkTrial:
+    """One prefill chunk size's figures at the chosen thread count: medians over the runs."""
+
+    chunk: int
+    prefill_tps: float
+    prefill_min: float
+    prefill_max: float
 
 
 @dataclass
@@ -60,10 +76,15 @@ class TuneReport:
     chosen: int = 0
     previous: int | None = None  # the config's thread count before (None: the bundle's)
     bundle_threads: int | None = None
+    chunk_prompt_tokens: int = 0
+    chunk_trials: list[ChunkTrial] = field(default_factory=list)
+    chosen_chunk: int | None = None  # None: chunks not measured
+    previous_chunk: int | None = None  # the config's chunk before (None: the engine's default)
     config: str | None = None
     written: bool = False
     daemon_paused: bool = False
-    rule: str = (f"highest median decode tok/s; within {DECODE_TIE:.0%} of it, highest prefill, then fewest threads")
+    rule: str = (f"highest median decode tok/s; within {DECODE_TIE:.0%} of it, highest prefill, then fewest threads; "
+                 f"then the prefill chunk: within {PREFILL_TIE:.0%} of the highest median prefill tok/s, the smallest")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -100,6 +121,29 @@ def measure(bundle: Path, counts: tuple[int, ...], runs: int, prompt_tokens: int
     return trials
 
 
+def measure_chunks(bundle: Path, threads: int, chunks: tuple[int, ...], runs: int, prompt_tokens: int,
+                   progress: Callable[[str], None] = print) -> list[ChunkTrial]:
+    """Prefill speed of ``bundle`` at ``threads`` threads with each of ``chunks`` tokens per step, on
+    one engine (the chunk is read at each prompt; the runs of each size alternate with the others')."""
+    engine = Engine(bundle, threads=threads)
+    timed_generation(engine, 8, 2)
+    speeds: dict[int, list[float]] = {chunk: [] for chunk in chunks}
+    for run in range(runs):
+        progress(f"prefill chunks, run {run + 1}/{runs}")
+        for chunk in chunks:
+            engine.prefill_chunk = chunk
+            speeds[chunk].append(timed_generation(engine, prompt_tokens, 2).prefill_tps)
+    del engine
+    gc.collect()
+    return [ChunkTrial(chunk, statistics.median(tps), min(tps), max(tps)) for chunk, tps in speeds.items()]
+
+
+def choose_chunk(trials: list[ChunkTrial]) -> ChunkTrial:
+    """The winner by the second half of :data:`TuneReport.rule`."""
+    best = max(t.prefill_tps for t in trials)
+    return min((t for t in trials if t.prefill_tps >= (1 - PREFILL_TIE) * best), key=lambda t: t.chunk)
+
+
 def choose(trials: list[Trial]) -> Trial:
     """The winner by :data:`TuneReport.rule`."""
     best_decode = max(t.decode_tps for t in trials)
@@ -107,11 +151,12 @@ def choose(trials: list[Trial]) -> Trial:
     return max(close, key=lambda t: (t.prefill_tps, -t.threads))
 
 
-def write_threads(path: Path, threads: int) -> None:
-    """Set ``threads`` in the daemon config at ``path``. The file as written, without the command's
-    bundle argument, is what is kept; it is replaced atomically, with its mode and owner (it may hold
-    a password file's path and be 0600)."""
-    text = dataclasses.replace(daemon_config.load(path, environ={}), threads=threads).to_yaml()
+def write_tuning(path: Path, threads: int, prefill_chunk: int | None) -> None:
+    """Set ``threads`` and ``prefill_chunk`` (None: leave it) in the daemon config at ``path``. The
+    file as written, without the command's bundle argument, is what is kept; it is replaced
+    atomically, with its mode and owner (it may hold a password file's path and be 0600)."""
+    config = daemon_config.load(path, environ={})
+    text = dataclasses.replace(config, threads=threads, prefill_chunk=prefill_chunk or config.prefill_chunk).to_yaml()
     info = path.stat()
     try:
         fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -161,8 +206,10 @@ def daemon_paused(unit: str, pause: bool) -> Iterator[bool]:
 
 
 def tune(bundle: Path | None, config_path: Path | None, counts: tuple[int, ...], runs: int, prompt_tokens: int,
-         new_tokens: int, unit: str, pause: bool, write: bool, progress: Callable[[str], None] = print) -> TuneReport:
-    """Measure, choose and (with ``write`` and a config) keep the thread count; see the module notes."""
+         new_tokens: int, unit: str, pause: bool, write: bool, chunks: tuple[int, ...] = (),
+         chunk_prompt_tokens: int = 512, progress: Callable[[str], None] = print) -> TuneReport:
+    """Measure, choose and (with ``write`` and a config) keep the thread count and, unless ``chunks``
+    is empty, the prefill chunk (measured on ``chunk_prompt_tokens``-token prompts); see the module notes."""
     config = daemon_config.load(config_path, {"bundle": bundle}, environ={}) if config_path else None
     target = bundle or (config.bundle if config else None)
     if target is None:
@@ -173,11 +220,16 @@ def tune(bundle: Path | None, config_path: Path | None, counts: tuple[int, ...],
     bundle_threads = configured_threads(target)
     report = TuneReport(bundle=str(target), prompt_tokens=prompt_tokens, new_tokens=new_tokens, runs=runs,
                         bundle_threads=bundle_threads, config=str(config_path) if config_path else None,
-                        previous=config.threads if config else None)
+                        previous=config.threads if config else None,
+                        previous_chunk=config.prefill_chunk if config else None)
     with daemon_paused(unit, pause) as report.daemon_paused:
         report.trials = measure(target, counts, runs, prompt_tokens, new_tokens, progress)
         report.chosen = choose(report.trials).threads
+        if chunks:
+            report.chunk_prompt_tokens = chunk_prompt_tokens
+            report.chunk_trials = measure_chunks(target, report.chosen, chunks, runs, chunk_prompt_tokens, progress)
+            report.chosen_chunk = choose_chunk(report.chunk_trials).chunk
         if write and config_path is not None:
-            write_threads(config_path, report.chosen)
+            write_tuning(config_path, report.chosen, report.chosen_chunk)
             report.written = True
     return report
