@@ -178,9 +178,10 @@ def prepare(model: Path, work: Path, llama: LlamaCpp, variants: tuple[str, ...],
 
 
 def run_rounds(files: dict[str, Path], llama: LlamaCpp, rounds: int, thread_counts: tuple[int, ...],
-               progress: Any) -> list[dict[str, Any]]:
+               progress: Any, done: Any = None) -> list[dict[str, Any]]:
     """Alternating rounds; each entry is one round at one thread count: every side's figures
-    (``figures``) and each tool's bandwidth probe, taken just before that tool's runs."""
+    (``figures``) and each tool's bandwidth probe, taken just before that tool's runs. ``done`` is
+    called with the entries so far after each one (to keep them if the run is cut short)."""
     results = []
     ours = [side for side in files if side.startswith("edgekit")]
     for index in range(rounds):
@@ -194,6 +195,8 @@ def run_rounds(files: dict[str, Path], llama: LlamaCpp, rounds: int, thread_coun
                     measure = edgekit_side(files[side], threads) if tool == "edgekit" else llama_side(llama, files[side], threads)
                     entry["figures"][side] = measure
             results.append(entry)
+            if done is not None:
+                done(results)
     return results
 
 
@@ -292,10 +295,13 @@ def main(models: tuple[Path, ...], out: Path, rounds: int, thread_counts: tuple[
         files = prepare(model, out / "work" / model.name, llama, variants, click.echo)
         bytes_per_token = {side: edgekit_bytes_per_token(path) if _tool(side) == "edgekit" else gguf_bytes_per_token(llama, path)
                            for side, path in files.items()}
-        measured = run_rounds(files, llama, rounds, thread_counts, click.echo)
-        result = {"bytes_per_token": bytes_per_token, "rounds": measured, "summary": summarise(measured, bytes_per_token)}
-        report["models"][model.name] = result
-        (out / "anchor.json").write_text(json.dumps(report, indent=2) + "\n")  # kept if a later model fails
+
+        def keep(measured: list[dict[str, Any]], name: str = model.name, sizes: dict[str, int] = bytes_per_token) -> None:
+            # Written after every round: an interrupted run keeps what it measured (--render-only).
+            report["models"][name] = {"bytes_per_token": sizes, "rounds": measured, "summary": summarise(measured, sizes)}
+            (out / "anchor.json").write_text(json.dumps(report, indent=2) + "\n")
+
+        run_rounds(files, llama, rounds, thread_counts, click.echo, keep)
     (out / "anchor.md").write_text(render(report))
     click.echo(render(report))
 
