@@ -7,10 +7,13 @@ context it times, in alternating rounds:
 
 - ``plain``: one decode step of PLAIN, the unit every other cost is divided by;
 - ``verify k``: one step of k tokens through MTP's main graph (k = 1..4);
-- ``draft p``: one step of ``mtp.onnx`` over p positions (p = 1, 2), its layer's KV cache holding DEPTH
-  positions, with the full tied LM head and with the head cut to its first ROWS rows. A draft head
-  over the most frequent tokens only (FR-Spec, arXiv 2502.14856) costs what any ROWS rows cost; which
-  rows, and what they do to acceptance on a real checkpoint, is not measured here.
+- ``draft p``: one step of the builder's ``mtp.onnx`` over p positions (p = 1, 2), its layer's KV cache
+  holding DEPTH positions: the full tied LM head over every position;
+- ``draftROWS p``: the same step of the draft graph the build ships (edgekit.builder.draft_graph: head
+  cut to its first ROWS rows, last position only, embeddings in, fp16 cache), made here by the
+  builder's own function for each ``--rows``. A draft head over the most frequent tokens only
+  (FR-Spec, arXiv 2502.14856) costs what any ROWS rows cost; which rows, and what they do to
+  acceptance on a real checkpoint, is not measured here.
 
 The model of the speculative loop, with a one-token draft and greedy acceptance a. A step feeds the p
 tokens not yet in the recurrent state plus the draft (p + 1 tokens). Accepted (probability a): 2 new
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import random
 import statistics
 import sys
@@ -48,44 +52,43 @@ import click
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import numpy_helper
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
+from edgekit.builder.draft_graph import draft_graph  # noqa: E402
+from edgekit.builder.graph_memory import save  # noqa: E402
 from edgekit.runtime.engine import Engine, GenerationStats  # noqa: E402
 from edgekit.runtime.timing import filler_prompt  # noqa: E402
 
-HEAD_NODE_OUTPUT = "logits"
+_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 ACCEPTANCES = (0.6, 0.666, 0.7, 0.8, 0.9)
 CAPS = (1, 2, 3)  # pending-token caps of the loop (module docstring); verify is timed up to 4 tokens
 
 
-def cut_head(mtp: Path, rows: int, out: Path) -> Path:
-    """A copy of ``mtp`` whose LM head (the MatMulNBits producing the logits) keeps its first ``rows`` rows."""
-    model = onnx.load(str(mtp))  # loads the external data, the shared head included
-    head = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and HEAD_NODE_OUTPUT in n.output[0])
-    initializers = {i.name: i for i in model.graph.initializer}
-    n_attribute = next(a for a in head.attribute if a.name == "N")
-    for index, name in enumerate(head.input):
-        if index and name in initializers:
-            array = numpy_helper.to_array(initializers[name])
-            # Packed weights are [N, blocks, bytes], scales [N * blocks] or [N, blocks]: N leads. The
-            # token embedding reads the same tensors (tied), so the cut ones are new initializers.
-            per_row = array.shape[0] // n_attribute.i
-            model.graph.initializer.append(numpy_helper.from_array(array[: rows * per_row], f"{name}_rows{rows}"))
-            head.input[index] = f"{name}_rows{rows}"
-    n_attribute.i = rows
-    for output in model.graph.output:
-        if output.name == "logits":
-            output.type.tensor_type.shape.dim[-1].dim_value = rows
-    target = out / f"mtp-head{rows}.onnx"
-    onnx.save(model, str(target), save_as_external_data=True, location=target.name + ".data")
+def shipped_draft(mtp: Path, rows: int, work: Path) -> Path:
+    """The draft graph an ``--include-mtp`` build ships, with a head of ``rows`` rows, written to
+    ``work`` beside hard links to ``mtp``'s weight files (the graph reads them in place, as in a
+    bundle; ONNX Runtime refuses external data reached through a symbolic link out of the folder)."""
+    work.mkdir(parents=True, exist_ok=True)
+    for data in mtp.parent.glob("*.data"):
+        link = work / data.name
+        if link.exists() and not link.samefile(data):
+            link.unlink()
+        if not link.exists():
+            try:
+                os.link(data, link)
+            except OSError as exc:
+                raise click.ClickException(f"cannot link {data} into {work} ({exc.strerror}): put --work on the "
+                                           "bundle's file system") from exc
+    target = work / f"draft-rows{rows}.onnx"
+    save(draft_graph(onnx.load(str(mtp), load_external_data=False), rows), target)
     return target
 
 
 class Draft:
-    """One ``mtp.onnx`` session with its layer's KV cache filled to ``depth`` positions (values are
-    irrelevant to cost) in one shared buffer, as the main graph's caches are bound."""
+    """One draft session (the builder's ``mtp.onnx`` or a shipped draft graph) with its layer's KV
+    cache filled to ``depth`` positions (values are irrelevant to cost) in one shared buffer, as the
+    main graph's caches are bound."""
 
     def __init__(self, graph: Path, threads: int, depth: int, capacity: int, head_size: int) -> None:
         options = ort.SessionOptions()
@@ -94,16 +97,20 @@ class Draft:
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
         self.depth = depth
-        self.hidden = next(i.shape[-1] for i in self.session.get_inputs() if i.name == "hidden_states")
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.hidden = self.inputs["hidden_states"].shape[-1]
         self.caches = {
-            i.name: ort.OrtValue.ortvalue_from_numpy(np.zeros((1, i.shape[1], capacity, head_size), np.float32))
-            for i in self.session.get_inputs() if i.name.startswith("past")
+            name: ort.OrtValue.ortvalue_from_numpy(np.zeros((1, i.shape[1], capacity, head_size), _TYPES[i.type]))
+            for name, i in self.inputs.items() if name.startswith("past")
         }
 
     def step(self, positions: int) -> None:
         """Run ``positions`` new positions after ``depth`` (the cache is not advanced: same cost each time)."""
         binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", np.zeros((1, positions), np.int64))
+        if "input_ids" in self.inputs:
+            binding.bind_cpu_input("input_ids", np.zeros((1, positions), np.int64))
+        else:  # a shipped draft takes the engine's embeddings
+            binding.bind_cpu_input("inputs_embeds", np.zeros((1, positions, self.hidden), np.float32))
         binding.bind_cpu_input("hidden_states", np.zeros((1, positions, self.hidden), np.float32))
         binding.bind_cpu_input("attention_mask", np.ones((1, self.depth + positions), np.int64))
         spots = np.arange(self.depth, self.depth + positions, dtype=np.int64)
@@ -111,8 +118,9 @@ class Draft:
         for name, value in self.caches.items():
             binding.bind_ortvalue_input(name, value)
             binding.bind_ortvalue_output(name.replace("past_key_values", "present"), value)
-        binding.bind_output("logits")
-        binding.bind_output("hidden_states_out")
+        for output in self.session.get_outputs():
+            if not output.name.startswith("present"):
+                binding.bind_output(output.name)
         self.session.run_with_iobinding(binding)
 
 
@@ -180,8 +188,8 @@ def oracle_decode(engine: Engine, ids: list[int], new: int, acceptance: float, s
     real_enter = drafter._enter
     rng = random.Random(seed)
 
-    def enter(entries: Any) -> int:
-        real_enter(entries)
+    def enter(entries: Any, constraint: Any = None) -> int:
+        real_enter(entries, constraint)
         target = entries.entered + 1  # the draft is for two positions past the last one entered
         right = truth[target] if target < len(truth) else 0
         return right if rng.random() < acceptance else (right + 1) % drafter.rows
@@ -208,7 +216,7 @@ def oracle_decode(engine: Engine, ids: list[int], new: int, acceptance: float, s
 @click.option("--rounds", type=click.IntRange(1), default=5, show_default=True)
 @click.option("--steps", type=click.IntRange(1), default=20, show_default=True, help="Timed steps per figure and round.")
 @click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=Path("mtp-results"), show_default=True,
-              help="Folder for the cut draft graphs.")
+              help="Folder for the draft graphs (they read the MTP bundle's weight files through links).")
 @click.option("--end-to-end", "acceptances", type=click.FloatRange(0, 1), multiple=True,
               help="Instead: decode tok/s of PLAIN and of MTP drafting at this oracle acceptance (repeatable), "
                    "a 128-token prompt and 64 new tokens, alternating rounds.")
@@ -228,7 +236,7 @@ def main(plain: Path, mtp: Path, threads: int, depth: int, row_counts: tuple[int
              int(json.loads((mtp / "genai_config.json").read_text())["model"]["mtp"]["head_size"]))
     drafts = {"draft": Draft(mtp / "mtp.onnx", *shape)}
     for rows in row_counts:
-        drafts[f"draft{rows}"] = Draft(cut_head(mtp / "mtp.onnx", rows, work), *shape)
+        drafts[f"draft{rows}"] = Draft(shipped_draft(mtp / "mtp.onnx", rows, work), *shape)
     steps_by_name: dict[str, Callable[[], Callable[[], Any]]] = {"plain": engine_step(plain_engine, depth, 1)}
     for k in (1, 2, 3, 4):
         steps_by_name[f"verify {k}"] = engine_step(verify_engine, depth, k)

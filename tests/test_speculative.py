@@ -110,6 +110,29 @@ def test_sampling_and_the_opt_out_do_not_draft(fp32_bundle: Path) -> None:
     assert Engine(fp32_bundle, threads=2, speculative=False).drafter is None
 
 
+def test_constrained_drafting_gives_the_constrained_greedy_output(fp32_bundle: Path) -> None:
+    """Under a grammar every token, the draft too, is chosen from the tokens it allows: the output is
+    plain constrained greedy decoding's, and forced stretches (keys, brackets) are drafted right.
+    (Tool definitions do not fit this bundle's 256-token context; calls go through the same loop.)"""
+    from edgekit.agent.grammar import GrammarCompiler, ReplyFormat
+    from tests.test_agent import SCHEMAS
+
+    engine = Engine(fp32_bundle, threads=2)
+    tokenizer = ChatTokenizer(fp32_bundle)
+    grammars = GrammarCompiler(tokenizer, engine.vocab_size, engine.eos_ids)
+    accepted = steps = 0
+    for fmt in [ReplyFormat(json_schema=bounded) for bounded in SCHEMAS]:
+        for text in PROMPTS[:2]:
+            ids = tokenizer.encode(tokenizer.render([{"role": "user", "content": text}], thinking=False))
+            plain = list(engine.generate(ids, 60, speculative=False, constraint=grammars.constraint(fmt, thinking=False)))
+            stats = GenerationStats()
+            drafted = list(engine.generate(ids, 60, stats=stats, constraint=grammars.constraint(fmt, thinking=False)))
+            assert drafted == plain, (fmt, text)
+            accepted, steps = accepted + stats.drafts_accepted, steps + stats.draft_steps
+    assert 0 < accepted < steps, (accepted, steps)
+    print(f"fp32 constrained: acceptance {accepted / steps:.3f} over {steps} drafts")
+
+
 def test_int4_drafting_agreement_with_plain_decoding(int4_bundle: Path) -> None:
     """int4 MatMulNBits may round a k-token step differently from k one-token steps: report the
     agreement (docs/benchmarks.md) and hold it high rather than promise equality."""

@@ -168,6 +168,9 @@ class Constraint:
     def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int, gate: int | None) -> None:
         self.matcher, self.vocab_size, self.gate = matcher, vocab_size, gate
         self._bits = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
+        # The mask of the grammar's current state, once computed: a drafting step reads it twice
+        # (for the draft and for the verified token) before the next advance.
+        self._allowed: np.ndarray | None = None
         # Time spent in the grammar (mask, its application, advancing) and the steps it ran for:
         # what constrained decoding adds per token (bench/agent_cost.py).
         self.grammar_s, self.steps = 0.0, 0
@@ -176,18 +179,29 @@ class Constraint:
     def active(self) -> bool:
         return self.gate is None
 
-    def apply(self, logits: np.ndarray) -> None:
-        """Set the logits of tokens the grammar forbids to -inf, in place."""
+    def allowed(self) -> np.ndarray | None:
+        """Which tokens the grammar allows next ([vocab_size] of 0/1), None while it is not active."""
         if self.gate is not None:
+            return None
+        if self._allowed is None:
+            started = time.perf_counter()
+            self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
+            if self.matcher.is_error():
+                raise EdgekitError(f"grammar: {self.matcher.get_error()}")
+            self._allowed = np.unpackbits(self._bits.view(np.uint8), bitorder="little", count=self.vocab_size)
+            self.grammar_s += time.perf_counter() - started
+            self.steps += 1
+        return self._allowed
+
+    def apply(self, logits: np.ndarray) -> None:
+        """Set the logits of tokens the grammar forbids to -inf, in place (the first len(logits)
+        tokens: a draft head covers only the first ids)."""
+        allowed = self.allowed()
+        if allowed is None:
             return
         started = time.perf_counter()
-        self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
-        if self.matcher.is_error():
-            raise EdgekitError(f"grammar: {self.matcher.get_error()}")
-        allowed = np.unpackbits(self._bits.view(np.uint8), bitorder="little", count=self.vocab_size)
-        np.putmask(logits, allowed == 0, -np.inf)
+        np.putmask(logits, allowed[: logits.shape[-1]] == 0, -np.inf)
         self.grammar_s += time.perf_counter() - started
-        self.steps += 1
 
     def advance(self, token: int) -> None:
         """Move the grammar past ``token`` (or open the gate when it is the ``</think>`` token)."""
@@ -196,6 +210,7 @@ class Constraint:
                 self.gate = None
             return
         started = time.perf_counter()
+        self._allowed = None
         if not self.matcher.consume_token(token):
             raise EdgekitError(f"grammar refused token {token}: {self.matcher.get_error()}")
         self.grammar_s += time.perf_counter() - started

@@ -393,8 +393,8 @@ class Engine:
 
         ``state`` continues an earlier sequence. The last token yielded is not yet in the state: it
         is fed on the next step, or by the caller's next ``forward``. Greedy generations draft with
-        the bundle's MTP head where it has one, unless ``speculative`` is False or a ``constraint``
-        masks the logits (a draft would need the grammar's mask at every drafted position).
+        the bundle's MTP head where it has one, unless ``speculative`` is False; a ``constraint``
+        masks every token chosen, drafted ones included.
         """
         state = state if state is not None else self.new_state()
         stats = stats if stats is not None else GenerationStats()
@@ -408,12 +408,12 @@ class Engine:
         sampling = sampling or Sampling()
         sampler = Sampler(sampling)
         # The draft graph places tokens by their index: after an image, positions are no longer that.
-        drafter = (self.drafter if speculative and sampling.temperature <= 0 and constraint is None
+        drafter = (self.drafter if speculative and sampling.temperature <= 0
                    and not images and state.position == state.length else None)
         stats.prompt_tokens = len(prompt)
         started = time.perf_counter()
         if drafter is not None:
-            yield from drafter.generate(self, state, prompt, max_new_tokens, stats)
+            yield from drafter.generate(self, state, prompt, max_new_tokens, stats, constraint)
             return
         logits = self.forward(state, prompt, images)
         stats.prefill_s = time.perf_counter() - started

@@ -37,6 +37,7 @@ from edgekit.runtime.resident import trim_heap
 if TYPE_CHECKING:
     from edgekit.runtime.embedding import EmbeddingTable
     from edgekit.runtime.engine import Engine, GenerationStats, State
+    from edgekit.runtime.sampling import LogitsConstraint
 
 DRAFT_GRAPH = "draft.onnx"
 STOP_SPINNING = "session.force_spinning_stop"
@@ -95,9 +96,9 @@ class Drafter:
                   for name, i in self._caches.items()}
         return _Entries(caches, first)
 
-    def _enter(self, entries: _Entries) -> int:
+    def _enter(self, entries: _Entries, constraint: LogitsConstraint | None = None) -> int:
         """Enter every position whose hidden state and next token are known; return the draft for
-        two positions past the last one entered."""
+        two positions past the last one entered (among the tokens ``constraint`` allows there)."""
         positions = []
         p = entries.entered
         while p in entries.hidden and p + 1 in entries.tokens:
@@ -108,10 +109,10 @@ class Drafter:
         # A prompt's positions go in chunks: attention scores take chunk x cache x heads floats.
         draft = 0
         for start in range(0, len(positions), ENTRY_CHUNK):
-            draft = self._run(entries, positions[start : start + ENTRY_CHUNK])
+            draft = self._run(entries, positions[start : start + ENTRY_CHUNK], constraint)
         return draft
 
-    def _run(self, entries: _Entries, positions: list[int]) -> int:
+    def _run(self, entries: _Entries, positions: list[int], constraint: LogitsConstraint | None) -> int:
         n = len(positions)
         binding = self.session.io_binding()
         following = [entries.tokens[q + 1] for q in positions]
@@ -133,12 +134,24 @@ class Drafter:
             entries.tokens.pop(q, None)  # the first position's token was never needed
         entries.entered = positions[-1] + 1
         entries.length += n
+        if constraint is not None:
+            constraint.apply(logits[0, -1])
         return int(np.argmax(logits[0, -1]))
 
     def generate(self, engine: Engine, state: State, prompt: list[int], max_new_tokens: int,
-                 stats: GenerationStats) -> Iterator[int]:
+                 stats: GenerationStats, constraint: LogitsConstraint | None = None) -> Iterator[int]:
         """Engine.generate's prefill and decode loop, drafting (same contract: the last token yielded
-        is not in the state)."""
+        is not in the state). Under a ``constraint`` every token is chosen from the tokens it allows,
+        in the order they are output, the draft too (from the same mask as the token it guesses)."""
+
+        def choose(logits: np.ndarray) -> int:
+            if constraint is None:
+                return int(np.argmax(logits))
+            constraint.apply(logits)
+            token = int(np.argmax(logits))
+            constraint.advance(token)
+            return token
+
         started = time.perf_counter()
         base = state.length
         entries = self._new_entries(base, len(prompt) + max_new_tokens + PENDING_CAP + 2, engine.head_size)
@@ -159,7 +172,7 @@ class Drafter:
         spare = engine.spare_buffers(state)
         decode_started = time.perf_counter()
         stats.finish_reason = "length"
-        pending = [int(np.argmax(logits))]
+        pending = [choose(logits)]
         produced = 0
         new = pending[:]
         try:
@@ -182,24 +195,24 @@ class Drafter:
                 draft = None
                 paying = stats.draft_steps < PROBE_DRAFTS or stats.drafts_accepted >= MIN_ACCEPTANCE * stats.draft_steps
                 if paying and max_new_tokens - produced >= 2 and m <= PENDING_CAP and length + m + 1 < engine.context_length:
-                    draft = self._enter(entries)
+                    draft = self._enter(entries, constraint)
                     if draft in engine.eos_ids:
                         draft = None  # an accepted end token would sit in the state: the contract forbids it
                 stats.decode_steps += 1
                 if draft is None:
                     step_logits = engine.forward_with_hidden(state, pending, entries.add_hidden)
-                    pending = new = [int(np.argmax(step_logits))]
+                    pending = new = [choose(step_logits)]
                     continue
                 step_logits, step_hidden = engine.step(state, [*pending, draft], keep=2, spare=spare)
                 stats.draft_steps += 1
-                verified = int(np.argmax(step_logits[0]))
+                verified = choose(step_logits[0])
                 if verified == draft:
                     stats.drafts_accepted += 1
                     for name, array in spare.items():
                         spare[name], state.past[name] = state.past[name], array
                     entries.tokens[length + m] = draft
                     entries.add_hidden(length, step_hidden)
-                    pending = [int(np.argmax(step_logits[1]))]
+                    pending = [choose(step_logits[1])]
                     new = [draft, pending[0]]
                 else:
                     # The step's KV entries go; its recurrent state went to ``spare``. Drafting runs only
