@@ -160,7 +160,10 @@ def prepare(model: Path, work: Path, llama: LlamaCpp, variants: tuple[str, ...],
             progress(f"building {side} from {model}")
             recipe = dataclasses.replace(profile, quantization=dataclasses.replace(profile.quantization, **parse_variant(variant))) \
                 if variant else profile
-            build(BuildRequest(profile=recipe, model=str(model), output=work, name=bundle.name, quality=RANDOM_WEIGHTS))
+            # Text only: the vision encoder takes no part in these figures, and its export and
+            # parity would double each build's time.
+            build(BuildRequest(profile=recipe, model=str(model), output=work, name=bundle.name, quality=RANDOM_WEIGHTS,
+                               text_only=True))
         files[side] = bundle
     f16 = work / "model-f16.gguf"
     if not f16.is_file():
