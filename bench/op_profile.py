@@ -28,25 +28,16 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
-from edgekit.runtime.embedding import embeds_graph  # noqa: E402
 from edgekit.runtime.engine import Engine  # noqa: E402
 from edgekit.runtime.timing import filler_prompt  # noqa: E402
 
 
-def profiling_session(engine: Engine, bundle: Path, threads: int, folder: Path) -> ort.InferenceSession:
+def profiling_session(engine: Engine, folder: Path) -> ort.InferenceSession:
     """A session over the graph ``engine`` runs, with its settings and ONNX Runtime's profiler on."""
-    decoder = json.loads((bundle / "genai_config.json").read_text())["model"]["decoder"]
-    graph = bundle / decoder["filename"]
-    if embeds_graph(graph).is_file():
-        graph = embeds_graph(graph)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    options.enable_cpu_mem_arena = False
+    options = engine.session_options
     options.enable_profiling = True
     options.profile_file_prefix = str(folder / "ort")
-    return ort.InferenceSession(str(graph), options, providers=list(engine.providers))
+    return ort.InferenceSession(str(engine.graph), options, providers=list(engine.providers))
 
 
 def run_labels(engine: Engine, depths: tuple[int, ...], new_tokens: int) -> list[str]:
@@ -108,7 +99,7 @@ def main(bundle: Path, threads: int, depths: str, new_tokens: int, out: Path | N
     depth_list = tuple(int(d) for d in depths.split(","))
     engine = Engine(bundle, threads=threads)
     with tempfile.TemporaryDirectory() as folder:
-        engine.session = profiling_session(engine, bundle, threads, Path(folder))
+        engine.session = profiling_session(engine, Path(folder))
         labels = run_labels(engine, depth_list, new_tokens)
         events = json.loads(Path(engine.session.end_profiling()).read_text())
     report = {"bundle": str(bundle), "threads": threads, "new_tokens": new_tokens,

@@ -20,7 +20,7 @@ from edgekit.errors import ContextExceeded, EdgekitError
 from edgekit.runtime.embedding import INPUT as EMBEDS_INPUT
 from edgekit.runtime.embedding import EmbeddingTable, embeds_graph
 from edgekit.runtime.resident import clean_mappings, drop_pages, trim_heap, tune_allocator
-from edgekit.runtime.sampling import LogitsConstraint, Sampler, Sampling
+from edgekit.runtime.sampling import LogitsConstraint, Sampler, Sampling, choose
 from edgekit.runtime.speculative import DRAFT_GRAPH, STOP_SPINNING, Drafter
 from edgekit.runtime.vision import ImageSpan, prompt_positions
 
@@ -160,6 +160,8 @@ class Engine:
         graph = folder / decoder["filename"]
         if embeds_graph(graph).is_file():
             graph = embeds_graph(graph)
+        # Kept for a second session of the same graph and settings (bench/op_profile.py profiles one).
+        self.graph, self.session_options = graph, options
         try:
             self.session = ort.InferenceSession(str(graph), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types per failure
@@ -422,11 +424,7 @@ class Engine:
         # The caller stops pulling at an end token: the finally still times the decode.
         try:
             for produced in range(max_new_tokens):
-                if constraint is not None:
-                    constraint.apply(logits)
-                token = sampler(logits)
-                if constraint is not None:
-                    constraint.advance(token)
+                token = choose(logits, sampler, constraint)
                 stats.completion_tokens += 1
                 stats.token_times.append(time.perf_counter())
                 if token in self.eos_ids:

@@ -52,3 +52,13 @@ class Sampler:
             cutoff = int(np.searchsorted(np.cumsum(probs), s.top_p)) + 1
             order, probs = order[:cutoff], probs[:cutoff] / probs[:cutoff].sum()
         return int(order[self.rng.choice(order.size, p=probs)])
+
+
+def choose(logits: np.ndarray, sampler: Sampler, constraint: LogitsConstraint | None = None) -> int:
+    """The next token: ``sampler``'s pick among the tokens ``constraint`` allows (it then moves past it)."""
+    if constraint is not None:
+        constraint.apply(logits)
+    token = sampler(logits)
+    if constraint is not None:
+        constraint.advance(token)
+    return token

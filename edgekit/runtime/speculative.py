@@ -33,6 +33,7 @@ import onnxruntime as ort
 
 from edgekit.errors import EdgekitError
 from edgekit.runtime.resident import trim_heap
+from edgekit.runtime.sampling import Sampler, Sampling, choose
 
 if TYPE_CHECKING:
     from edgekit.runtime.embedding import EmbeddingTable
@@ -107,12 +108,14 @@ class Drafter:
         if not positions:
             raise AssertionError("the draft has nothing new to enter")
         # A prompt's positions go in chunks: attention scores take chunk x cache x heads floats.
-        draft = 0
         for start in range(0, len(positions), ENTRY_CHUNK):
-            draft = self._run(entries, positions[start : start + ENTRY_CHUNK], constraint)
-        return draft
+            logits = self._run(entries, positions[start : start + ENTRY_CHUNK])
+        if constraint is not None:
+            constraint.apply(logits)
+        return int(np.argmax(logits))
 
-    def _run(self, entries: _Entries, positions: list[int], constraint: LogitsConstraint | None) -> int:
+    def _run(self, entries: _Entries, positions: list[int]) -> np.ndarray:
+        """Enter ``positions``; the draft head's logits at the last of them."""
         n = len(positions)
         binding = self.session.io_binding()
         following = [entries.tokens[q + 1] for q in positions]
@@ -134,24 +137,14 @@ class Drafter:
             entries.tokens.pop(q, None)  # the first position's token was never needed
         entries.entered = positions[-1] + 1
         entries.length += n
-        if constraint is not None:
-            constraint.apply(logits[0, -1])
-        return int(np.argmax(logits[0, -1]))
+        return logits[0, -1]
 
     def generate(self, engine: Engine, state: State, prompt: list[int], max_new_tokens: int,
                  stats: GenerationStats, constraint: LogitsConstraint | None = None) -> Iterator[int]:
         """Engine.generate's prefill and decode loop, drafting (same contract: the last token yielded
         is not in the state). Under a ``constraint`` every token is chosen from the tokens it allows,
         in the order they are output, the draft too (from the same mask as the token it guesses)."""
-
-        def choose(logits: np.ndarray) -> int:
-            if constraint is None:
-                return int(np.argmax(logits))
-            constraint.apply(logits)
-            token = int(np.argmax(logits))
-            constraint.advance(token)
-            return token
-
+        greedy = Sampler(Sampling())
         started = time.perf_counter()
         base = state.length
         entries = self._new_entries(base, len(prompt) + max_new_tokens + PENDING_CAP + 2, engine.head_size)
@@ -172,7 +165,7 @@ class Drafter:
         spare = engine.spare_buffers(state)
         decode_started = time.perf_counter()
         stats.finish_reason = "length"
-        pending = [choose(logits)]
+        pending = [choose(logits, greedy, constraint)]
         produced = 0
         new = pending[:]
         try:
@@ -201,18 +194,18 @@ class Drafter:
                 stats.decode_steps += 1
                 if draft is None:
                     step_logits = engine.forward_with_hidden(state, pending, entries.add_hidden)
-                    pending = new = [choose(step_logits)]
+                    pending = new = [choose(step_logits, greedy, constraint)]
                     continue
                 step_logits, step_hidden = engine.step(state, [*pending, draft], keep=2, spare=spare)
                 stats.draft_steps += 1
-                verified = choose(step_logits[0])
+                verified = choose(step_logits[0], greedy, constraint)
                 if verified == draft:
                     stats.drafts_accepted += 1
                     for name, array in spare.items():
                         spare[name], state.past[name] = state.past[name], array
                     entries.tokens[length + m] = draft
                     entries.add_hidden(length, step_hidden)
-                    pending = [choose(step_logits[1])]
+                    pending = [choose(step_logits[1], greedy, constraint)]
                     new = [draft, pending[0]]
                 else:
                     # The step's KV entries go; its recurrent state went to ``spare``. Drafting runs only
