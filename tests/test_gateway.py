@@ -43,6 +43,9 @@ from .conftest import broker_at, start_daemon
 from .test_vision import encoded
 
 POOL = "house"
+# The gateway's cap on max_tokens: room for a reply long enough that a client can leave before it ends
+# (the tiny fixture writes 500 tokens in about a second and a half).
+MAX_TOKENS = 4096
 SET_LIGHT = {"type": "function", "function": {
     "name": "set_light", "description": "Switch a room's light.", "strict": True,
     "parameters": {"type": "object", "properties": {"room": {"type": "string", "enum": ["kitchen", "hall"]}, "on": {"type": "boolean"}},
@@ -80,7 +83,7 @@ def gw(host_bundle: Path, broker: int, fleet_client: DeviceClient, tmp_path_fact
                "bob": add_grant(tokens_file, "bob", (f"pool:{POOL}",), 0, 0),
                "carol": add_grant(tokens_file, "carol", (), 0, 1)}
     fleet = Fleet(fleet_client)
-    gateway = BackgroundGateway(Gateway(GatewaySettings(port=0, tokens=tokens_file, max_body_bytes=64 * 1024, max_tokens=512,
+    gateway = BackgroundGateway(Gateway(GatewaySettings(port=0, tokens=tokens_file, max_body_bytes=64 * 1024, max_tokens=MAX_TOKENS,
                                                         first_reply_s=5.0, request_timeout_s=60.0),
                                         fleet, TokenStore(tokens_file)))
     yield Fixture([d for d, _ in devices], fleet, tokens_file, {k: str(v) for k, v in secrets.items()}, gateway)
@@ -174,7 +177,7 @@ def test_unsupported_parameters_are_refused_by_name(gw: Fixture) -> None:
         client.chat.completions.create(model=gw.device, messages=ask("hi"), n=2)
     with pytest.raises(openai.BadRequestError, match="'logprobs'"):
         client.chat.completions.create(model=gw.device, messages=ask("hi"), logprobs=True)
-    with pytest.raises(openai.BadRequestError, match="max_tokens.*at most 512"):
+    with pytest.raises(openai.BadRequestError, match=f"max_tokens.*at most {MAX_TOKENS}"):
         client.chat.completions.create(model=gw.device, messages=ask("hi"), max_tokens=100000)
     with pytest.raises(openai.BadRequestError, match="'temperature'"):  # the device's own check, passed through
         client.chat.completions.create(model=gw.device, messages=ask("hi"), temperature=9)
@@ -238,7 +241,7 @@ def test_client_disconnect_cancels_on_the_device(gw: Fixture, fleet_client: Devi
     with DeviceClient(fleet_client.settings) as watcher:
         watcher._client.message_callback_add(topic, lambda c, u, m: (cancels.append(json.loads(m.payload)), seen.set()))
         watcher._subscribe(topic)
-        stream = gw.openai().chat.completions.create(model=gw.device, messages=ask("tell a long story"), max_tokens=500,
+        stream = gw.openai().chat.completions.create(model=gw.device, messages=ask("tell a long story"), max_tokens=MAX_TOKENS - 64,
                                                      stream=True)
         pieces = iter(stream)
         assert [next(pieces) for _ in range(3)][0].choices[0].delta.role == "assistant"
