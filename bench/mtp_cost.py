@@ -15,6 +15,9 @@ context it times, in alternating rounds:
   (FR-Spec, arXiv 2502.14856) costs what any ROWS rows cost; which rows, and what they do to
   acceptance on a real checkpoint, is not measured here.
 
+Both kinds of draft run in the runtime's own :class:`~edgekit.runtime.speculative.Drafter` (its session
+settings, its binding), so the figures are what the engine's drafting pays.
+
 The model of the speculative loop, with a one-token draft and greedy acceptance a. A step feeds the p
 tokens not yet in the recurrent state plus the draft (p + 1 tokens). Accepted (probability a): 2 new
 tokens, the MTP layer runs over 2 positions, and next step p = 1. Rejected: 1 new token, and the state,
@@ -51,16 +54,15 @@ from typing import Any
 import click
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
 from edgekit.builder.draft_graph import draft_graph  # noqa: E402
 from edgekit.builder.graph_memory import save  # noqa: E402
 from edgekit.runtime.engine import Engine, GenerationStats  # noqa: E402
+from edgekit.runtime.speculative import Drafter  # noqa: E402
 from edgekit.runtime.timing import filler_prompt  # noqa: E402
 
-_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 ACCEPTANCES = (0.6, 0.666, 0.7, 0.8, 0.9)
 CAPS = (1, 2, 3)  # pending-token caps of the loop (module docstring); verify is timed up to 4 tokens
 
@@ -85,43 +87,23 @@ def shipped_draft(mtp: Path, rows: int, work: Path) -> Path:
     return target
 
 
-class Draft:
-    """One draft session (the builder's ``mtp.onnx`` or a shipped draft graph) with its layer's KV
-    cache filled to ``depth`` positions (values are irrelevant to cost) in one shared buffer, as the
-    main graph's caches are bound."""
+def draft_step(drafter: Drafter, depth: int, capacity: int, head_size: int,
+               positions: int) -> Callable[[], Callable[[], Any]]:
+    """Prepares one step of the runtime's own ``drafter`` over ``positions`` new positions after
+    ``depth`` entries (values are irrelevant to cost). The cache is allocated once and set back before
+    each step, so every step pays the same depth and touches no fresh pages."""
+    entries = drafter._new_entries(depth, capacity, head_size)
+    hidden_size = next(i.shape[-1] for i in drafter.session.get_inputs() if i.name == "hidden_states")
+    row = np.zeros(hidden_size, np.float32)
+    spots = list(range(depth, depth + positions))
 
-    def __init__(self, graph: Path, threads: int, depth: int, capacity: int, head_size: int) -> None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
-        self.depth = depth
-        self.inputs = {i.name: i for i in self.session.get_inputs()}
-        self.hidden = self.inputs["hidden_states"].shape[-1]
-        self.caches = {
-            name: ort.OrtValue.ortvalue_from_numpy(np.zeros((1, i.shape[1], capacity, head_size), _TYPES[i.type]))
-            for name, i in self.inputs.items() if name.startswith("past")
-        }
+    def prepare() -> Callable[[], Any]:
+        entries.entered = entries.length = depth
+        entries.hidden = dict.fromkeys(spots, row)
+        entries.tokens = {p + 1: 42 for p in spots}
+        return functools.partial(drafter._run, entries, spots)
 
-    def step(self, positions: int) -> None:
-        """Run ``positions`` new positions after ``depth`` (the cache is not advanced: same cost each time)."""
-        binding = self.session.io_binding()
-        if "input_ids" in self.inputs:
-            binding.bind_cpu_input("input_ids", np.zeros((1, positions), np.int64))
-        else:  # a shipped draft takes the engine's embeddings
-            binding.bind_cpu_input("inputs_embeds", np.zeros((1, positions, self.hidden), np.float32))
-        binding.bind_cpu_input("hidden_states", np.zeros((1, positions, self.hidden), np.float32))
-        binding.bind_cpu_input("attention_mask", np.ones((1, self.depth + positions), np.int64))
-        spots = np.arange(self.depth, self.depth + positions, dtype=np.int64)
-        binding.bind_cpu_input("position_ids", np.broadcast_to(spots, (3, 1, positions)).copy())
-        for name, value in self.caches.items():
-            binding.bind_ortvalue_input(name, value)
-            binding.bind_ortvalue_output(name.replace("past_key_values", "present"), value)
-        for output in self.session.get_outputs():
-            if not output.name.startswith("present"):
-                binding.bind_output(output.name)
-        self.session.run_with_iobinding(binding)
+    return prepare
 
 
 def time_steps(prepare: Callable[[], Callable[[], Any]], count: int) -> float:
@@ -232,25 +214,30 @@ def main(plain: Path, mtp: Path, threads: int, depth: int, row_counts: tuple[int
         click.echo(json.dumps(end_to_end(plain_engine, verify_engine, acceptances, rounds), indent=2))
         return
     work.mkdir(parents=True, exist_ok=True)
-    shape = (threads, depth, verify_engine.context_length,
-             int(json.loads((mtp / "genai_config.json").read_text())["model"]["mtp"]["head_size"]))
-    drafts = {"draft": Draft(mtp / "mtp.onnx", *shape)}
+    if verify_engine.drafter is None:
+        raise click.ClickException(f"{mtp}: this bundle does not draft (build it with --include-mtp)")
+    embedding = verify_engine.drafter.embedding
+    drafters = {"draft": Drafter(mtp / "mtp.onnx", threads, embedding)}
     for rows in row_counts:
-        drafts[f"draft{rows}"] = Draft(shipped_draft(mtp / "mtp.onnx", rows, work), *shape)
+        drafters[f"draft{rows}"] = Drafter(shipped_draft(mtp / "mtp.onnx", rows, work), threads, embedding)
+    shape = (depth, verify_engine.context_length,
+             int(json.loads((mtp / "genai_config.json").read_text())["model"]["mtp"]["head_size"]))
     steps_by_name: dict[str, Callable[[], Callable[[], Any]]] = {"plain": engine_step(plain_engine, depth, 1)}
     for k in (1, 2, 3, 4):
         steps_by_name[f"verify {k}"] = engine_step(verify_engine, depth, k)
     # In the loop a draft follows a main step, which streams every weight through the caches: each
-    # timed draft does too, or a cut head small enough for the last-level cache would look free.
-    evict = engine_step(plain_engine, depth, 1)
+    # timed draft does too, or a cut head small enough for the last-level cache would look free. The
+    # drafting bundle's step, as in the loop: its threads stop spinning when it ends (the plain
+    # engine's would spin on into the draft's time).
+    evict = engine_step(verify_engine, depth, 1)
 
-    def after_main_step(draft: Draft, positions: int) -> Callable[[], Any]:
+    def after_main_step(prepare: Callable[[], Callable[[], Any]]) -> Callable[[], Any]:
         evict()()
-        return functools.partial(draft.step, positions)
+        return prepare()
 
-    for name, draft in drafts.items():
+    for name, drafter in drafters.items():
         for positions in (1, 2):
-            steps_by_name[f"{name} {positions}"] = functools.partial(after_main_step, draft, positions)
+            steps_by_name[f"{name} {positions}"] = functools.partial(after_main_step, draft_step(drafter, *shape, positions))
     samples: dict[str, list[float]] = {name: [] for name in steps_by_name}
     for round_index in range(rounds):
         order = list(steps_by_name) if round_index % 2 == 0 else list(reversed(steps_by_name))
@@ -263,7 +250,7 @@ def main(plain: Path, mtp: Path, threads: int, depth: int, row_counts: tuple[int
         "threads": threads, "depth": depth, "rounds": rounds, "steps": steps,
         "seconds": seconds, "relative": relative,
         "speedup": {f"{name}, cap {cap}": {str(a): round(speedup(relative, a, name, cap), 3) for a in ACCEPTANCES}
-                    for name in drafts for cap in CAPS},
+                    for name in drafters for cap in CAPS},
     }
     print(json.dumps(report, indent=2))
 

@@ -201,7 +201,7 @@ class Engine:
         # entries are discarded by moving the length back).
         self.drafter: Drafter | None = None
         if drafting and self._keeps_logits and self.has_hidden_states and not self._growing:
-            self.drafter = Drafter(folder, self.threads, self._embedding)
+            self.drafter = Drafter(folder / DRAFT_GRAPH, self.threads, self._embedding)
         # After every session of this bundle has prepacked its weights (the draft's too).
         self._file_pages = {data: clean_mappings(data) for data in sorted(folder.glob("*.data"))}
         self.release_memory()

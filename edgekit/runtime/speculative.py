@@ -71,9 +71,10 @@ class _Entries:
 
 
 class Drafter:
-    """A bundle's draft graph, run beside its engine (same threads, same embedding table)."""
+    """A draft graph (a bundle's ``draft.onnx``, or the builder's ``mtp.onnx``, which takes ids), run
+    beside its engine (same threads, same embedding table)."""
 
-    def __init__(self, folder: Path, threads: int, embedding: EmbeddingTable | None) -> None:
+    def __init__(self, graph: Path, threads: int, embedding: EmbeddingTable | None) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -83,9 +84,9 @@ class Drafter:
         # take the other's time (see Engine: the main session stops spinning too when drafting).
         options.add_session_config_entry(STOP_SPINNING, "1")
         try:
-            self.session = ort.InferenceSession(str(folder / DRAFT_GRAPH), options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types per failure
-            raise EdgekitError(f"{folder / DRAFT_GRAPH}: cannot load the draft graph ({exc})") from exc
+            raise EdgekitError(f"{graph}: cannot load the draft graph ({exc})") from exc
         # The engine's table where the draft takes embeddings (draft_graph), else None: it takes ids.
         self.embedding = embedding if any(i.name == "inputs_embeds" for i in self.session.get_inputs()) else None
         self._caches = {i.name: i for i in self.session.get_inputs() if i.name.startswith("past")}
