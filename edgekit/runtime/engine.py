@@ -19,7 +19,7 @@ import onnxruntime as ort
 from edgekit.errors import ContextExceeded, EdgekitError
 from edgekit.runtime.embedding import INPUT as EMBEDS_INPUT
 from edgekit.runtime.embedding import EmbeddingTable, embeds_graph
-from edgekit.runtime.resident import clean_mappings, drop_pages, trim_heap, tune_allocator
+from edgekit.runtime.resident import clean_mappings, drop_pages, session_options, trim_heap, tune_allocator
 from edgekit.runtime.sampling import LogitsConstraint, Sampler, Sampling, choose
 from edgekit.runtime.speculative import DRAFT_GRAPH, STOP_SPINNING, Drafter
 from edgekit.runtime.vision import ImageSpan, prompt_positions
@@ -131,15 +131,9 @@ class Engine:
         self.vocab_size: int = int(model["vocab_size"])  # the logits' width (padded past the tokenizer's ids)
         eos = model.get("eos_token_id", [])
         self.eos_ids: frozenset[int] = frozenset(eos if isinstance(eos, list) else [eos])
-        session_options = decoder.get("session_options", {})
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or int(session_options.get("intra_op_num_threads", 0))
+        decoder_options = decoder.get("session_options", {})
+        options = session_options(threads or int(decoder_options.get("intra_op_num_threads", 0)))
         self.threads = options.intra_op_num_threads  # 0: ONNX Runtime's choice (the physical cores)
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        # Without the arena, a finished request's activations go back to the heap, and from there
-        # (trim_heap) to the device; the arena would keep its peak for the process's life.
-        options.enable_cpu_mem_arena = False
         drafting = speculative and (folder / DRAFT_GRAPH).is_file()
         if drafting:
             options.add_session_config_entry(STOP_SPINNING, "1")

@@ -26,6 +26,8 @@ import ctypes.util
 import sys
 from pathlib import Path
 
+import onnxruntime as ort
+
 _MADV_DONTNEED = 4
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
@@ -41,6 +43,21 @@ def tune_allocator() -> None:
     if _libc is not None and hasattr(_libc, "mallopt"):
         _libc.mallopt(_M_MMAP_THRESHOLD, LARGE_BLOCK)
         _libc.mallopt(_M_ARENA_MAX, HEAPS)
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    """ONNX Runtime settings for every session edgekit runs (the decoder, the draft, the vision
+    encoder) on ``threads`` intra-op threads (0: ONNX Runtime's choice).
+
+    No arena: with it, a long prompt's activations would stay reserved for the process's life; without
+    it they go back to the heap, and from there (:func:`trim_heap`) to the device.
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    options.enable_cpu_mem_arena = False
+    return options
 
 
 def trim_heap() -> None:

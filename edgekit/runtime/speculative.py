@@ -32,7 +32,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgekit.errors import EdgekitError
-from edgekit.runtime.resident import trim_heap
+from edgekit.runtime.resident import session_options, trim_heap
 from edgekit.runtime.sampling import Sampler, Sampling, choose
 
 if TYPE_CHECKING:
@@ -75,11 +75,7 @@ class Drafter:
     beside its engine (same threads, same embedding table)."""
 
     def __init__(self, graph: Path, threads: int, embedding: EmbeddingTable | None) -> None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        options.enable_cpu_mem_arena = False
+        options = session_options(threads)
         # Two sessions take turns on the same cores: threads that spin on after their run would
         # take the other's time (see Engine: the main session stops spinning too when drafting).
         options.add_session_config_entry(STOP_SPINNING, "1")

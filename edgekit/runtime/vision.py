@@ -27,6 +27,7 @@ import onnxruntime as ort
 
 from edgekit.errors import EdgekitError
 from edgekit.runtime.images import PREPROCESSOR_FILE, Patches, Preprocessing
+from edgekit.runtime.resident import session_options
 
 VISION_GRAPH = "vision.onnx"
 METADATA_KEY = "edgekit.vision"  # the graph's custom metadata: a JSON object (VisionSpec)
@@ -159,13 +160,8 @@ class VisionEncoder:
 
     def _load(self) -> tuple[ort.InferenceSession, VisionSpec]:
         if self._session is None or self._spec is None:
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = self.threads
-            options.inter_op_num_threads = 1
-            options.log_severity_level = 3
-            options.enable_cpu_mem_arena = False  # give a finished image's activations back (see Engine)
             try:
-                session = ort.InferenceSession(str(self.graph), options, providers=self.providers)
+                session = ort.InferenceSession(str(self.graph), session_options(self.threads), providers=self.providers)
             except Exception as exc:  # onnxruntime raises its own exception types per failure
                 raise EdgekitError(f"{self.graph}: cannot load the vision encoder ({exc})") from exc
             self._spec = VisionSpec.from_metadata(self.graph, session.get_modelmeta().custom_metadata_map)
