@@ -222,10 +222,10 @@ def test_errors_map_to_http_statuses(gw: Fixture, fleet_client: DeviceClient, gh
 def test_busy_device_answers_429(gw: Fixture, fleet_client: DeviceClient) -> None:
     device = gw.device
     # one request generating and one waiting fill the device's queue of one (as in test_serve)
-    running = fleet_client.send(device, {"prompt": "long", "max_tokens": 400})
+    running = fleet_client.send(device, {"prompt": "long", "max_tokens": 4000})  # still running when refused: cancelled
     stream = fleet_client.replies(running, timeout=120)
     assert [next(stream)["type"], next(stream)["type"]] == ["queued", "chunk"]
-    waiting = fleet_client.send(device, {"prompt": "next", "max_tokens": 400})
+    waiting = fleet_client.send(device, {"prompt": "next", "max_tokens": 4000})
     with pytest.raises(openai.RateLimitError) as busy:
         gw.openai().chat.completions.create(model=device, messages=ask("one too many"), max_tokens=4)
     assert busy.value.code == "busy" and int(busy.value.response.headers["Retry-After"]) > 0

@@ -194,11 +194,13 @@ def test_cancel_mid_stream(daemon: Daemon, broker: int) -> None:
 def test_full_queue_answers_busy(daemon: Daemon, broker: int) -> None:
     device = daemon.config.device_id
     with DeviceClient(broker_at(broker)) as client:
-        running = client.send(device, {"prompt": "long", "max_tokens": 400})
+        # Long enough that the tiny model (a few hundred tokens a second) is still at it when the
+        # third request arrives, however slow the machine is to send it: it gets cancelled.
+        running = client.send(device, {"prompt": "long", "max_tokens": 4000})
         stream = client.replies(running, timeout=120)
         assert next(stream)["type"] == "queued"
         assert next(stream)["type"] == "chunk"  # generating: the queue (size 1) is empty again
-        waiting = client.send(device, {"prompt": "next", "max_tokens": 400})
+        waiting = client.send(device, {"prompt": "next", "max_tokens": 4000})
         refused = client.send(device, {"prompt": "one too many", "max_tokens": 400})
         *_, busy = client.replies(refused, timeout=30)
         assert busy["code"] == "busy" and "queue full" in busy["message"]
