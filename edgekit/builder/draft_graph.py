@@ -13,7 +13,7 @@ prefill asks for one, as the pruned graph of a plain build computes, and a verif
 **``draft.onnx``: the MTP graph with a head over the first DRAFT_ROWS token ids, for the last
 position only, fed embeddings** (where the lookup is one the engine replays). Token ids follow the
 tokenizer's merge order, so the first ones are roughly the most frequent (the idea of FR-Spec,
-arXiv 2502.14856): the draft costs 0.08-0.09 of a decode step instead of 0.41-0.55, and cost the trained
+arXiv 2502.14856): the draft costs 0.07-0.09 of a decode step instead of 0.30-0.55, and cost the trained
 fixture 1 % of its acceptance. The cut rows are the leading bytes of the tied table, declared as
 initializers over the same stored bytes (nothing is copied). The embedding lookup goes, as in the
 main engine's embeds graph: the engine reads the same table's rows itself.
