@@ -94,8 +94,9 @@ def summarise(events: list[dict[str, Any]], labels: list[str],
         count: dict[str, int] = defaultdict(int)
         for event in nodes:
             if any(start <= event["ts"] <= end for start, end in windows):
-                by_op[group(event)] += event["dur"]
-                count[group(event)] += 1
+                key = group(event)
+                by_op[key] += event["dur"]
+                count[key] += 1
         steps = len(windows)
         step_us = statistics.median(end - start for start, end in windows)
         total = sum(by_op.values())
