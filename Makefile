@@ -87,6 +87,20 @@ bench-vision: install fixtures/qwen3.5-0.8b/config.json fixtures/qwen3.5-2b/conf
 		$(BIN)/python bench/vision.py vision-results/vision-$$size --runs 3 --out vision-results || exit 1; \
 	done
 
+# The daemon's memory on emulated Raspberry Pis beside this host's (docs/arm64.md): the 0.8B's plain and
+# --include-mtp raspberry-pi-5 bundles on a Pi 5 (Cortex-A76), the raspberry-pi-4 bundle on a Pi 4
+# (Cortex-A72). Sizes only: nothing timed under emulation. Root (the arm64 lane's mounts); about an hour.
+bench-device-memory: install system-deps fixtures/qwen3.5-0.8b/config.json
+	$(BIN)/edgekit build --profile raspberry-pi-5 --model fixtures/qwen3.5-0.8b --output memory-results \
+		--name pi5-0.8b --overwrite --text-only --min-top1 0 --max-kl 10
+	$(BIN)/edgekit build --profile raspberry-pi-5 --model fixtures/qwen3.5-0.8b --output memory-results \
+		--name pi5-mtp-0.8b --overwrite --text-only --include-mtp --min-top1 0 --max-kl 10
+	$(BIN)/edgekit build --profile raspberry-pi-4 --model fixtures/qwen3.5-0.8b --output memory-results \
+		--name pi4-0.8b --overwrite --text-only --min-top1 0 --max-kl 10
+	$(BIN)/python bench/device_memory.py memory-results/pi5-0.8b --cpu cortex-a76 --out memory-results/pi5.json
+	$(BIN)/python bench/device_memory.py memory-results/pi5-mtp-0.8b --cpu cortex-a76 --out memory-results/pi5-mtp.json
+	$(BIN)/python bench/device_memory.py memory-results/pi4-0.8b --cpu cortex-a72 --out memory-results/pi4.json
+
 bench-fleet: install fixtures/qwen3.5-tiny/config.json
 	$(BIN)/edgekit build --profile host --model fixtures/qwen3.5-tiny --output fleet-results --name fleet-tiny \
 		--overwrite --min-top1 0 --max-kl 10

@@ -95,7 +95,7 @@ def varied_text(tokenizer: ChatTokenizer, tokens: int, seed: int = 0) -> str:
         del ids[-excess - 8 :]
 
 
-def _full_context_rss(client: DeviceClient, device: str, process: psutil.Process, bundle: Path,
+def full_context_rss(client: DeviceClient, device: str, process: psutil.Process, bundle: Path,
                       context: int) -> dict[str, float | None]:
     """The daemon's memory over a request of varied text that fills the context to within a few tokens:
     its peak RSS during the request (Linux; the high-water mark is reset first, so load-time transients
@@ -169,16 +169,16 @@ def run(bundle: Path, runs: int, prompt_len: int, new_tokens: int, threads: int 
                 remote.append(mqtt_run(client, device, prompt_len, new_tokens))
             report["daemon_rss_mb"] = process.memory_info().rss / 2**20
             report["daemon_peak_rss_mb"] = _status_mb(process, "VmHWM")  # loading included
-            report.update(_full_context_rss(client, device, process, bundle, engine.context_length))
+            report.update(full_context_rss(client, device, process, bundle, engine.context_length))
             # Again once the daemon has served a constrained request: llguidance, jsonschema and the
             # grammar's tokenizer index stay resident from then on (docs/agent.md).
             constrained = {"prompt": "Report the sensor.", "max_tokens": 16, "response_format": {"type": "json_object"}}
             _timed_request(client, device, constrained)
-            report["agent"] = _full_context_rss(client, device, process, bundle, engine.context_length)
+            report["agent"] = full_context_rss(client, device, process, bundle, engine.context_length)
             # And once the daemon has dropped the index for want of constrained requests.
             _timed_request(client, device, constrained)
             time.sleep(GRAMMAR_IDLE_S + 1)
-            report["agent_after_idle"] = _full_context_rss(client, device, process, bundle, engine.context_length)
+            report["agent_after_idle"] = full_context_rss(client, device, process, bundle, engine.context_length)
             time.sleep(TRIM_AFTER_IDLE_S + 1)
             report["daemon_rss_idle_mb"] = process.memory_info().rss / 2**20  # after the idle trim
             itl = [gap for r in direct for gap in r["itl"]]
