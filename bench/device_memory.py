@@ -55,6 +55,7 @@ from edgekit.bundle import Manifest  # noqa: E402
 from edgekit.client import DeviceClient  # noqa: E402
 from edgekit.deploy import wheelhouse  # noqa: E402
 from edgekit.errors import EdgekitError  # noqa: E402
+from edgekit.runtime.resident import maps, smaps  # noqa: E402
 from edgekit.serve import embedded_broker  # noqa: E402
 from edgekit.serve.daemon import GRAMMAR_IDLE_S, TRIM_AFTER_IDLE_S  # noqa: E402
 from tests.arm64 import CHROOT, Arm64Emulation, EmulatedPi  # noqa: E402
@@ -93,43 +94,19 @@ BUNDLE = "/opt/bundle"
 MAPS = "/opt/maps"
 
 
-def _mappings(text: str) -> list[tuple[int, int]]:
-    ranges = []
-    for line in text.splitlines():
-        low, high = line.split(None, 1)[0].split("-")
-        ranges.append((int(low, 16), int(high, 16)))
-    return ranges
-
-
-def _smaps(pid: int) -> list[tuple[int, int, int, int]]:
-    """The host's view of ``pid``: (start, end, Rss KiB, Anonymous KiB) per mapping."""
-    rows: list[list[int]] = []
-    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
-        head = line.split(None, 5)
-        if "-" in head[0] and ":" not in head[0]:
-            low, high = head[0].split("-")
-            rows.append([int(low, 16), int(high, 16), 0, 0])
-        elif head[0] == "Rss:":
-            rows[-1][2] = int(head[1])
-        elif head[0] == "Anonymous:":
-            rows[-1][3] = int(head[1])
-    return [(r[0], r[1], r[2], r[3]) for r in rows]
-
-
 def resident(pid: int, maps_text: str) -> dict[str, float]:
     """Resident and anonymous MiB of the mappings ``maps_text`` lists (the process's own view), from the
     host's smaps of ``pid``. Under qemu-user the guest's addresses are the host's (guest base 0 for an
     arm64 guest on x86-64; a mapping the two views split differently is counted when it lies inside
     one of the guest's ranges, and the count of any that straddle is reported)."""
-    ranges = sorted(_mappings(maps_text))
+    ranges = sorted((m.start, m.end) for m in maps(maps_text))
     rss = anon = 0
     straddling = 0
-    for low, high, rss_kib, anon_kib in _smaps(pid):
-        inside = any(start <= low and high <= end for start, end in ranges)
-        if inside:
-            rss += rss_kib
-            anon += anon_kib
-        elif any(start < high and low < end for start, end in ranges):
+    for m in smaps(pid):
+        if any(start <= m.start and m.end <= end for start, end in ranges):
+            rss += m.rss_kib or 0
+            anon += m.anonymous_kib or 0
+        elif any(start < m.end and m.start < end for start, end in ranges):
             straddling += 1
     return {"rss_mib": round(rss / 1024, 1), "anon_mib": round(anon / 1024, 1), "straddling_mappings": straddling}
 

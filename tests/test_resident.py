@@ -10,20 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from edgekit.runtime.resident import HEAPS, clean_mappings, drop_pages, trim_heap
+from edgekit.runtime.resident import HEAPS, clean_mappings, drop_pages, maps, smaps, trim_heap
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Linux memory interfaces")
 
 
 def _resident(path: Path) -> int:
-    total, inside = 0, False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split()
-        if "-" in head[0] and ":" not in head[0]:
-            inside = len(head) == 6 and head[5] == str(path.resolve())
-        elif inside and head[0] == "Rss:":
-            total += int(head[1]) * 1024
-    return total
+    return 1024 * sum(m.rss_kib or 0 for m in smaps() if m.path == str(path.resolve()))
 
 
 def test_clean_pages_are_dropped_and_changed_mappings_kept(tmp_path: Path) -> None:
@@ -57,6 +50,21 @@ def test_clean_pages_are_dropped_and_changed_mappings_kept(tmp_path: Path) -> No
         assert live[:] == payload
         dirty.close()
     trim_heap()  # callable any time
+
+
+def test_maps_and_smaps_name_each_mapping_with_its_range_and_sizes(tmp_path: Path) -> None:
+    spaced = tmp_path / "a file with spaces.data"
+    spaced.write_bytes(b"x" * (4 << 20))
+    with spaced.open("rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+        assert mapped[:] == b"x" * (4 << 20)  # every page resident
+        listed = [m for m in maps(Path("/proc/self/maps").read_text()) if m.path == str(spaced)]
+        assert [(m.end - m.start) for m in listed] == [4 << 20] and listed[0].rss_kib is None
+        measured = [m for m in smaps() if m.path == str(spaced)]
+        assert [(m.start, m.end) for m in measured] == [(m.start, m.end) for m in listed]
+        assert measured[0].rss_kib == 4096 and measured[0].anonymous_kib == 0
+        assert any(m.path == "" and (m.anonymous_kib or 0) > 0 for m in smaps())  # anonymous memory too
+        mapped.close()
 
 
 _COUNT_HEAPS = """

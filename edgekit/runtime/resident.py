@@ -25,6 +25,7 @@ import ctypes
 import ctypes.util
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import onnxruntime as ort
 
@@ -66,12 +67,43 @@ def trim_heap() -> None:
         _libc.malloc_trim(0)
 
 
-def _range_of(head: list[str], target: str) -> tuple[int, int] | None:
-    """(start, end) of a ``/proc/self/maps`` or ``smaps`` header line, split in six, mapping ``target``."""
-    if len(head) == 6 and head[5] == target:
-        start, end = head[0].split("-")
-        return int(start, 16), int(end, 16)
-    return None
+class Mapping(NamedTuple):
+    """One mapping of a process's address space, as ``/proc/PID/maps`` or ``smaps`` lists it."""
+
+    start: int
+    end: int
+    path: str  # "" for anonymous memory
+    rss_kib: int | None = None  # smaps only
+    anonymous_kib: int | None = None  # smaps only: copy-on-write and anonymous pages
+
+
+def _header(line: str) -> Mapping | None:
+    """The mapping a ``maps``/``smaps`` header line describes; None for an ``smaps`` field line."""
+    head = line.split(None, 5)
+    if len(head) < 5 or "-" not in head[0] or ":" in head[0]:
+        return None
+    start, end = head[0].split("-")
+    return Mapping(int(start, 16), int(end, 16), head[5] if len(head) == 6 else "")
+
+
+def maps(text: str) -> list[Mapping]:
+    """The mappings a ``/proc/PID/maps`` text lists (no page walk: cheap to read)."""
+    return [m for m in map(_header, text.splitlines()) if m is not None]
+
+
+def smaps(pid: int | str = "self") -> list[Mapping]:
+    """A process's mappings with their resident and anonymous KiB, from ``/proc/PID/smaps`` (Linux;
+    raises OSError where there is none). Reading it walks every page table: far dearer than :func:`maps`."""
+    found: list[Mapping] = []
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        mapping = _header(line)
+        if mapping is not None:
+            found.append(mapping)
+        elif found and line.startswith("Rss:"):
+            found[-1] = found[-1]._replace(rss_kib=int(line.split()[1]))
+        elif found and line.startswith("Anonymous:"):
+            found[-1] = found[-1]._replace(anonymous_kib=int(line.split()[1]))
+    return found
 
 
 def clean_mappings(path: Path) -> list[tuple[int, int]]:
@@ -86,27 +118,10 @@ def clean_mappings(path: Path) -> list[tuple[int, int]]:
         return []
     target = str(path.resolve())
     try:
-        smaps = Path("/proc/self/smaps").read_text()
+        mappings = smaps()
     except OSError:
         return []
-    found: list[tuple[int, int]] = []
-    mapping: tuple[int, int] | None = None
-    anonymous = 1
-
-    def flush() -> None:
-        if mapping and anonymous == 0:
-            found.append(mapping)
-
-    for line in smaps.splitlines():
-        head = line.split(None, 5)
-        if "-" in head[0] and len(head) >= 5 and ":" not in head[0]:  # a mapping's header line
-            flush()
-            anonymous = 1
-            mapping = _range_of(head, target)
-        elif mapping and head[0] == "Anonymous:" and len(head) >= 2 and head[1].isdigit():
-            anonymous = int(head[1])
-    flush()
-    return found
+    return [(m.start, m.end) for m in mappings if m.path == target and m.anonymous_kib == 0]
 
 
 def drop_pages(path: Path, mappings: list[tuple[int, int]]) -> None:
@@ -118,10 +133,10 @@ def drop_pages(path: Path, mappings: list[tuple[int, int]]) -> None:
         return
     target = str(path.resolve())
     try:
-        lines = Path("/proc/self/maps").read_text().splitlines()
+        text = Path("/proc/self/maps").read_text()
     except OSError:
         return
-    live = {_range_of(line.split(None, 5), target) for line in lines}
+    live = {(m.start, m.end) for m in maps(text) if m.path == target}
     for start, end in mappings:
         if (start, end) in live:
             _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
