@@ -8,18 +8,23 @@ exactly when the two argmaxes agree, so their agreement over held-out text is th
 Both run in PyTorch (fp32) from the checkpoint's own weights, in the module that trained them
 (``edgekit.fixtures.trained``), which feeds the head as onnxruntime-genai's ``mtp.onnx`` takes it.
 
+Under sampling (``--temperature``, ``--top-k``, ``--top-p``) the engine accepts a draft when the
+sampler draws it from the main model's distribution (edgekit.runtime.speculative), so a position's
+acceptance is the probability that distribution gives the draft: the expected rate, not one draw's.
+
 ``--draft-rows N`` lets the draft choose among the first N token ids only: the cut draft head that
 bench/mtp_cost.py times. Ids follow the tokenizer's merge order, so the first ones are roughly the most
 frequent; a token past N is never drafted, and a draft that would have been it is lost.
 
-Prints JSON: the draft's rows, positions, acceptance (argmax agreement), the MTP head's own next-next-token accuracy
-and the main head's next-token accuracy on the same positions.
+Prints JSON: the draft's rows, the sampling settings, positions, acceptance, the MTP head's own
+next-next-token accuracy and the main head's next-token accuracy on the same positions.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -28,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
 from edgekit.fixtures import trained  # noqa: E402
+from edgekit.runtime.sampling import Sampler, Sampling  # noqa: E402
 
 
 @click.command()
@@ -35,25 +41,41 @@ from edgekit.fixtures import trained  # noqa: E402
 @click.option("--rows", type=click.IntRange(1), default=16, show_default=True, help="Held-out windows of 256 tokens.")
 @click.option("--draft-rows", type=click.IntRange(1), default=None,
               help="Cut the draft's LM head to the first N token ids, as bench/mtp_cost.py times it (default: all).")
-def main(model: Path, rows: int, draft_rows: int | None) -> None:
-    """Measure the MTP head's acceptance rate on MODEL's held-out text."""
+@click.option("--temperature", type=click.FloatRange(0), default=0.0, show_default=True, help="0: greedy.")
+@click.option("--top-k", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--top-p", type=click.FloatRange(0, 1), default=1.0, show_default=True)
+def main(model: Path, rows: int, draft_rows: int | None, temperature: float, top_k: int, top_p: float) -> None:
+    """Measure the MTP head's acceptance rate on MODEL's held-out text.
+
+    \b
+    Example:
+      python bench/mtp_acceptance.py --draft-rows 16384 --temperature 0.7 --top-k 20 --top-p 0.8
+    """
     torch.set_num_threads(2)
     module = trained.load(model)
     embedding = module.model.embed_tokens.weight
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+    sampler = Sampler(sampling)
+    accepted = 0.0
     agree = mtp_right = main_right = positions = 0
     with torch.inference_mode():
         for row in trained.held_out_rows(256)[:rows]:
             hidden, mtp = module.hidden_states(row[None], mtp_rows=1)
-            main_next = (hidden[0] @ embedding.T).argmax(-1)  # main_next[t] predicts t+1
+            main_logits = hidden[0] @ embedding.T  # main_logits[t] predicts t+1
+            main_next = main_logits.argmax(-1)
             draft = (mtp[0] @ embedding[:draft_rows].T).argmax(-1)  # draft[t] predicts t+2
             # Positions t = 0..S-3: the draft for t+2 against the main head's own prediction from t+1.
             verified, truth, draft = main_next[1:-1], row[2:], draft[:-1]
             agree += int((draft == verified).sum())
+            for logits, guess in zip(main_logits[1:-1].numpy(), draft.tolist()):
+                order, probs = sampler.distribution(logits)
+                accepted += float(probs[order == guess].sum())
             mtp_right += int((draft == truth).sum())
             main_right += int((verified == truth).sum())
             positions += len(truth)
-    click.echo(json.dumps({"draft_rows": draft_rows or embedding.shape[0], "positions": positions,
-                           "acceptance": agree / positions, "mtp_accuracy": mtp_right / positions,
+    click.echo(json.dumps({"draft_rows": draft_rows or embedding.shape[0], "sampling": asdict(sampling),
+                           "positions": positions, "acceptance": accepted / positions,
+                           "greedy_agreement": agree / positions, "mtp_accuracy": mtp_right / positions,
                            "main_accuracy": main_right / positions}, indent=2))
 
 

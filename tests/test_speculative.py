@@ -1,5 +1,6 @@
 """Speculative decoding with the MTP head, on the trained fixture (a head whose drafts mean something):
-greedy output equals plain decoding's, token for token, and the state after it is the same."""
+greedy output, and sampled output with the same seed, equal plain decoding's, token for token, and
+the state after it is the same."""
 
 from __future__ import annotations
 
@@ -100,13 +101,39 @@ def test_drafting_stops_at_the_context_as_plain_decoding_does(fp32_bundle: Path)
     assert drafted == plain and draft_stats.finish_reason == plain_stats.finish_reason == "context"
 
 
-def test_sampling_and_the_opt_out_do_not_draft(fp32_bundle: Path) -> None:
+def test_sampled_drafting_on_fp32_draws_plain_sampled_output_and_state(fp32_bundle: Path) -> None:
+    """Every token is drawn from the main graph's logits at its own position, one draw each, in plain
+    decoding's order: with the same seed the output is plain sampling's, token for token, whatever
+    the drafts; an accepted draft is one the sampler drew."""
     engine = Engine(fp32_bundle, threads=2)
-    ids = ChatTokenizer(fp32_bundle).encode(PROMPTS[0])
-    for kwargs in ({"speculative": False}, {"sampling": Sampling(temperature=0.7, seed=1)}):
-        stats = GenerationStats()
-        list(engine.generate(ids, 8, stats=stats, **kwargs))
-        assert stats.draft_steps == 0 and stats.tokens_per_step == 1.0
+    tokenizer = ChatTokenizer(fp32_bundle)
+    accepted = steps = 0
+    settings = [Sampling(temperature=0.7, top_k=20, top_p=0.8, seed=1), Sampling(temperature=1.0, seed=2),
+                Sampling(temperature=0.6, top_p=0.95, seed=3)]
+    for sampling in settings:
+        for text in PROMPTS:
+            ids = tokenizer.encode(text)
+            plain_state, draft_state = engine.new_state(), engine.new_state()
+            plain = list(engine.generate(ids, 40, sampling, state=plain_state, speculative=False))
+            stats = GenerationStats()
+            drafted = list(engine.generate(ids, 40, sampling, state=draft_state, stats=stats))
+            assert drafted == plain, (sampling, text)
+            accepted, steps = accepted + stats.drafts_accepted, steps + stats.draft_steps
+            follow = plain[-1:] + tokenizer.encode(" and then")
+            assert np.array_equal(engine.forward(draft_state, follow), engine.forward(plain_state, follow))
+    assert 0 < accepted < steps, (accepted, steps)
+    # Sampling draws other tokens than the greedy ones: a seed changes the output.
+    ids = tokenizer.encode(PROMPTS[0])
+    outputs = {tuple(engine.generate(ids, 24, Sampling(temperature=1.0, seed=seed))) for seed in range(4)}
+    assert len(outputs) > 1
+    print(f"fp32 sampled: acceptance {accepted / steps:.3f} over {steps} drafts")
+
+
+def test_the_opt_out_does_not_draft(fp32_bundle: Path) -> None:
+    engine = Engine(fp32_bundle, threads=2)
+    stats = GenerationStats()
+    list(engine.generate(ChatTokenizer(fp32_bundle).encode(PROMPTS[0]), 8, stats=stats, speculative=False))
+    assert stats.draft_steps == 0 and stats.tokens_per_step == 1.0
     assert Engine(fp32_bundle, threads=2, speculative=False).drafter is None
 
 
@@ -154,17 +181,19 @@ def test_the_daemon_drafts_and_reports_it_and_a_request_may_opt_out(int4_bundle:
     try:
         finals = {}
         with DeviceClient(broker_at(broker)) as client:
-            for speculative in (True, False):
-                request = {"prompt": PROMPTS[0], "max_tokens": 32, "speculative": speculative}
+            for name, extra in (("drafted", {}), ("plain", {"speculative": False}),
+                                ("sampled", {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "seed": 5})):
+                request = {"prompt": PROMPTS[0], "max_tokens": 32, **extra}
                 request_id = client.send(daemon.config.device_id, request)
                 replies = list(client.replies(request_id, timeout=120))
-                finals[speculative] = (replies[-1], "".join(r["text"] for r in replies if r["type"] == "chunk"))
+                finals[name] = (replies[-1], "".join(r["text"] for r in replies if r["type"] == "chunk"))
         for final, _ in finals.values():
             jsonschema.validate(final, schema("final"))
-        drafted, plain = finals[True][0]["timings"], finals[False][0]["timings"]
+        drafted, plain, sampled = (finals[name][0]["timings"] for name in ("drafted", "plain", "sampled"))
         assert drafted["draft_acceptance"] > 0.3 and drafted["tokens_per_step"] > 1.2, drafted
         assert plain["draft_acceptance"] is None and plain["tokens_per_step"] == 1.0, plain
-        assert finals[True][1] == finals[False][1]
+        assert sampled["draft_acceptance"] > 0 and sampled["tokens_per_step"] > 1.0, sampled  # sampled requests draft too
+        assert finals["drafted"][1] == finals["plain"][1]
         assert daemon.metrics.snapshot()["draft_steps"] > 0  # telemetry's inference section counts them
     finally:
         daemon.stop()

@@ -107,7 +107,7 @@ class _RichReporter:
 @click.option("--max-kl", type=click.FloatRange(0), default=None,
               help="Override the profile's maximum mean KL divergence from the reference.")
 @click.option("--include-mtp", is_flag=True,
-              help="Also export the checkpoint's MTP head: edgekit's engine drafts greedy replies with it "
+              help="Also export the checkpoint's MTP head: edgekit's engine drafts replies with it "
                    "(speculative decoding; onnxruntime-genai 0.18 cannot load such a bundle on the CPU).")
 @click.option("--text-only", is_flag=True,
               help="Leave the vision encoder out (it is in by default where the checkpoint has one and the profile enables it).")
@@ -252,7 +252,7 @@ def verify(bundle_dir: Path, trusted_keys: tuple[Path, ...], run_check: bool, th
               help="Put this image (JPEG, PNG or WebP) before the prompt. Repeatable.")
 @click.option("--threads", type=click.IntRange(1), default=None, help="Override the bundle's thread count.")
 @click.option("--no-speculative", is_flag=True,
-              help="Do not draft with the bundle's MTP head (bundles built with --include-mtp draft greedy replies).")
+              help="Do not draft with the bundle's MTP head (bundles built with --include-mtp draft every reply).")
 @output_option("Print text, usage and timings as JSON at the end.")
 @friendly
 def generate(bundle_dir: Path, prompt: str, max_tokens: int, temperature: float, top_p: float, top_k: int,

@@ -41,7 +41,7 @@ class Turn:
     thinking: bool = False
     session: str | None = None
     new_session: bool = False
-    speculative: bool = True  # draft with the MTP head where the bundle has one (greedy only)
+    speculative: bool = True  # draft with the MTP head where the bundle has one
     fmt: ReplyFormat = field(default_factory=ReplyFormat)  # tools, tool choice, response_format
     # The messages' images in order of appearance, cut for the encoder; each message part that held
     # one is ``{"type": "image"}`` in ``messages``.

@@ -114,7 +114,7 @@ class Engine:
     def __init__(self, folder: Path, threads: int | None = None, provider: str | None = None,
                  speculative: bool = True, prefill_chunk: int | None = None) -> None:
         """Load ``folder``'s graph; ``threads`` and ``provider`` (cpu, cuda) override the bundle's settings.
-        With ``speculative`` (the default) a bundle built with ``--include-mtp`` drafts greedy
+        With ``speculative`` (the default) a bundle built with ``--include-mtp`` drafts its
         generations with its MTP head (:mod:`edgekit.runtime.speculative`). Prompts run in chunks
         of at most ``prefill_chunk`` tokens (default :data:`PREFILL_CHUNK`)."""
         if prefill_chunk is not None and prefill_chunk < 1:
@@ -388,9 +388,9 @@ class Engine:
         """Yield up to ``max_new_tokens`` tokens after ``prompt``; stop at an end-of-sequence token.
 
         ``state`` continues an earlier sequence. The last token yielded is not yet in the state: it
-        is fed on the next step, or by the caller's next ``forward``. Greedy generations draft with
-        the bundle's MTP head where it has one, unless ``speculative`` is False; a ``constraint``
-        masks every token chosen, drafted ones included.
+        is fed on the next step, or by the caller's next ``forward``. Generations draft with the
+        bundle's MTP head where it has one, unless ``speculative`` is False: the same tokens, greedy
+        or sampled with the same seed. A ``constraint`` masks every token chosen, drafted ones included.
         """
         state = state if state is not None else self.new_state()
         stats = stats if stats is not None else GenerationStats()
@@ -404,12 +404,11 @@ class Engine:
         sampling = sampling or Sampling()
         sampler = Sampler(sampling)
         # The draft graph places tokens by their index: after an image, positions are no longer that.
-        drafter = (self.drafter if speculative and sampling.temperature <= 0
-                   and not images and state.position == state.length else None)
+        drafter = self.drafter if speculative and not images and state.position == state.length else None
         stats.prompt_tokens = len(prompt)
         started = time.perf_counter()
         if drafter is not None:
-            yield from drafter.generate(self, state, prompt, max_new_tokens, stats, constraint)
+            yield from drafter.generate(self, state, prompt, max_new_tokens, sampler, stats, constraint)
             return
         logits = self.forward(state, prompt, images)
         stats.prefill_s = time.perf_counter() - started

@@ -36,9 +36,17 @@ class Sampler:
         self.rng = np.random.default_rng(settings.seed)
 
     def __call__(self, logits: np.ndarray) -> int:
+        if self.settings.temperature <= 0:
+            return int(np.argmax(logits))
+        order, probs = self.distribution(logits)
+        return int(order[self.rng.choice(order.size, p=probs)])
+
+    def distribution(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The tokens a draw may return and their probabilities, with temperature, top-k and top-p
+        applied (greedy: the argmax, with probability 1)."""
         s = self.settings
         if s.temperature <= 0:
-            return int(np.argmax(logits))
+            return np.array([int(np.argmax(logits))]), np.ones(1)
         scaled = logits.astype(np.float64) / s.temperature
         if 0 < s.top_k < scaled.size:
             # argpartition keeps this O(vocab) rather than sorting 248k logits per token.
@@ -51,7 +59,7 @@ class Sampler:
         if s.top_p < 1.0:
             cutoff = int(np.searchsorted(np.cumsum(probs), s.top_p)) + 1
             order, probs = order[:cutoff], probs[:cutoff] / probs[:cutoff].sum()
-        return int(order[self.rng.choice(order.size, p=probs)])
+        return order, probs
 
 
 def choose(logits: np.ndarray, sampler: Sampler, constraint: LogitsConstraint | None = None) -> int:

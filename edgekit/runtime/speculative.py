@@ -1,5 +1,5 @@
 """Speculative decoding with Qwen3.5's own MTP head: the draft proposes one token, one main-graph step
-verifies it, greedy only.
+verifies it; greedy or sampled.
 
 A bundle built with ``--include-mtp`` carries ``draft.onnx`` (edgekit.builder.draft_graph): the MTP
 layer with a head over the first token ids. At position p it takes the main model's final hidden
@@ -8,14 +8,22 @@ token p+2.
 
 Each step feeds the main graph the tokens not yet in its state (``pending``: one, or more after a
 rejection) plus the draft, and keeps the logits of the last two positions:
-- the first says what follows the last pending token: if it is the draft, the draft is accepted and
-  the second is a bonus token (two tokens for one step);
-- otherwise it is the next token, and the step's recurrent and conv state are thrown away (they were
-  written into spare buffers; the state's own arrays still hold the state before the step); its KV
-  entries are discarded by setting the length back. The pending tokens are fed again next step.
-Past PENDING_CAP pending tokens a plain step (no draft) catches up. Every token comes from the main
-graph's argmax, so the output is plain greedy decoding's; only a multi-token step's arithmetic may
-differ in the last bits from one-token steps (docs/benchmarks.md: agreement on int4).
+- the first says what follows the last pending token: the request's sampler draws that token from
+  them, and if it is the draft, the draft is accepted and the second gives a bonus token (two tokens
+  for one step);
+- otherwise the drawn token is the next one, and the step's recurrent and conv state are thrown away
+  (they were written into spare buffers; the state's own arrays still hold the state before the
+  step); its KV entries are discarded by setting the length back. The pending tokens are fed again
+  next step.
+Past PENDING_CAP pending tokens a plain step (no draft) catches up.
+
+Every token is drawn from the main graph's logits at its own position, one draw each, in the order
+plain decoding draws them: greedy output is plain greedy decoding's, and sampled output (same seed)
+plain sampled decoding's, token for token. For sampling this is speculative sampling's rule (accept a
+draft x with probability min(1, p(x)/q(x)), else draw from p without x) for a draft that is the
+head's argmax (q one-hot on x): acceptance p(x), and on rejection a draw from p that is not x. Only a
+multi-token step's arithmetic may differ in the last bits from one-token steps (docs/benchmarks.md:
+agreement on int4).
 
 The step model and its measured costs: bench/mtp_cost.py and docs/benchmarks.md.
 """
@@ -33,7 +41,7 @@ import onnxruntime as ort
 
 from edgekit.errors import EdgekitError
 from edgekit.runtime.resident import session_options, trim_heap
-from edgekit.runtime.sampling import Sampler, Sampling, choose
+from edgekit.runtime.sampling import Sampler, choose
 
 if TYPE_CHECKING:
     from edgekit.runtime.embedding import EmbeddingTable
@@ -136,12 +144,12 @@ class Drafter:
         entries.length += n
         return logits[0, -1]
 
-    def generate(self, engine: Engine, state: State, prompt: list[int], max_new_tokens: int,
+    def generate(self, engine: Engine, state: State, prompt: list[int], max_new_tokens: int, sampler: Sampler,
                  stats: GenerationStats, constraint: LogitsConstraint | None = None) -> Iterator[int]:
         """Engine.generate's prefill and decode loop, drafting (same contract: the last token yielded
-        is not in the state). Under a ``constraint`` every token is chosen from the tokens it allows,
-        in the order they are output, the draft too (from the same mask as the token it guesses)."""
-        greedy = Sampler(Sampling())
+        is not in the state); ``sampler`` draws every token output. Under a ``constraint`` every token
+        is chosen from the tokens it allows, in the order they are output, the draft too (from the
+        same mask as the token it guesses)."""
         started = time.perf_counter()
         base = state.length
         entries = self._new_entries(base, len(prompt) + max_new_tokens + PENDING_CAP + 2, engine.head_size)
@@ -162,7 +170,7 @@ class Drafter:
         spare = engine.spare_buffers(state)
         decode_started = time.perf_counter()
         stats.finish_reason = "length"
-        pending = [choose(logits, greedy, constraint)]
+        pending = [choose(logits, sampler, constraint)]
         produced = 0
         new = pending[:]
         try:
@@ -191,18 +199,18 @@ class Drafter:
                 stats.decode_steps += 1
                 if draft is None:
                     step_logits = engine.forward_with_hidden(state, pending, entries.add_hidden)
-                    pending = new = [choose(step_logits, greedy, constraint)]
+                    pending = new = [choose(step_logits, sampler, constraint)]
                     continue
                 step_logits, step_hidden = engine.step(state, [*pending, draft], keep=2, spare=spare)
                 stats.draft_steps += 1
-                verified = choose(step_logits[0], greedy, constraint)
+                verified = choose(step_logits[0], sampler, constraint)
                 if verified == draft:
                     stats.drafts_accepted += 1
                     for name, array in spare.items():
                         spare[name], state.past[name] = state.past[name], array
                     entries.tokens[length + m] = draft
                     entries.add_hidden(length, step_hidden)
-                    pending = [choose(step_logits[1], greedy, constraint)]
+                    pending = [choose(step_logits[1], sampler, constraint)]
                     new = [draft, pending[0]]
                 else:
                     # The step's KV entries go; its recurrent state went to ``spare``. Drafting runs only

@@ -48,7 +48,7 @@ class DaemonConfig:
     trusted_keys: tuple[Path, ...] = ()  # when set, only bundles signed by one of these keys are served
     # Serve even when the quality check on this device falls below the bundle's gate (the status says so).
     serve_below_quality_gate: bool = False
-    # Draft greedy requests with the bundle's MTP head where it has one (requests may opt out).
+    # Draft with the bundle's MTP head where it has one (requests may opt out).
     speculative: bool = True
     # Where the quality check's result is kept between starts; None: systemd's CacheDirectory
     # ($CACHE_DIRECTORY), else ~/.cache/edgekit.
