@@ -41,13 +41,14 @@ Prints JSON: the step costs (median seconds and relative to ``plain``) and speed
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import random
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 from edgekit.builder.draft_graph import draft_graph  # noqa: E402
 from edgekit.builder.graph_memory import save  # noqa: E402
 from edgekit.runtime.engine import Engine, GenerationStats  # noqa: E402
-from edgekit.runtime.speculative import Drafter  # noqa: E402
+from edgekit.runtime.speculative import DRAFT_P_MIN, Drafter  # noqa: E402
 from edgekit.runtime.timing import filler_prompt  # noqa: E402
 
 ACCEPTANCES = (0.6, 0.666, 0.7, 0.8, 0.9)
@@ -140,50 +141,70 @@ def speedup(costs: dict[str, float], a: float, draft: str, cap: int) -> float:
     return tokens / cost
 
 
-def end_to_end(plain: Engine, drafting: Engine, acceptances: tuple[float, ...], rounds: int) -> dict[str, Any]:
-    """Decode tok/s (medians over ``rounds``) of plain decoding and of drafting at each oracle acceptance."""
+Draws = Iterator[tuple[float, float]]  # per draft: (probability it is right, the head's confidence)
+
+
+def end_to_end(plain: Engine, drafting: Engine, variants: dict[str, tuple[Callable[[int], Draws], float]],
+               rounds: int) -> dict[str, Any]:
+    """Decode tok/s (medians over ``rounds``) of plain decoding and of oracle drafting in each variant:
+    its draws (a function of the round) and the draft confidence below which it does not draft."""
     ids = filler_prompt(128)
     samples: dict[str, list[float]] = {"plain": []}
     measured: dict[str, list[float]] = {}
+    drafted: dict[str, list[float]] = {}
     for round_index in range(rounds):
         stats = GenerationStats()
         list(plain.generate(ids, 64, stats=stats))
         samples["plain"].append(stats.decode_tps)
-        for a in acceptances:
-            stats = oracle_decode(drafting, ids, 64, a, seed=round_index)
-            samples.setdefault(f"drafting at {a}", []).append(stats.decode_tps)
-            measured.setdefault(f"drafting at {a}", []).append(stats.acceptance or 0.0)
+        for name, (draws, p_min) in variants.items():
+            stats = oracle_decode(drafting, ids, 64, draws(round_index), p_min, seed=round_index)
+            samples.setdefault(name, []).append(stats.decode_tps)
+            measured.setdefault(name, []).append(stats.acceptance or 0.0)
+            drafted.setdefault(name, []).append(stats.draft_steps / max(1, stats.decode_steps))
         print(f"round {round_index + 1}/{rounds} done", file=sys.stderr)
     tps = {name: statistics.median(values) for name, values in samples.items()}
     return {"decode_tps": tps, "speedup": {name: value / tps["plain"] for name, value in tps.items()},
-            "measured_acceptance": {name: statistics.median(values) for name, values in measured.items()}}
+            "measured_acceptance": {name: statistics.median(values) for name, values in measured.items()},
+            "steps_drafted": {name: statistics.median(values) for name, values in drafted.items()}}
 
 
-def oracle_decode(engine: Engine, ids: list[int], new: int, acceptance: float, seed: int = 0) -> GenerationStats:
+def oracle_decode(engine: Engine, ids: list[int], new: int, draws: Draws, p_min: float, seed: int = 0) -> GenerationStats:
     """A drafted generation whose drafts cost what the real draft costs (it runs) but are right with
-    probability ``acceptance``: the true greedy token from a plain run, else another. Random weights
-    make the real head's drafts worthless, so this is how the loop's speed at a given acceptance is
-    measured on real shapes. The output must still be plain greedy decoding's (checked)."""
+    the probability ``draws`` gives each (the true greedy token from a plain run, else another), which
+    also gives the head's confidence, checked against ``p_min``. Random weights make the real head's
+    drafts worthless, so this is how the loop's speed is measured on real shapes. The output must still
+    be plain greedy decoding's (checked)."""
     truth = ids + list(engine.generate(ids, new, speculative=False))
     drafter = engine.drafter
     assert drafter is not None, "the MTP bundle has no draft graph (build it with --include-mtp)"
     real_enter = drafter._enter
     rng = random.Random(seed)
 
-    def enter(entries: Any, constraint: Any = None) -> int:
+    def enter(entries: Any, constraint: Any = None) -> tuple[int, float]:
         real_enter(entries, constraint)
+        chance, confidence = next(draws)
         target = entries.entered + 1  # the draft is for two positions past the last one entered
         right = truth[target] if target < len(truth) else 0
-        return right if rng.random() < acceptance else (right + 1) % drafter.rows
+        return (right if rng.random() < chance else (right + 1) % drafter.rows), confidence
 
     drafter._enter = enter  # type: ignore[method-assign]
+    # The oracle decodes greedily (it needs the true tokens); the gate a variant asks for applies anyway.
+    drafter.greedy_p_min = p_min
     try:
         stats = GenerationStats()
         drafted = list(engine.generate(ids, new, stats=stats))
     finally:
         del drafter._enter
+        drafter.greedy_p_min = 0.0
     assert drafted == truth[len(ids):], "drafted output differs from plain greedy decoding"
     return stats
+
+
+def replayed(path: Path) -> Callable[[int], Draws]:
+    """Draws from ``bench/mtp_acceptance.py --save``: the recorded positions in order, each round
+    starting elsewhere."""
+    positions = [tuple(p) for p in json.loads(path.read_text())["positions"]]
+    return lambda round_index: itertools.islice(itertools.cycle(positions), 997 * round_index, None)  # type: ignore[return-value]
 
 
 @click.command()
@@ -202,16 +223,25 @@ def oracle_decode(engine: Engine, ids: list[int], new: int, acceptance: float, s
 @click.option("--end-to-end", "acceptances", type=click.FloatRange(0, 1), multiple=True,
               help="Instead: decode tok/s of PLAIN and of MTP drafting at this oracle acceptance (repeatable), "
                    "a 128-token prompt and 64 new tokens, alternating rounds.")
+@click.option("--replay", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Instead (or as well): the same with each draft's acceptance and confidence taken from "
+                   "bench/mtp_acceptance.py --save, drafting gated at DRAFT_P_MIN (as sampled requests are) "
+                   "and ungated.")
 def main(plain: Path, mtp: Path, threads: int, depth: int, row_counts: tuple[int, ...], rounds: int, steps: int,
-         work: Path, acceptances: tuple[float, ...]) -> None:
+         work: Path, acceptances: tuple[float, ...], replay: Path | None) -> None:
     """Time plain decode, k-token verify and MTP draft steps; print the costs and predicted speed-ups.
 
     Example: python bench/mtp_cost.py --plain dist/plain --mtp dist/with-mtp --threads 2
     """
     plain_engine = Engine(plain, threads=threads)
     verify_engine = Engine(mtp, threads=threads)
-    if acceptances:
-        click.echo(json.dumps(end_to_end(plain_engine, verify_engine, acceptances, rounds), indent=2))
+    if acceptances or replay:
+        variants: dict[str, tuple[Callable[[int], Draws], float]] = {
+            f"drafting at {a}": (lambda _, a=a: itertools.repeat((a, 1.0)), 0.0) for a in acceptances}
+        if replay:
+            variants[f"replay, drafts at confidence >= {DRAFT_P_MIN}"] = (replayed(replay), DRAFT_P_MIN)
+            variants["replay, every draft"] = (replayed(replay), 0.0)
+        click.echo(json.dumps(end_to_end(plain_engine, verify_engine, variants, rounds), indent=2))
         return
     work.mkdir(parents=True, exist_ok=True)
     if verify_engine.drafter is None:

@@ -21,7 +21,7 @@ from edgekit.client import DeviceClient
 from edgekit.profiles import Quality, load_profile
 from edgekit.runtime.engine import KEEP_INPUT, Engine, GenerationStats
 from edgekit.runtime.sampling import Sampling
-from edgekit.runtime.speculative import DRAFT_GRAPH
+from edgekit.runtime.speculative import DRAFT_GRAPH, DRAFT_P_MIN
 from edgekit.runtime.tokenizer import ChatTokenizer
 from edgekit.serve.config import DaemonConfig
 from tests.conftest import broker_at, start_daemon, write_profile
@@ -129,6 +129,35 @@ def test_sampled_drafting_on_fp32_draws_plain_sampled_output_and_state(fp32_bund
     print(f"fp32 sampled: acceptance {accepted / steps:.3f} over {steps} drafts")
 
 
+def test_sampled_requests_skip_drafts_the_head_is_unsure_of(fp32_bundle: Path) -> None:
+    """Below the head's DRAFT_P_MIN a sampled request's step runs without the draft: fewer drafts,
+    more of them accepted, the same output; with no draft confident enough, none is verified. Greedy
+    requests verify every draft."""
+    engine = Engine(fp32_bundle, threads=2)
+    assert engine.drafter is not None and engine.drafter.sampled_p_min == DRAFT_P_MIN
+    tokenizer = ChatTokenizer(fp32_bundle)
+    prompts = [tokenizer.encode(text) for text in PROMPTS]
+    sampling = Sampling(temperature=0.7, top_k=20, top_p=0.8, seed=11)
+    plain = [list(engine.generate(ids, 40, sampling, speculative=False)) for ids in prompts]
+    counts = {}
+    for p_min in (0.0, DRAFT_P_MIN, 1.01):
+        engine.drafter.sampled_p_min = p_min
+        accepted = steps = 0
+        for ids, expected in zip(prompts, plain):
+            stats = GenerationStats()
+            assert list(engine.generate(ids, 40, sampling, stats=stats)) == expected, p_min
+            accepted, steps = accepted + stats.drafts_accepted, steps + stats.draft_steps
+        counts[p_min] = (accepted, steps)
+    (all_accepted, all_steps), (gated_accepted, gated_steps) = counts[0.0], counts[DRAFT_P_MIN]
+    assert 0 < gated_steps < all_steps and gated_accepted / gated_steps > all_accepted / all_steps, counts
+    assert counts[1.01] == (0, 0)
+    greedy = GenerationStats()
+    list(engine.generate(prompts[0], 40, stats=greedy))
+    assert greedy.draft_steps > 0  # greedy requests ignore the sampled gate
+    print(f"fp32 sampled: acceptance {all_accepted / all_steps:.3f} over {all_steps} drafts, "
+          f"{gated_accepted / gated_steps:.3f} over {gated_steps} at confidence >= {DRAFT_P_MIN}")
+
+
 def test_the_opt_out_does_not_draft(fp32_bundle: Path) -> None:
     engine = Engine(fp32_bundle, threads=2)
     stats = GenerationStats()
@@ -182,7 +211,7 @@ def test_the_daemon_drafts_and_reports_it_and_a_request_may_opt_out(int4_bundle:
         finals = {}
         with DeviceClient(broker_at(broker)) as client:
             for name, extra in (("drafted", {}), ("plain", {"speculative": False}),
-                                ("sampled", {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "seed": 5})):
+                                ("sampled", {"prompt": PROMPTS[2], "temperature": 0.7, "top_p": 0.8, "top_k": 20, "seed": 6})):
                 request = {"prompt": PROMPTS[0], "max_tokens": 32, **extra}
                 request_id = client.send(daemon.config.device_id, request)
                 replies = list(client.replies(request_id, timeout=120))

@@ -15,7 +15,8 @@ rejection) plus the draft, and keeps the logits of the last two positions:
   (they were written into spare buffers; the state's own arrays still hold the state before the
   step); its KV entries are discarded by setting the length back. The pending tokens are fed again
   next step.
-Past PENDING_CAP pending tokens a plain step (no draft) catches up.
+Past PENDING_CAP pending tokens a plain step (no draft) catches up, and so does a sampled request's
+step whose draft the head gives less than DRAFT_P_MIN.
 
 Every token is drawn from the main graph's logits at its own position, one draw each, in the order
 plain decoding draws them: greedy output is plain greedy decoding's, and sampled output (same seed)
@@ -54,6 +55,16 @@ STOP_SPINNING = "session.force_spinning_stop"
 # 0.5 % of each other and cap 1 about 1.5 % less (bench/mtp_cost.py, 0.8B int4, 2 threads).
 PENDING_CAP = 2
 ENTRY_CHUNK = 64
+# A sampled request's step verifies the draft only where the head gives it at least this probability
+# (softmax over the head's rows; llama.cpp's --draft-p-min does the same): below it, drafts are drawn
+# too seldom to pay for their verify steps. On the trained fixture's held-out text half the positions
+# fall below 0.25; sampling at temperature 0.7 (top-k 20, top-p 0.8) accepts 0.32 of their drafts and
+# 0.76 of the rest. Simulated with the measured step costs (docs/benchmarks.md), the gate takes that
+# sampling from 1.00x plain to 1.08x on held-out text and from 1.06x to 1.12x on sampled generations,
+# and temperature 1.0 (top-p 0.95) from 0.91x to 1.00x. Greedy requests verify every draft: there the
+# gate gained 1 % on held-out text, lost 1 % on generations, and more on the fixture's repetitive
+# ones, whose drafts are right even where the small head is unsure (tests/test_speculative.py).
+DRAFT_P_MIN = 0.25
 # Drafting costs when its drafts are rejected (0.69x plain decoding at no acceptance, break-even
 # near 0.45, 1.12x at 0.66, measured on the 0.8B: docs/benchmarks.md). A generation that accepted
 # fewer than MIN_ACCEPTANCE of at least PROBE_DRAFTS drafts stops drafting: low enough that a head
@@ -96,15 +107,18 @@ class Drafter:
         self._caches = {i.name: i for i in self.session.get_inputs() if i.name.startswith("past")}
         self._cache_type = np.float16 if next(iter(self._caches.values())).type == "tensor(float16)" else np.float32
         self.rows = int(self.session.get_outputs()[0].shape[-1])
+        # The head's confidence below which a step does not draft, for greedy and for sampled requests.
+        self.greedy_p_min, self.sampled_p_min = 0.0, DRAFT_P_MIN
 
     def _new_entries(self, first: int, capacity: int, head_size: int) -> _Entries:
         caches = {name: ort.OrtValue.ortvalue_from_numpy(np.zeros((1, i.shape[1], capacity, head_size), self._cache_type))
                   for name, i in self._caches.items()}
         return _Entries(caches, first)
 
-    def _enter(self, entries: _Entries, constraint: LogitsConstraint | None = None) -> int:
+    def _enter(self, entries: _Entries, constraint: LogitsConstraint | None = None) -> tuple[int, float]:
         """Enter every position whose hidden state and next token are known; return the draft for
-        two positions past the last one entered (among the tokens ``constraint`` allows there)."""
+        two positions past the last one entered (among the tokens ``constraint`` allows there) and
+        the probability the head gives it (0 where the head has no allowed token)."""
         positions = []
         p = entries.entered
         while p in entries.hidden and p + 1 in entries.tokens:
@@ -117,7 +131,10 @@ class Drafter:
             logits = self._run(entries, positions[start : start + ENTRY_CHUNK])
         if constraint is not None:
             constraint.apply(logits)
-        return int(np.argmax(logits))
+        best = int(np.argmax(logits))
+        if not np.isfinite(logits[best]):
+            return best, 0.0
+        return best, float(1.0 / np.exp(logits - logits[best]).sum())
 
     def _run(self, entries: _Entries, positions: list[int]) -> np.ndarray:
         """Enter ``positions``; the draft head's logits at the last of them."""
@@ -151,6 +168,7 @@ class Drafter:
         is chosen from the tokens it allows, in the order they are output, the draft too (from the
         same mask as the token it guesses)."""
         started = time.perf_counter()
+        p_min = self.sampled_p_min if sampler.settings.temperature > 0 else self.greedy_p_min
         base = state.length
         entries = self._new_entries(base, len(prompt) + max_new_tokens + PENDING_CAP + 2, engine.head_size)
         entries.tokens.update({base + i: t for i, t in enumerate(prompt[1:], start=1)})
@@ -193,9 +211,10 @@ class Drafter:
                 draft = None
                 paying = stats.draft_steps < PROBE_DRAFTS or stats.drafts_accepted >= MIN_ACCEPTANCE * stats.draft_steps
                 if paying and max_new_tokens - produced >= 2 and m <= PENDING_CAP and length + m + 1 < engine.context_length:
-                    draft = self._enter(entries, constraint)
-                    if draft in engine.eos_ids:
-                        draft = None  # an accepted end token would sit in the state: the contract forbids it
+                    draft, confidence = self._enter(entries, constraint)
+                    if draft in engine.eos_ids or confidence < p_min:
+                        # An accepted end token would sit in the state: the contract forbids it.
+                        draft = None
                 stats.decode_steps += 1
                 if draft is None:
                     step_logits = engine.forward_with_hidden(state, pending, entries.add_hidden)
