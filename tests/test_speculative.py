@@ -166,9 +166,9 @@ def test_the_opt_out_does_not_draft(fp32_bundle: Path) -> None:
     assert Engine(fp32_bundle, threads=2, speculative=False).drafter is None
 
 
-def test_constrained_drafting_gives_the_constrained_greedy_output(fp32_bundle: Path) -> None:
+def test_constrained_drafting_gives_the_plain_constrained_output(fp32_bundle: Path) -> None:
     """Under a grammar every token, the draft too, is chosen from the tokens it allows: the output is
-    plain constrained greedy decoding's, and forced stretches (keys, brackets) are drafted right.
+    plain constrained decoding's, greedy or sampled, and forced stretches (keys, brackets) are drafted right.
     (Tool definitions do not fit this bundle's 256-token context; calls go through the same loop.)"""
     from edgekit.agent.grammar import GrammarCompiler, ReplyFormat
     from tests.test_agent import SCHEMAS
@@ -178,12 +178,12 @@ def test_constrained_drafting_gives_the_constrained_greedy_output(fp32_bundle: P
     grammars = GrammarCompiler(tokenizer, engine.vocab_size, engine.eos_ids)
     accepted = steps = 0
     for fmt in [ReplyFormat(json_schema=bounded) for bounded in SCHEMAS]:
-        for text in PROMPTS[:2]:
+        for text, sampling in ((PROMPTS[0], Sampling()), (PROMPTS[1], Sampling()), (PROMPTS[2], Sampling(temperature=0.8, seed=3))):
             ids = tokenizer.encode(tokenizer.render([{"role": "user", "content": text}], thinking=False))
-            plain = list(engine.generate(ids, 60, speculative=False, constraint=grammars.constraint(fmt, thinking=False)))
+            plain = list(engine.generate(ids, 60, sampling, speculative=False, constraint=grammars.constraint(fmt, thinking=False)))
             stats = GenerationStats()
-            drafted = list(engine.generate(ids, 60, stats=stats, constraint=grammars.constraint(fmt, thinking=False)))
-            assert drafted == plain, (fmt, text)
+            drafted = list(engine.generate(ids, 60, sampling, stats=stats, constraint=grammars.constraint(fmt, thinking=False)))
+            assert drafted == plain, (fmt, text, sampling)
             accepted, steps = accepted + stats.drafts_accepted, steps + stats.draft_steps
     assert 0 < accepted < steps, (accepted, steps)
     print(f"fp32 constrained: acceptance {accepted / steps:.3f} over {steps} drafts")
