@@ -50,7 +50,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
-from edgekit.bench import full_context_rss  # noqa: E402
+from edgekit.bench import full_context_rss, timed_request  # noqa: E402
 from edgekit.bundle import Manifest  # noqa: E402
 from edgekit.client import DeviceClient  # noqa: E402
 from edgekit.deploy import wheelhouse  # noqa: E402
@@ -123,16 +123,6 @@ def _snapshot(pid: int, maps_folder: Path) -> dict[str, float]:
     return resident(pid, target.read_text())
 
 
-def _request(client: DeviceClient, request: dict[str, Any]) -> float:
-    """Send ``request`` and wait for its end; the seconds it took."""
-    started = time.monotonic()
-    request_id = client.send(DEVICE, request)
-    for reply in client.replies(request_id, timeout=REQUEST_TIMEOUT_S):
-        if reply["type"] == "error":
-            raise EdgekitError(f"request failed: {reply['message']}")
-    return time.monotonic() - started
-
-
 def measure(command: list[str], env: dict[str, str], maps_folder: Path, client: DeviceClient,
             progress: Callable[[str], None], full_context: tuple[str, Path, int] | None = None) -> dict[str, Any]:
     """Start the daemon (``command``), and read its resident memory at each point. ``full_context``
@@ -152,7 +142,9 @@ def measure(command: list[str], env: dict[str, str], maps_folder: Path, client: 
         points["loaded"] = _snapshot(daemon.pid, maps_folder)
         for point, request in POINTS.items():
             progress(f"{point.replace('_', ' ')}")
-            took = _request(client, request)
+            started = time.perf_counter()
+            timed_request(client, DEVICE, request, timeout=REQUEST_TIMEOUT_S)
+            took = time.perf_counter() - started
             time.sleep(SETTLE_S)
             points[point] = {**_snapshot(daemon.pid, maps_folder), "request_s": round(took, 1)}
             if "response_format" in request and took + SETTLE_S >= GRAMMAR_IDLE_S:

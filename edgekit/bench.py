@@ -56,13 +56,15 @@ def depth_sweep(engine: Engine, depths: tuple[int, ...], new_tokens: int, runs: 
     return sweep
 
 
-def _timed_request(client: DeviceClient, device: str, request: dict[str, Any]) -> tuple[float, list[float], dict[str, Any]]:
-    """Send ``request`` and time its replies at the client: (send time, chunk arrival times, final message)."""
+def timed_request(client: DeviceClient, device: str, request: dict[str, Any],
+                  timeout: float = 600) -> tuple[float, list[float], dict[str, Any]]:
+    """Send ``request`` and time its replies at the client: (send time, chunk arrival times, final
+    message); an error reply raises. ``timeout``: the longest wait for any reply, in seconds."""
     started = time.perf_counter()
     request_id = client.send(device, request)
     times: list[float] = []
     final: dict[str, Any] = {}
-    for reply in client.replies(request_id, timeout=600):
+    for reply in client.replies(request_id, timeout=timeout):
         if reply["type"] == "chunk":
             times.append(time.perf_counter())
         elif reply["type"] == "final":
@@ -74,7 +76,7 @@ def _timed_request(client: DeviceClient, device: str, request: dict[str, Any]) -
 
 def mqtt_run(client: DeviceClient, device: str, prompt_len: int, new_tokens: int) -> dict[str, float]:
     """One generation through the broker, timed at the client: TTFT and decode rate as a user sees them."""
-    started, times, final = _timed_request(client, device, {"prompt": " a" * prompt_len, "max_tokens": new_tokens})
+    started, times, final = timed_request(client, device, {"prompt": " a" * prompt_len, "max_tokens": new_tokens})
     tokens = final["usage"]["completion_tokens"]
     return {"ttft_s": times[0] - started, "decode_tps": (tokens - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0,
             "server_ttft_s": final["timings"]["time_to_first_token_s"] + final["timings"]["queue_s"],
@@ -102,7 +104,7 @@ def full_context_rss(client: DeviceClient, device: str, process: psutil.Process,
     are out), and its RSS and private (anonymous) RSS right after it, while a session keeps that context."""
     prompt = varied_text(ChatTokenizer(bundle), context - 64)
     reset = _reset_peak(process)
-    _timed_request(client, device, {"prompt": prompt, "max_tokens": 8,
+    timed_request(client, device, {"prompt": prompt, "max_tokens": 8,
                                     "session": "bench-full-context", "new_session": True})
     return {"daemon_rss_full_context_mb": process.memory_info().rss / 2**20,
             "daemon_anon_rss_full_context_mb": _status_mb(process, "RssAnon"),
@@ -173,10 +175,10 @@ def run(bundle: Path, runs: int, prompt_len: int, new_tokens: int, threads: int 
             # Again once the daemon has served a constrained request: llguidance, jsonschema and the
             # grammar's tokenizer index stay resident from then on (docs/agent.md).
             constrained = {"prompt": "Report the sensor.", "max_tokens": 16, "response_format": {"type": "json_object"}}
-            _timed_request(client, device, constrained)
+            timed_request(client, device, constrained)
             report["agent"] = full_context_rss(client, device, process, bundle, engine.context_length)
             # And once the daemon has dropped the index for want of constrained requests.
-            _timed_request(client, device, constrained)
+            timed_request(client, device, constrained)
             time.sleep(GRAMMAR_IDLE_S + 1)
             report["agent_after_idle"] = full_context_rss(client, device, process, bundle, engine.context_length)
             time.sleep(TRIM_AFTER_IDLE_S + 1)
@@ -218,10 +220,10 @@ def _session_bench(client: DeviceClient, device: str, progress: Any) -> dict[str
     history = [{"role": "user", "content": " ".join(f"note {i}: the sensor read {i % 37} degrees." for i in range(160))}]
     first = client.ask(device, {"messages": history, "session": "bench", "new_session": True, "max_tokens": 8})
     follow = {"role": "user", "content": "Summarise the readings."}
-    started, times, _ = _timed_request(client, device, {"messages": [follow], "session": "bench", "max_tokens": 4})
+    started, times, _ = timed_request(client, device, {"messages": [follow], "session": "bench", "max_tokens": 4})
     kept_s = times[0] - started
     replay_history = [*history, {"role": "assistant", "content": "ok"}, follow]
-    started, times, _ = _timed_request(client, device, {"messages": replay_history, "max_tokens": 4})
+    started, times, _ = timed_request(client, device, {"messages": replay_history, "max_tokens": 4})
     replay_s = times[0] - started
     return {"history_tokens": first["usage"]["session_tokens"], "kept_ttft_ms": 1000 * kept_s,
             "replay_ttft_ms": 1000 * replay_s, "speedup": replay_s / kept_s}
