@@ -56,6 +56,21 @@ def _both(engine: Engine, ids: list[int], new: int) -> tuple[list[int], list[int
     return plain, drafted, plain_stats, draft_stats
 
 
+def _drafts_as_plain(engine: Engine, tokenizer: ChatTokenizer, text: str, new: int, sampling: Sampling) -> GenerationStats:
+    """Generate ``new`` tokens after ``text`` drafting and not: the same tokens, and the same state
+    after them (everything but the last token in it, bit for bit). The drafted generation's stats."""
+    ids = tokenizer.encode(text)
+    plain_state, draft_state = engine.new_state(), engine.new_state()
+    plain = list(engine.generate(ids, new, sampling, state=plain_state, speculative=False))
+    stats = GenerationStats()
+    drafted = list(engine.generate(ids, new, sampling, state=draft_state, stats=stats))
+    assert drafted == plain, (text, new, sampling)
+    assert draft_state.length == plain_state.length == len(ids) + len(plain) - 1
+    follow = plain[-1:] + tokenizer.encode(" and then")
+    assert np.array_equal(engine.forward(draft_state, follow), engine.forward(plain_state, follow))
+    return stats
+
+
 def test_the_build_writes_a_draft_graph_sharing_the_tied_table(int4_bundle: Path) -> None:
     main = onnx.load(str(int4_bundle / "model.onnx"), load_external_data=False)
     assert KEEP_INPUT in {i.name for i in main.graph.input}
@@ -76,18 +91,9 @@ def test_drafting_on_fp32_gives_plain_greedy_output_and_state(fp32_bundle: Path)
     tokenizer = ChatTokenizer(fp32_bundle)
     accepted = steps = 0
     for text in PROMPTS:
-        ids = tokenizer.encode(text)
         for new in (1, 2, 3, 40):  # budgets that end after an accepted pair, a rejection, a plain step
-            plain_state, draft_state = engine.new_state(), engine.new_state()
-            plain = list(engine.generate(ids, new, state=plain_state, speculative=False))
-            stats = GenerationStats()
-            drafted = list(engine.generate(ids, new, state=draft_state, stats=stats))
-            assert drafted == plain, (text, new)
+            stats = _drafts_as_plain(engine, tokenizer, text, new, Sampling())
             accepted, steps = accepted + stats.drafts_accepted, steps + stats.draft_steps
-            # The same contract: everything but the last token is in the state, bit for bit.
-            assert draft_state.length == plain_state.length == len(ids) + len(plain) - 1
-            follow = plain[-1:] + tokenizer.encode(" and then")
-            assert np.array_equal(engine.forward(draft_state, follow), engine.forward(plain_state, follow))
     # Both branches ran: drafts were accepted and rejected.
     assert 0 < accepted < steps, (accepted, steps)
     print(f"fp32: acceptance {accepted / steps:.3f} over {steps} drafts")
@@ -112,15 +118,8 @@ def test_sampled_drafting_on_fp32_draws_plain_sampled_output_and_state(fp32_bund
                 Sampling(temperature=0.6, top_p=0.95, seed=3)]
     for sampling in settings:
         for text in PROMPTS:
-            ids = tokenizer.encode(text)
-            plain_state, draft_state = engine.new_state(), engine.new_state()
-            plain = list(engine.generate(ids, 40, sampling, state=plain_state, speculative=False))
-            stats = GenerationStats()
-            drafted = list(engine.generate(ids, 40, sampling, state=draft_state, stats=stats))
-            assert drafted == plain, (sampling, text)
+            stats = _drafts_as_plain(engine, tokenizer, text, 40, sampling)
             accepted, steps = accepted + stats.drafts_accepted, steps + stats.draft_steps
-            follow = plain[-1:] + tokenizer.encode(" and then")
-            assert np.array_equal(engine.forward(draft_state, follow), engine.forward(plain_state, follow))
     assert 0 < accepted < steps, (accepted, steps)
     # Sampling draws other tokens than the greedy ones: a seed changes the output.
     ids = tokenizer.encode(PROMPTS[0])
