@@ -152,9 +152,10 @@ def pass_side(kind: str, size: str, threads: int, library: Path) -> dict[str, An
     result: dict[str, Any] = {"weights": count, "weight_mib": count * (9 / 16 if kind == "layout" else MLAS_BYTES_PER_WEIGHT) / 2**20}
     if kind == "layout":
         # Against MatMulNBits on three matrices first: the same weights give the same outputs.
-        a = activations[ROWS[-1]]
-        expected = session(mats[:3], "mlas", threads, library).run(None, {f"a{k}": a[k] for k in {k for _, k, _, _ in mats[:3]}})
-        found = session(mats[:3], "layout", threads, library).run(None, {f"a{k}": a[k] for k in {k for _, k, _, _ in mats[:3]}})
+        first, a = mats[:3], activations[ROWS[-1]]
+        feed = {f"a{k}": a[k] for k in {k for _, k, _, _ in first}}
+        expected = session(first, "mlas", threads, library).run(None, feed)
+        found = session(first, "layout", threads, library).run(None, feed)
         result["max_rel_diff_vs_mlas"] = max(float(np.abs(f - e).max() / np.abs(e).max()) for f, e in zip(found, expected))
     timed = session(mats, kind, threads, library)
     del mats
