@@ -47,8 +47,10 @@ SOURCE = Path(__file__).with_suffix(".c")
 DOMAIN = "edgekit.int4"
 BLOCK = 32
 ROWS = (1, 2, 64)
-# MLAS's x86 int8-compute packing per weight (measured: docs/arm64.md, one LM-head-shaped node).
+# MLAS's x86 int8-compute packing per weight (measured: docs/arm64.md, one LM-head-shaped node), and
+# the layout's: 16 bytes of nibbles and a 2-byte scale per 32 weights.
 MLAS_BYTES_PER_WEIGHT = 0.75
+LAYOUT_BYTES_PER_WEIGHT = 18 / 32
 
 
 def shapes(size: str) -> list[tuple[int, int]]:
@@ -100,8 +102,17 @@ def matmul_node(kind: str, i: int, n: int, k: int, packed: np.ndarray, scales: n
         node = helper.make_node("MatMulNBits", [f"a{k}", f"b{i}", f"s{i}"], [f"y{i}"], domain="com.microsoft",
                                 K=k, N=n, bits=4, block_size=BLOCK, accuracy_level=4)
         return node, [numpy_helper.from_array(packed, f"b{i}"), numpy_helper.from_array(scales.reshape(-1), f"s{i}")]
-    node = helper.make_node("Int4Layout", [f"a{k}", f"b{i}"], [f"y{i}"], domain=DOMAIN, K=k, N=n)
-    return node, [numpy_helper.from_array(repack(packed, scales), f"b{i}")]
+    node, initializer = layout_node(f"a{k}", f"b{i}", [f"y{i}"], packed, scales)
+    return node, [initializer]
+
+
+def layout_node(a: str, b: str, outputs: list[str], packed: np.ndarray, scales: np.ndarray, name: str = "") -> tuple[Any, Any]:
+    """An Int4Layout node of input ``a`` and its repacked weights, the initializer ``b``."""
+    from onnx import helper, numpy_helper
+
+    n, blocks, _ = packed.shape
+    node = helper.make_node("Int4Layout", [a, b], outputs, name=name, domain=DOMAIN, N=n, K=blocks * BLOCK)
+    return node, numpy_helper.from_array(repack(packed, scales), b)
 
 
 def session(mats: list[tuple[int, int, np.ndarray, np.ndarray]], kind: str, threads: int, library: Path) -> Any:
@@ -149,7 +160,8 @@ def pass_side(kind: str, size: str, threads: int, library: Path) -> dict[str, An
     rng = np.random.default_rng(1)
     activations = {m: {k: rng.standard_normal((m, k), dtype=np.float32) for k in {k for _, k, _, _ in mats}} for m in ROWS}
     count = sum(n * k for n, k, _, _ in mats)
-    result: dict[str, Any] = {"weights": count, "weight_mib": count * (9 / 16 if kind == "layout" else MLAS_BYTES_PER_WEIGHT) / 2**20}
+    per_weight = LAYOUT_BYTES_PER_WEIGHT if kind == "layout" else MLAS_BYTES_PER_WEIGHT
+    result: dict[str, Any] = {"weights": count, "weight_mib": count * per_weight / 2**20}
     if kind == "layout":
         # Against MatMulNBits on three matrices first: the same weights give the same outputs.
         first, a = mats[:3], activations[ROWS[-1]]
@@ -193,10 +205,10 @@ def rewrite(bundle: Path, out: Path) -> int:
         scales = numpy_helper.to_array(initializers[inputs[2]]).astype(np.float32).reshape(n, k // BLOCK)
         for name in inputs[1:]:
             model.graph.initializer.remove(initializers[name])
-        model.graph.initializer.append(numpy_helper.from_array(repack(packed, scales), inputs[1] + ".int4"))
+        layout, initializer = layout_node(inputs[0], inputs[1] + ".int4", list(node.output), packed, scales, node.name)
+        model.graph.initializer.append(initializer)
         model.graph.node.remove(node)
-        model.graph.node.insert(index, helper.make_node("Int4Layout", [inputs[0], inputs[1] + ".int4"], list(node.output),
-                                                        name=node.name, domain=DOMAIN, N=n, K=k))
+        model.graph.node.insert(index, layout)
         rewritten += 1
     model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     graph_file.unlink()

@@ -105,7 +105,7 @@ def full_context_rss(client: DeviceClient, device: str, process: psutil.Process,
     prompt = varied_text(ChatTokenizer(bundle), context - 64)
     reset = _reset_peak(process)
     timed_request(client, device, {"prompt": prompt, "max_tokens": 8,
-                                    "session": "bench-full-context", "new_session": True})
+                                   "session": "bench-full-context", "new_session": True})
     return {"daemon_rss_full_context_mb": process.memory_info().rss / 2**20,
             "daemon_anon_rss_full_context_mb": _status_mb(process, "RssAnon"),
             "daemon_peak_rss_full_context_mb": _status_mb(process, "VmHWM") if reset else None}
