@@ -23,7 +23,11 @@ $(BIN)/edgekit: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-install: $(BIN)/edgekit
+# The x86-64 custom op's library (edgekit/kernels/): pip's install builds it; this rebuilds it when its source changes.
+edgekit/kernels/libedgekit_int4.so: edgekit/kernels/int4_layout.c | $(BIN)/edgekit
+	$(BIN)/python -m edgekit.kernels.build
+
+install: $(BIN)/edgekit edgekit/kernels/libedgekit_int4.so
 
 fixtures/qwen3.5-tiny/config.json: | install
 	$(BIN)/python -m edgekit.fixtures tiny fixtures/qwen3.5-tiny
@@ -70,6 +74,9 @@ bench: install fixtures/qwen3.5-0.8b/config.json fixtures/qwen3.5-2b/config.json
 		--name bench-0.8b --overwrite --min-top1 0 --max-kl 1.0
 	$(BIN)/edgekit bench bench-results/bench-0.8b --threads $$(nproc) --runs 5 --depths 0,1024,4032 --json > bench-results/serve.json
 	cat bench-results/serve.json
+	@# x86-64: edgekit's Int4Layout op against MatMulNBits, one pass over the 0.8B's matmuls (docs/platform-facts.md).
+	if [ "$$(uname -m)" = x86_64 ]; then $(BIN)/python bench/int4_layout.py --size 0.8b --rounds 3 --threads $$(nproc) \
+		> bench-results/int4_layout.json && cat bench-results/int4_layout.json; fi
 
 # edgekit against llama.cpp on the same weights (docs/benchmarks.md): alternating rounds at 1 and 2
 # threads, prefill and decode after 0/1k/4k tokens of context, with bandwidth probes that tell quiet

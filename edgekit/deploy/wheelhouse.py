@@ -7,6 +7,8 @@ checkout when there is one (the version being developed), else downloaded like t
 
 from __future__ import annotations
 
+import os
+import platform
 import subprocess
 import sys
 from importlib import metadata
@@ -14,6 +16,7 @@ from pathlib import Path
 
 from edgekit import __version__
 from edgekit.errors import EdgekitError
+from edgekit.kernels.build import NATIVE_ENV
 
 # manylinux tags a 64-bit Linux device with glibc 2.28+ (Raspberry Pi OS bookworm, Ubuntu 20.04+) runs.
 _GLIBC = ("2_17", "2_24", "2_27", "2_28", "2_31", "2_34", "2_35")
@@ -37,7 +40,11 @@ def build(out: Path, machine: str, python: str) -> list[Path]:
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
     source = Path(__file__).resolve().parents[2]
     if (source / "pyproject.toml").is_file():
-        _pip([*pip, "wheel", "--no-deps", "-q", "-w", str(out), str(source)], "building edgekit's wheel")
+        # The Int4Layout op's library is compiled for this machine: an x86-64 device's wheel carries it,
+        # any other device's wheel is pure Python (its bundles run ONNX Runtime's own kernels).
+        native = machine == "x86_64" and platform.machine().lower() in ("x86_64", "amd64")
+        _pip([*pip, "wheel", "--no-deps", "-q", "-w", str(out), str(source)], "building edgekit's wheel",
+             {**os.environ, NATIVE_ENV: "1" if native else "0"})
     else:
         _pip([*pip, "download", "--no-deps", "-q", "-d", str(out), f"edgekit=={__version__}"], "downloading edgekit")
     platforms = [arg for tag in platform_tags(machine) for arg in ("--platform", tag)]
@@ -46,7 +53,7 @@ def build(out: Path, machine: str, python: str) -> list[Path]:
     return sorted(out.glob("*.whl"))
 
 
-def _pip(command: list[str], what: str) -> None:
-    result = subprocess.run(command, capture_output=True, text=True)
+def _pip(command: list[str], what: str, env: dict[str, str] | None = None) -> None:
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise EdgekitError(f"{what} failed: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}")
