@@ -154,7 +154,8 @@ def run(bundle: Path, runs: int, prompt_len: int, new_tokens: int, threads: int 
     daemon = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     used_threads = threads or engine.threads or None
     report: dict[str, Any] = {"bundle": str(bundle), "prompt_tokens": prompt_len, "new_tokens": new_tokens,
-                              "threads": used_threads, "runs": runs, "machine": machine.facts(used_threads)}
+                              "threads": used_threads, "runs": runs, "machine": machine.facts(used_threads),
+                              "int4_layout": engine.int4_kernel}
     try:
         with DeviceClient(broker.settings) as client:
             client.wait_for_state(device, "online", timeout=120, alive=lambda: daemon.poll() is None)

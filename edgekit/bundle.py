@@ -66,6 +66,8 @@ class Recipe:
     threads: int
     kv_cache: str
     builder_options: dict[str, str]
+    # How many matmuls the bundle's Int4Layout graphs run on edgekit's op (0: the bundle has none).
+    int4_layout_nodes: int = 0
 
 
 @dataclass(frozen=True)
@@ -190,6 +192,7 @@ class Manifest:
                 threads=recipe.number("threads", 1, 4096, integer=True),
                 kv_cache=recipe.get("kv_cache", str, "a string"),
                 builder_options=_str_map(recipe, "builder_options", str),
+                int4_layout_nodes=recipe.number("int4_layout_nodes", 0, 2**31, integer=True, default=0),
             ),
             estimated_ram=_str_map(top, "estimated_ram", int),
             quality=_quality(quality),

@@ -43,6 +43,10 @@ class Quantization:
     kv_cache: str = "fp16"
     # The LM head's own block size (and the tied embedding's); None: block_size like every weight.
     lm_head_block_size: int | None = None
+    # x86-64: the bundle also carries its graphs with block-32 int4 matmuls (accuracy level 4) on
+    # edgekit's Int4Layout op, 0.5625 byte per weight read in place (builder/int4_layout.py); the device
+    # runs them where the op can run and falls back to MatMulNBits elsewhere. Other recipes: no effect.
+    int4_layout: bool = False
 
 
 @dataclass(frozen=True)
@@ -177,6 +181,7 @@ def parse_profile(data: Any, where: str, strict: bool = True) -> DeviceProfile:
             mixed_precision=quant.get("mixed_precision", str, "a builder matmul_mixed_precision spec", None),
             kv_cache=quant.choice("kv_cache", KV_CACHE_TYPES, _default_kv_cache(precision, provider)),
             lm_head_block_size=quant.choice("lm_head_block_size", BLOCK_SIZES, None),
+            int4_layout=quant.get("int4_layout", bool, "true or false", False),
         ),
         quality=Quality(
             min_top1_agreement=quality.number("min_top1_agreement", 0.0, 1.0),
@@ -190,6 +195,9 @@ def parse_profile(data: Any, where: str, strict: bool = True) -> DeviceProfile:
     )
     for fields in (top, cpu, quant, quality, vision) if strict else ():
         fields.check_unknown()
+    if profile.quantization.int4_layout and profile.arch != "x86_64":
+        raise EdgekitError(f"{where}: field 'quantization.int4_layout' is for x86_64 (edgekit's op has x86 kernels only; "
+                           f"cpu.arch is {profile.arch})")
     if precision == "fp16" and provider == "cpu":
         raise EdgekitError(f"{where}: field 'quantization.precision' fp16 needs execution_provider cuda (CPU has no fp16 kernels)")
     return profile

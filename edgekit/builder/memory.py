@@ -92,8 +92,15 @@ def estimate(shape: ModelShape, profile: DeviceProfile, context_length: int | No
     q = profile.quantization
     # CPU graphs compute in fp32; CUDA int4/fp16 graphs in fp16.
     io_bytes = 4 if profile.execution_provider == "cpu" or q.precision == "fp32" else 2
+    cpu_int8 = profile.execution_provider == "cpu" and q.accuracy_level == 4
+    if cpu_int8 and q.int4_layout and q.precision == "int4" and q.block_size == 32:
+        # edgekit's Int4Layout op (x86-64): an fp16 scale per block and no block sum, read where the
+        # file is mapped: 0.5625 byte per weight.
+        weights = weight_bytes(shape, q, 2)
+    else:
+        weights = weight_bytes(shape, q, io_bytes, block_sums=cpu_int8)
     return MemoryEstimate(
-        weights=weight_bytes(shape, q, io_bytes, block_sums=profile.execution_provider == "cpu" and q.accuracy_level == 4),
+        weights=weights,
         kv_cache=shape.kv_bytes_per_token({"int8": 1, "fp16": 2}.get(q.kv_cache, io_bytes)) * context,
         # Each step overwrites the state in place: one set per sequence.
         state=shape.state_bytes(io_bytes),

@@ -18,14 +18,16 @@ from pathlib import Path
 from typing import Protocol
 
 from edgekit import __version__
-from edgekit.builder import draft_graph, export, kv_quant, parity, vision
+from edgekit.builder import draft_graph, export, int4_layout, kv_quant, parity, vision
 from edgekit.builder.checkpoint import VISION_PREFIX, Checkpoint, inspect, read_config, resolve
 from edgekit.builder.graph_memory import lighten
 from edgekit.builder.memory import MIB, MemoryEstimate, check_fits, estimate
 from edgekit.bundle import Manifest, ModelInfo, QualityReport, Recipe, VisionInfo
 from edgekit.errors import EdgekitError
+from edgekit.kernels import int4_layout as int4_layout_kernel
 from edgekit.profiles import DeviceProfile, Quality
 from edgekit.runtime.embedding import embeds_graph
+from edgekit.runtime.speculative import DRAFT_GRAPH
 
 TOOLS = ("onnxruntime", "onnxruntime-genai", "transformers", "torch", "tokenizers")
 
@@ -154,6 +156,8 @@ def build(request: BuildRequest, reporter: Reporter | None = None) -> BuildResul
                 report.note("this export's embedding lookup has no embeds graph (e.g. k_quant's), so its KV cache stays fp16")
             timings["kv_calibration"] = time.perf_counter() - t
 
+        layout_nodes = _int4_layout(staging, profile, report, timings) if profile.quantization.int4_layout else 0
+
         report.step("checking quality against the PyTorch reference")
         t = time.perf_counter()
         quality, reference = parity.check(staging, checkpoint.path, profile.quantization.precision, profile.quality,
@@ -177,7 +181,7 @@ def build(request: BuildRequest, reporter: Reporter | None = None) -> BuildResul
 
         report.step("writing manifest")
         manifest = _manifest(name, request, profile, checkpoint, context, memory, extra, kv_cache, quality, timings,
-                             started, vision_info).write(staging)
+                             started, vision_info, layout_nodes).write(staging)
         if request.sign_key:
             from edgekit import signing
 
@@ -228,6 +232,27 @@ def _vision(staging: Path, checkpoint: Checkpoint, profile: DeviceProfile, work:
                       encoder_passed=encoder.passed, encoder_reason=encoder.reason, image_prompts=prompts)
 
 
+def _int4_layout(staging: Path, profile: DeviceProfile, report: Reporter, timings: dict[str, float]) -> int:
+    """Write the Int4Layout copies of the graphs the engine runs; returns how many matmuls they run on
+    the op. Skipped where this machine cannot run the op: the parity check that follows checks the
+    graph the engine takes, and an unchecked graph is not shipped."""
+    reason = int4_layout_kernel.unavailable()
+    if reason is not None:
+        report.note(f"no Int4Layout graph: this machine cannot run the op to check it ({reason}); the bundle runs MatMulNBits")
+        return 0
+    report.step("writing the Int4Layout graphs")
+    t = time.perf_counter()
+    main = staging / "model.onnx"
+    graphs = [embeds_graph(main) if embeds_graph(main).is_file() else main]
+    if (staging / DRAFT_GRAPH).is_file():
+        graphs.append(staging / DRAFT_GRAPH)
+    nodes = int4_layout.write(staging, graphs)
+    timings["int4_layout"] = time.perf_counter() - t
+    if not nodes:
+        report.note("no matmul of this recipe suits the Int4Layout op (it takes 4-bit blocks of 32 at accuracy level 4)")
+    return nodes
+
+
 def _check_disk(output: Path, memory: MemoryEstimate) -> None:
     # The builder writes the weights once; tokenizer and graph add ~50 MiB. Keep a 20% margin.
     needed = int(memory.weights * 1.2) + 100 * MIB
@@ -249,6 +274,7 @@ def _manifest(
     timings: dict[str, float],
     started: float,
     vision_info: VisionInfo | None = None,
+    layout_nodes: int = 0,
 ) -> Manifest:
     versions: dict[str, str | None] = {"edgekit": __version__}
     for tool in TOOLS:
@@ -264,7 +290,8 @@ def _manifest(
                         mtp_included=request.include_mtp),
         profile=profile,
         recipe=Recipe(precision=profile.quantization.precision, execution_provider=profile.execution_provider,
-                      context_length=context, threads=profile.threads, kv_cache=kv_cache, builder_options=extra),
+                      context_length=context, threads=profile.threads, kv_cache=kv_cache, builder_options=extra,
+                      int4_layout_nodes=layout_nodes),
         estimated_ram=memory.to_dict(),
         quality=quality,
         tools=versions,

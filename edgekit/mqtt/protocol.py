@@ -391,6 +391,8 @@ class Status:
     since: float
     quality: dict[str, Any] | None = None  # the quality check on this device (docs/schema/v1/status.json)
     pools: tuple[str, ...] = ()  # the pools it serves, so that a gateway can list and route to them
+    # The Int4Layout kernel its int4 matmuls run on (avx512-vnni, avx2); None: ONNX Runtime's own.
+    int4_layout: str | None = None
 
     def with_state(self, state: str) -> Status:
         return replace(self, state=state)

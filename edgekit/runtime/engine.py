@@ -17,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgekit.errors import ContextExceeded, EdgekitError
+from edgekit.kernels import int4_layout
 from edgekit.runtime.embedding import INPUT as EMBEDS_INPUT
 from edgekit.runtime.embedding import EmbeddingTable, embeds_graph
 from edgekit.runtime.resident import clean_mappings, drop_pages, session_options, trim_heap, tune_allocator
@@ -154,6 +155,15 @@ class Engine:
         graph = folder / decoder["filename"]
         if embeds_graph(graph).is_file():
             graph = embeds_graph(graph)
+        # x86 bundles carry the graph again with edgekit's Int4Layout op (kernels/int4_layout.py), taken
+        # where the op can run here. ``int4_kernel`` says which kernel runs it, ``int4_fallback`` why not.
+        self.int4_kernel: str | None = None
+        self.int4_fallback: str | None = None
+        if int4_layout.layout_graph(graph).is_file():
+            self.int4_fallback = int4_layout.unavailable()
+            if self.int4_fallback is None:
+                self.int4_kernel = int4_layout.register(options)
+                graph = int4_layout.layout_graph(graph)
         # Kept for a second session of the same graph and settings (bench/op_profile.py profiles one).
         self.graph, self.session_options = graph, options
         try:
@@ -195,9 +205,13 @@ class Engine:
         # entries are discarded by moving the length back).
         self.drafter: Drafter | None = None
         if drafting and self._keeps_logits and self.has_hidden_states and not self._growing:
-            self.drafter = Drafter(folder / DRAFT_GRAPH, self.threads, self._embedding)
-        # After every session of this bundle has prepacked its weights (the draft's too).
-        self._file_pages = {data: clean_mappings(data) for data in sorted(folder.glob("*.data"))}
+            draft = folder / DRAFT_GRAPH
+            layout = int4_layout.layout_graph(draft)
+            int4 = self.int4_kernel is not None and layout.is_file()
+            self.drafter = Drafter(layout if int4 else draft, self.threads, self._embedding, int4)
+        # After every session of this bundle has prepacked its weights (the draft's too). The Int4Layout
+        # op's weights are its working set, read in place from the mapping: those pages stay.
+        self._file_pages = {data: clean_mappings(data) for data in sorted(folder.glob("*.data")) if data.name != int4_layout.DATA}
         self.release_memory()
         if self._embedding is not None:
             # Prepacking read every page once (dropped just now); per token, only the lookup's rows

@@ -41,6 +41,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgekit.errors import EdgekitError
+from edgekit.kernels import int4_layout
 from edgekit.runtime.resident import session_options, trim_heap
 from edgekit.runtime.sampling import Sampler, choose
 
@@ -93,8 +94,11 @@ class Drafter:
     """A draft graph (a bundle's ``draft.onnx``, or the builder's ``mtp.onnx``, which takes ids), run
     beside its engine (same threads, same embedding table)."""
 
-    def __init__(self, graph: Path, threads: int, embedding: EmbeddingTable | None) -> None:
+    def __init__(self, graph: Path, threads: int, embedding: EmbeddingTable | None, int4: bool = False) -> None:
+        """``int4``: ``graph`` runs edgekit's Int4Layout op (the engine checked that it can run here)."""
         options = session_options(threads)
+        if int4:
+            int4_layout.register(options)
         # Two sessions take turns on the same cores: threads that spin on after their run would
         # take the other's time (see Engine: the main session stops spinning too when drafting).
         options.add_session_config_entry(STOP_SPINNING, "1")

@@ -123,7 +123,9 @@ class Daemon:
             capabilities={"sessions": True, "thinking": True, "mqtt5": self.v5, "vision": self.vision is not None},
             since=self.started,
             quality=None if quality is None else {**quality.to_dict(), "serving_below_gate": not quality.passed},
-            pools=config.pools)
+            pools=config.pools, int4_layout=self.engine.int4_kernel)
+        if self.engine.int4_fallback is not None:
+            log.warning("this bundle's Int4Layout graph cannot run here (%s): serving its MatMulNBits graph", self.engine.int4_fallback)
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._worker: threading.Thread | None = None

@@ -35,13 +35,14 @@ def cache_folder(configured: Path | None) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgekit"
 
 
-def cache_key(bundle: Path, threads: int) -> str:
-    """What the figures depend on, hashed: bundle content, CPU, ONNX Runtime version, threads."""
+def cache_key(bundle: Path, threads: int, int4_kernel: str | None = None) -> str:
+    """What the figures depend on, hashed: bundle content, CPU, ONNX Runtime version, threads, and the
+    Int4Layout kernel where the engine runs one."""
     import onnxruntime
 
     machine = cpu()
     parts = [hashlib.sha256((bundle / MANIFEST).read_bytes()).hexdigest(), str(machine["model"]), machine["arch"],
-             " ".join(machine["flags"]), onnxruntime.__version__, str(threads)]
+             " ".join(machine["flags"]), onnxruntime.__version__, str(threads), int4_kernel or ""]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
@@ -54,7 +55,7 @@ def measure(bundle: Path, manifest: Manifest, engine: Engine, cache: Path | None
     if reference is None:
         return None
     folder = cache_folder(cache)
-    entry = folder / f"quality-{cache_key(bundle, engine.threads)}.json"
+    entry = folder / f"quality-{cache_key(bundle, engine.threads, engine.int4_kernel)}.json"
     try:
         cached = DeviceQuality.from_dict(json.loads(entry.read_text()))
     except (OSError, ValueError, KeyError, TypeError):
