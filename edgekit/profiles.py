@@ -195,7 +195,8 @@ def parse_profile(data: Any, where: str, strict: bool = True) -> DeviceProfile:
     )
     for fields in (top, cpu, quant, quality, vision) if strict else ():
         fields.check_unknown()
-    if profile.quantization.int4_layout and profile.arch != "x86_64":
+    # A user's file only: a manifest's profile is what a build used, and the device ignores the field.
+    if strict and profile.quantization.int4_layout and profile.arch != "x86_64":
         raise EdgekitError(f"{where}: field 'quantization.int4_layout' is for x86_64 (edgekit's op has x86 kernels only; "
                            f"cpu.arch is {profile.arch})")
     if precision == "fp16" and provider == "cpu":

@@ -24,6 +24,7 @@ from edgekit.builder.graph_memory import (
 )
 from edgekit.builder.kv_quant import kv_scales
 from edgekit.errors import EdgekitError
+from edgekit.kernels.int4_layout import KERNEL_ENV
 from edgekit.runtime.agreement import Agreement, forced_logits
 from edgekit.runtime.embedding import INPUT, LAYOUT_KEY, EmbeddingTable, embeds_graph
 from edgekit.runtime.engine import Engine
@@ -226,10 +227,12 @@ def test_table_shorter_than_recorded_is_refused(tmp_path: Path) -> None:
         EmbeddingTable(tmp_path, outside)
 
 
-def test_bundle_engine_runs_the_embeds_graph_exactly(host_bundle: Path, tmp_path: Path) -> None:
+def test_bundle_engine_runs_the_embeds_graph_exactly(host_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The bundle carries the embeds variant and the engine runs it; before its cache became int8,
     its logits through prefill and decode equal those of the graph that looks tokens up itself (what
-    onnxruntime-genai runs)."""
+    onnxruntime-genai runs). Both on MatMulNBits: the host bundle's Int4Layout graph is an x86 one's
+    (test_int4_layout.py)."""
+    monkeypatch.setenv(KERNEL_ENV, "off")
     assert INPUT in {i.name for i in Engine(host_bundle).session.get_inputs()}
     plain = Path(shutil.copytree(host_bundle, tmp_path / "plain"))
     save(without_embedding_lookup(onnx.load(str(plain / "model.onnx"), load_external_data=False)),
