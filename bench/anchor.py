@@ -14,8 +14,11 @@ a neighbour's memory traffic slows it: a round is *quiet* when both of its probe
 QUIET_SHARE of the best probe of the whole run at the same thread count, else *contended*. Ratios (edgekit / llama.cpp) are
 taken per round and summarised apart for quiet and contended rounds: median, min, max.
 
+``--variant int4_layout=true`` adds edgekit on its x86 Int4Layout op (the x86-64 profile's setting).
+
 Beside tok/s it reports the weight bytes each side reads per decoded token (edgekit: the MatMulNBits
-weights, scales and, at accuracy level 4, the fp32 block sums ONNX Runtime adds when it repacks them;
+weights, scales and, at accuracy level 4, the fp32 block sums ONNX Runtime adds when it repacks them,
+or the Int4Layout op's 0.5625 byte per weight;
 llama.cpp: every tensor of the GGUF, the token embedding only where it is also the LM head) and the
 share of that side's probed bandwidth this traffic reaches at its measured decode speed.
 
@@ -104,10 +107,18 @@ def edgekit_bytes_per_token(bundle: Path) -> int:
     """Weight bytes the bundle's graph reads per decoded token (see the module notes)."""
     import onnx
 
-    model = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
+    from edgekit.kernels import int4_layout
+    from edgekit.runtime.embedding import embeds_graph
+
+    # The graph the engine runs here: an x86-64 bundle's Int4Layout graph where the op can run.
+    layout = int4_layout.layout_graph(embeds_graph(bundle / "model.onnx"))
+    graph = layout if layout.is_file() and int4_layout.unavailable() is None else bundle / "model.onnx"
+    model = onnx.load(str(graph), load_external_data=False)
     sizes = {t.name: _tensor_bytes(t) for t in model.graph.initializer}
     total = 0
     for node in model.graph.node:
+        if node.op_type == int4_layout.OP:
+            total += sizes[node.input[1]]  # nibbles and fp16 scales, read where the file is mapped
         if node.op_type != "MatMulNBits":
             continue
         total += sum(sizes.get(name, 0) for name in node.input[1:])
@@ -143,7 +154,8 @@ def parse_variant(text: str) -> dict[str, Any]:
         key, _, value = part.partition("=")
         if not value:
             raise click.BadParameter(f"expected FIELD=VALUE[,FIELD=VALUE] (got {text!r})", param_hint="--variant")
-        fields[key.strip()] = int(value) if value.strip().isdigit() else value.strip()
+        value = value.strip()
+        fields[key.strip()] = int(value) if value.isdigit() else {"true": True, "false": False}.get(value, value)
     return fields
 
 
