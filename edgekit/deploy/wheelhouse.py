@@ -8,7 +8,6 @@ checkout when there is one (the version being developed), else downloaded like t
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import sys
 from importlib import metadata
@@ -40,11 +39,11 @@ def build(out: Path, machine: str, python: str) -> list[Path]:
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
     source = Path(__file__).resolve().parents[2]
     if (source / "pyproject.toml").is_file():
-        # The Int4Layout op's library is compiled for this machine: an x86-64 device's wheel carries it,
-        # any other device's wheel is pure Python (its bundles run ONNX Runtime's own kernels).
-        native = machine == "x86_64" and platform.machine().lower() in ("x86_64", "amd64")
-        _pip([*pip, "wheel", "--no-deps", "-q", "-w", str(out), str(source)], "building edgekit's wheel",
-             {**os.environ, NATIVE_ENV: "1" if native else "0"})
+        # The build hook compiles the Int4Layout op's library for this machine where it is x86-64
+        # (kernels/build.py decides): an x86-64 device's wheel carries it, any other device's wheel is
+        # pure Python (its bundles run ONNX Runtime's own kernels).
+        env = None if machine == "x86_64" else {**os.environ, NATIVE_ENV: "0"}
+        _pip([*pip, "wheel", "--no-deps", "-q", "-w", str(out), str(source)], "building edgekit's wheel", env)
     else:
         _pip([*pip, "download", "--no-deps", "-q", "-d", str(out), f"edgekit=={__version__}"], "downloading edgekit")
     platforms = [arg for tag in platform_tags(machine) for arg in ("--platform", tag)]
