@@ -260,7 +260,7 @@ def store_kv_cache_int8(model: onnx.ModelProto, scales: dict[str, np.ndarray]) -
     return changed
 
 
-def _stored(tensor: onnx.TensorProto) -> dict[str, str] | None:
+def external_entries(tensor: onnx.TensorProto) -> dict[str, str] | None:
     """A tensor's external-data entries (location, offset, length), or None when it is stored inline."""
     if tensor.data_location != onnx.TensorProto.EXTERNAL:
         return None
@@ -270,7 +270,7 @@ def _stored(tensor: onnx.TensorProto) -> dict[str, str] | None:
 
 def _rows_spec(tensor: onnx.TensorProto, dtype: str) -> dict[str, Any] | None:
     """Where the rows of a 2-D external tensor lie: file, offset, bytes per row, element type."""
-    stored = _stored(tensor)
+    stored = external_entries(tensor)
     if stored is None or len(tensor.dims) != 2:
         return None
     itemsize = np.dtype(dtype).itemsize

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from edgekit.builder.graph_memory import save
+from edgekit.builder.graph_memory import external_entries, save
 from edgekit.kernels.int4_layout import DATA, DOMAIN, OP, layout_graph
 
 BLOCK = 32
@@ -54,10 +55,9 @@ def repack(packed: np.ndarray, scales: np.ndarray) -> np.ndarray:
 
 
 def _stored(tensor: onnx.TensorProto) -> tuple[str, int, int] | None:
-    if tensor.data_location != TensorProto.EXTERNAL:
-        return None
-    entries = {e.key: e.value for e in tensor.external_data}
-    if "location" not in entries or "length" not in entries:
+    """(file, offset, length) of an external tensor; None when it is inline or its length is not recorded."""
+    entries = external_entries(tensor)
+    if entries is None or "length" not in entries:
         return None
     return entries["location"], int(entries.get("offset", 0)), int(entries["length"])
 
@@ -99,8 +99,7 @@ class _Writer:
         return offset, length
 
 
-def _qualifies(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto]) -> bool:
-    attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+def _qualifies(node: onnx.NodeProto, attributes: dict[str, Any], initializers: dict[str, onnx.TensorProto]) -> bool:
     inputs = list(node.input)
     return (node.op_type == "MatMulNBits" and attributes.get("bits", 4) == 4 and attributes.get("block_size") == BLOCK
             and attributes.get("accuracy_level", 0) == 4 and not any(inputs[3:])
@@ -116,9 +115,9 @@ def _rewrite(model: onnx.ModelProto, writer: _Writer) -> int:
     count = 0
     replaced: set[str] = set()
     for index, node in enumerate(list(graph.node)):
-        if not _qualifies(node, initializers):
-            continue
         attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if not _qualifies(node, attributes, initializers):
+            continue
         n, k = attributes["N"], attributes["K"]
         weights, scales = initializers[node.input[1]], initializers[node.input[2]]
         scale_type = np.float16 if scales.data_type == TensorProto.FLOAT16 else np.float32
